@@ -1,0 +1,99 @@
+"""The bridge's pairing, kept in the user's config dir with mode 0600."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.python.filepath import FilePath
+
+from coder1_wire.secretfile import write_secret
+
+DEFAULT_RELAY = "https://localhost:8443"
+
+
+class NotRootError(SystemExit):
+    """Raised (as an exit) when started as root."""
+
+
+def refuse_root(euid: int) -> None:
+    """Exit with a clear message when running as root: the bridge runs with the user's rights."""
+    if euid == 0:
+        raise NotRootError(
+            "coder1-bridge refuses to run as root: it runs the IDE's commands with the rights "
+            "of the user who starts it. Start it as your normal user."
+        )
+
+
+def config_dir(environ: Mapping[str, str] = os.environ) -> FilePath[str]:
+    """C{$XDG_CONFIG_HOME/coder1-bridge}, or C{~/.config/coder1-bridge}."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return FilePath(base).child("coder1-bridge")
+
+
+@attrs.frozen
+class RelayAddress:
+    """Where the relay is, and what to trust for its certificate."""
+
+    url: str
+    ca_cert_pem: str | None = None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "localhost"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 443
+
+    def websocket_url(self, path: str) -> str:
+        return f"wss://{urlsplit(self.url).netloc}{path}"
+
+
+def parse_relay_url(url: str) -> str:
+    """An https URL with no path, or ValueError."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"the relay URL must look like https://host[:port], not {url!r}")
+    return f"https://{parts.netloc}"
+
+
+@attrs.frozen
+class BridgeConfig:
+    """A paired bridge: its relay, its token and its number in the browser session."""
+
+    relay: RelayAddress
+    token: str
+    peer: int
+
+    def save(self, directory: FilePath[str]) -> None:
+        body = {
+            "relay": self.relay.url,
+            "ca_cert_pem": self.relay.ca_cert_pem,
+            "token": self.token,
+            "peer": self.peer,
+        }
+        write_secret(directory.child("pairing.json"), json.dumps(body, indent=2).encode())
+
+    @classmethod
+    def load(cls, directory: FilePath[str]) -> BridgeConfig | None:
+        """The saved pairing, or None when not paired."""
+        path = directory.child("pairing.json")
+        if not path.exists():
+            return None
+        body = json.loads(path.getContent())
+        return cls(
+            RelayAddress(body["relay"], body.get("ca_cert_pem")), body["token"], body["peer"]
+        )
+
+    @staticmethod
+    def forget(directory: FilePath[str]) -> bool:
+        """Delete the saved pairing; whether there was one."""
+        path = directory.child("pairing.json")
+        if not path.exists():
+            return False
+        path.remove()
+        return True

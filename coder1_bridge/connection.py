@@ -1,0 +1,194 @@
+"""
+The bridge's side of the relay connection.
+
+L{BridgeSession} holds the logic (dispatch, heartbeat, crash reports) with
+no network in it; L{BridgeClientProtocol} is the thin Autobahn adapter.  The
+session outlives connections, so commands keep running across a reconnect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from coder1_bridge.commands import CommandRunner
+from coder1_wire import closecodes
+from coder1_wire.crash import build_crash_report
+from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control, decode, is_to_browser
+from coder1_wire.heartbeat import Heartbeat
+
+_COMMAND_KINDS = frozenset({Kind.CMD_START, Kind.CMD_STDIN, Kind.CMD_CANCEL})
+
+
+class Link(Protocol):
+    """The current WebSocket connection, as the session needs it."""
+
+    def send(self, frame: bytes) -> None:
+        """Send one binary message."""
+
+    def abort(self) -> None:
+        """Drop the connection at once (the relay stopped answering)."""
+
+
+@attrs.define
+class BridgeSession:
+    """Everything the bridge does with frames, whichever connection carries them."""
+
+    clock: IReactorTime
+    runner: CommandRunner
+    version: str
+    telemetry: bool
+    on_refused: Callable[[str], None]
+    heartbeat_timeout: float = 45.0
+    link: Link | None = None
+    heartbeat: Heartbeat | None = None
+    log: Logger = attrs.field(factory=Logger, init=False)
+
+    def attach(self, link: Link) -> None:
+        """A connection to the relay is open."""
+        self.link = link
+        self._watch(15.0)
+
+    def _watch(self, interval: float) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        link = self.link
+        assert link is not None
+        self.heartbeat = Heartbeat(
+            self.clock,
+            interval,
+            max(self.heartbeat_timeout, 3 * interval),
+            ping=lambda: self.send(Envelope(Kind.PING)),
+            on_timeout=link.abort,
+        )
+        self.heartbeat.start()
+
+    def detach(self, link: Link) -> None:
+        """That connection closed."""
+        if self.link is link:
+            self.link = None
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+                self.heartbeat = None
+
+    def send(self, envelope: Envelope) -> None:
+        """Send a frame if connected; frames sent while disconnected are dropped."""
+        if self.link is not None:
+            self.link.send(envelope.encode())
+
+    def receive(self, frame: bytes) -> None:
+        """A binary message from the relay."""
+        if self.heartbeat is not None:
+            self.heartbeat.feed()
+        try:
+            envelope = decode(frame)
+        except EnvelopeError:
+            self.log.warn("ignored a malformed frame from the relay")
+            return
+        try:
+            self._dispatch(envelope)
+        except Exception as e:
+            self.log.failure("handling a frame failed")
+            self.report_crash(e)
+
+    def _dispatch(self, envelope: Envelope) -> None:
+        kind = envelope.kind
+        if kind in _COMMAND_KINDS:
+            self.runner.handle(envelope)
+        elif kind == Kind.PING:
+            self.send(Envelope(Kind.PONG))
+        elif kind == Kind.WELCOME:
+            interval = envelope.json().get("heartbeat")
+            if isinstance(interval, int | float) and interval > 0:
+                self._watch(float(interval))
+        elif kind == Kind.ERROR:
+            self.log.warn("the relay reported an error: {error}", error=_error_code(envelope))
+        elif kind in (Kind.PONG, Kind.PRESENCE) or is_to_browser(kind):
+            pass
+        else:
+            self.send(
+                control(
+                    Kind.CMD_ERROR,
+                    {"error": "unsupported", "message": "this bridge does not support that"},
+                    stream=envelope.stream,
+                    peer=envelope.peer,
+                )
+            )
+
+    def report_crash(self, error: BaseException) -> None:
+        """Send a content-free crash report, unless telemetry is off."""
+        if self.telemetry:
+            report = build_crash_report(error, version=self.version)
+            self.send(control(Kind.CRASH, report))
+
+
+def _error_code(envelope: Envelope) -> str:
+    try:
+        body: Any = envelope.json()
+    except EnvelopeError:
+        return "malformed"
+    code = body.get("error") if isinstance(body, dict) else None
+    return code if isinstance(code, str) and code.isascii() and len(code) < 40 else "unknown"
+
+
+class BridgeClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
+    """Adapts one Autobahn connection to the session."""
+
+    log = Logger()
+    factory: BridgeClientFactory
+
+    def send(self, frame: bytes) -> None:
+        if self.state == WebSocketClientProtocol.STATE_OPEN:
+            self.sendMessage(frame, isBinary=True)
+
+    def abort(self) -> None:
+        self.log.warn("no heartbeat from the relay; reconnecting")
+        self.dropConnection(abort=True)
+
+    def onOpen(self) -> None:
+        self.factory.session.attach(self)
+        self.factory.connected(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.factory.session.receive(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.session.detach(self)
+        refused = (reason or "").startswith("WebSocket connection upgrade failed [401]")
+        if refused:
+            self.factory.session.on_refused((reason or "").split(": ", 1)[-1])
+        elif code == closecodes.REVOKED:
+            self.factory.session.on_refused(reason or "this bridge was revoked")
+        self.factory.disconnected(self)
+
+
+class BridgeClientFactory(WebSocketClientFactory):  # type: ignore[misc]
+    """Builds connections for the session, with the bridge's identity headers."""
+
+    protocol = BridgeClientProtocol
+
+    def __init__(
+        self,
+        url: str,
+        session: BridgeSession,
+        headers: dict[str, str],
+        connected: Callable[[BridgeClientProtocol], None],
+        disconnected: Callable[[BridgeClientProtocol], None],
+    ) -> None:
+        super().__init__(url, headers=headers)
+        self.session = session
+        self.connected = connected
+        self.disconnected = disconnected
+        self.setProtocolOptions(
+            maxFramePayloadSize=1024 * 1024,
+            maxMessagePayloadSize=1024 * 1024,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            tcpNoDelay=True,
+        )

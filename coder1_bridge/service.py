@@ -1,0 +1,105 @@
+"""The bridge as a Twisted service: connect out, stay connected, run commands."""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from coder1_bridge.commands import CommandRunner
+from coder1_bridge.config import BridgeConfig
+from coder1_bridge.connection import BridgeClientFactory, BridgeClientProtocol, BridgeSession
+from coder1_wire import __version__
+from coder1_wire.tls import client_tls_options
+
+_NOT_LABEL = re.compile(r"[^\w.@:+-]+", re.ASCII)
+
+
+def default_label() -> str:
+    """This machine's host name, cut to what the relay accepts as a label."""
+    return _NOT_LABEL.sub("-", socket.gethostname())[:64] or "bridge"
+
+
+class BridgeService(MultiService):
+    """Keeps one WebSocket to the relay open, reconnecting with backoff and jitter."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: BridgeConfig,
+        *,
+        telemetry: bool,
+        label: str | None = None,
+        max_delay: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.runner = CommandRunner(reactor, lambda envelope: self.session.send(envelope))
+        self.session = BridgeSession(reactor, self.runner, __version__, telemetry, self._refused)
+        self.refused: Deferred[str] = Deferred()
+        self.protocol: BridgeClientProtocol | None = None
+        self._waiting: list[Deferred[BridgeClientProtocol]] = []
+        relay = config.relay
+        headers = {
+            "Authorization": f"Bearer {config.token}",
+            "X-Coder1-Bridge-Version": __version__,
+            "X-Coder1-Label": label or default_label(),
+            "X-Coder1-Telemetry": "on" if telemetry else "off",
+        }
+        factory = BridgeClientFactory(
+            relay.websocket_url("/ws/bridge"),
+            self.session,
+            headers,
+            self._connected,
+            self._disconnected,
+        )
+        ca = relay.ca_cert_pem.encode() if relay.ca_cert_pem else None
+        endpoint = wrapClientTLS(
+            client_tls_options(relay.host, ca), HostnameEndpoint(reactor, relay.host, relay.port)
+        )
+        self.client = ClientService(
+            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max_delay)
+        )
+        self.client.setServiceParent(self)
+
+    def when_connected(self) -> Deferred[BridgeClientProtocol]:
+        """Fires with the protocol once a WebSocket to the relay is open."""
+        if self.protocol is not None and self.protocol.state == BridgeClientProtocol.STATE_OPEN:
+            return succeed(self.protocol)
+        d: Deferred[BridgeClientProtocol] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _connected(self, protocol: BridgeClientProtocol) -> None:
+        self.protocol = protocol
+        self.log.info("connected to the relay")
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(protocol)
+
+    def _disconnected(self, protocol: BridgeClientProtocol) -> None:
+        if self.protocol is protocol:
+            self.protocol = None
+            self.log.info("disconnected from the relay; reconnecting")
+
+    def _refused(self, reason: str) -> None:
+        if self.refused.called:
+            return
+        self.log.error("the relay refused this bridge: {reason}", reason=reason)
+        self.client.stopService()
+        self.refused.callback(reason)
+
+    async def _stop(self) -> None:
+        await self.runner.stop_all()
+        await super().stopService()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())

@@ -1,0 +1,51 @@
+"""C{twistd coder1-bridge}: the same service as C{coder1-bridge start}."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from coder1_bridge.config import BridgeConfig, config_dir, refuse_root
+from coder1_bridge.service import BridgeService, default_label
+from coder1_wire.crash import telemetry_enabled
+
+
+class Options(usage.Options):
+    """Options for a bridge paired beforehand with C{coder1-bridge pair}."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Connects out to the relay this machine is paired with and runs the IDE's commands "
+        "as the current user. Pair first with: coder1-bridge pair CODE. "
+        "CODER1_TELEMETRY=false turns telemetry off."
+    )
+    optParameters = [
+        ["config-dir", "c", None, "Where the pairing is kept (default: XDG config dir)."],
+        ["label", None, None, "Name shown in the IDE (default: host name)."],
+    ]
+
+    def postOptions(self) -> None:
+        directory = FilePath(self["config-dir"]) if self["config-dir"] else config_dir()
+        config = BridgeConfig.load(directory)
+        if config is None:
+            raise usage.UsageError("not paired yet; run: coder1-bridge pair CODE")
+        self["config"] = config
+
+
+def makeService(options: Options) -> BridgeService:
+    """The bridge service for C{twistd coder1-bridge}; refuses to run as root."""
+    refuse_root(os.geteuid())
+    from twisted.internet import reactor
+
+    reactor_: Any = reactor
+    service = BridgeService(
+        reactor_,
+        options["config"],
+        telemetry=telemetry_enabled(os.environ),
+        label=options["label"] or default_label(),
+    )
+    service.refused.addCallback(lambda _: reactor_.stop())
+    return service

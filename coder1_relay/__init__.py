@@ -1,0 +1,1 @@
+"""The Coder1 relay: pairing, session tokens, and blind forwarding."""

@@ -1,0 +1,113 @@
+"""
+Pairing codes: issued to a browser session, redeemed by a bridge for a JWT.
+
+No I/O here: state is in the store, time comes from the clock, and the web
+layer turns the exceptions into HTTP answers.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from coder1_relay.store import BridgeRecord, IRelayStore
+from coder1_relay.tokens import BridgeClaims, TokenAuthority
+
+CODE_DIGITS = 6
+_CODE = re.compile(r"[0-9]{6}")
+_LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
+_GLOBAL = "global"
+
+
+@attrs.frozen
+class PairingPolicy:
+    """The pairing rules; docs/security.md explains the numbers."""
+
+    code_lifetime: float = 300.0
+    codes_per_minute: int = 5
+    failures_per_ip_per_hour: int = 10
+    failures_per_hour: int = 600
+
+
+class RateLimited(Exception):
+    """Too many requests; try again after C{retry_after} seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limited, retry after {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class RedeemRefused(Exception):
+    """The code is not live: unknown, used, or expired (deliberately not saying which)."""
+
+
+@attrs.frozen
+class CodeGrant:
+    """A pairing code shown to the user."""
+
+    code: str
+    expires_at: float
+
+
+@attrs.frozen
+class Pairing:
+    """Issues codes to browser sessions and redeems them for bridge tokens."""
+
+    store: IRelayStore
+    tokens: TokenAuthority
+    clock: IReactorTime
+    policy: PairingPolicy = PairingPolicy()
+
+    async def new_code(self, session: str, client_ip: str) -> CodeGrant:
+        """
+        A fresh code bound to C{session}.
+
+        @raise RateLimited: past C{codes_per_minute} for the session or the IP.
+        """
+        now = self.clock.seconds()
+        for key in (f"code:session:{session}", f"code:ip:{client_ip}"):
+            wait = await self.store.hit(key, now, 60.0, self.policy.codes_per_minute)
+            if wait is not None:
+                raise RateLimited(wait)
+        expires_at = now + self.policy.code_lifetime
+        while True:
+            code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+            if await self.store.add_code(code, session, now, expires_at):
+                return CodeGrant(code, expires_at)
+
+    async def redeem(self, code: str, client_ip: str, label: str) -> tuple[str, BridgeClaims]:
+        """
+        Consume C{code} and return a token for a new bridge of its session.
+
+        Failed attempts are counted per client IP and globally, and past either
+        bound every attempt is refused before the code is even looked at.
+
+        @raise RateLimited: too many failures lately.
+        @raise RedeemRefused: the code is not live.
+        @raise ValueError: the label is not acceptable.
+        """
+        if not _LABEL.fullmatch(label):
+            raise ValueError("label must be 1-64 letters, digits or . _ - @ : + space")
+        now = self.clock.seconds()
+        hour = 3600.0
+        ip_key, global_key = f"fail:ip:{client_ip}", f"fail:{_GLOBAL}"
+        for key, limit in (
+            (ip_key, self.policy.failures_per_ip_per_hour),
+            (global_key, self.policy.failures_per_hour),
+        ):
+            if await self.store.count(key, now, hour) >= limit:
+                raise RateLimited(hour)
+        session = await self.store.take_code(code, now) if _CODE.fullmatch(code) else None
+        if session is None:
+            await self.store.hit(ip_key, now, hour, self.policy.failures_per_ip_per_hour)
+            await self.store.hit(global_key, now, hour, self.policy.failures_per_hour)
+            raise RedeemRefused()
+        peer = await self.store.next_peer(session)
+        token, claims = self.tokens.issue_bridge_token(session, peer)
+        await self.store.add_bridge(
+            session, BridgeRecord(peer, claims.jti, label, now, claims.expires_at)
+        )
+        return token, claims

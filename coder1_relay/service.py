@@ -1,0 +1,130 @@
+"""The relay as one Twisted service: listener, telemetry, and the parts between."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.filepath import FilePath
+
+from coder1_relay import certs
+from coder1_relay.context import Limits, RelayContext
+from coder1_relay.pairing import Pairing, PairingPolicy
+from coder1_relay.routing import Hub, HubSettings
+from coder1_relay.store import IRelayStore, MemoryStore
+from coder1_relay.telemetry import Telemetry
+from coder1_relay.tokens import TokenAuthority
+from coder1_relay.web import make_site
+from coder1_wire import closecodes
+
+
+@attrs.frozen
+class RelaySettings:
+    """Everything an operator can choose (see C{coder1_relay.tap.Options})."""
+
+    listen: str = "tcp:8443:interface=127.0.0.1"
+    state_dir: FilePath[str] = attrs.field(factory=certs.default_state_dir)
+    tls_cert: FilePath[str] | None = None
+    tls_key: FilePath[str] | None = None
+    public_url: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    token_lifetime: float = 30 * 86400.0
+    pairing: PairingPolicy = PairingPolicy()
+    hub: HubSettings = HubSettings()
+    limits: Limits = Limits()
+
+
+def issuer_for(keys: certs.RelayKeys) -> str:
+    """The C{iss} of this relay's tokens: names its signing key, so deployments differ."""
+    raw = keys.signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return "coder1-relay:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+class RelayService(MultiService):
+    """The relay: TLS 1.3 listener, WebSocket hub, pairing, telemetry."""
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, settings: RelaySettings, store: IRelayStore | None = None
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        settings.state_dir.makedirs(ignoreExistingDirectory=True)
+        settings.state_dir.chmod(0o700)
+        self.keys, _ = certs.load_or_create(
+            settings.state_dir,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            hostnames=settings.hostnames,
+        )
+        self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
+        if store is None:
+            store = MemoryStore(revocations=settings.state_dir.child("revocations.json"))
+        self.telemetry = Telemetry(settings.state_dir.child("telemetry.sqlite").path, reactor)
+        self.telemetry.setServiceParent(self)
+        tokens = TokenAuthority(
+            self.keys.signing_key,
+            issuer_for(self.keys),
+            reactor,
+            bridge_lifetime=settings.token_lifetime,
+        )
+        self.context = RelayContext(
+            clock=reactor,
+            store=store,
+            tokens=tokens,
+            pairing=Pairing(store, tokens, reactor, settings.pairing),
+            hub=Hub(store, self.telemetry, reactor, settings.hub),
+            telemetry=self.telemetry,
+            public_url=settings.public_url or "",
+            extra_origins=settings.allowed_origins,
+            limits=settings.limits,
+        )
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening = Deferred.fromCoroutine(self._listen())
+        self.listening.addErrback(lambda f: self.log.failure("relay failed to listen", f))
+
+    async def _listen(self) -> IListeningPort:
+        endpoint = serverFromString(self.reactor, self.settings.listen)
+        factory = TLSMemoryBIOFactory(
+            certs.server_tls_options(self.keys), False, make_site(self.context)
+        )
+        self.port = port = await endpoint.listen(factory)
+        if not self.context.public_url:
+            self.context.public_url = f"https://localhost:{port.getHost().port}"
+        self.log.info(
+            "coder1 relay at {url} (certificate SHA-256 {fingerprint})",
+            url=self.context.public_url,
+            fingerprint=self.fingerprint,
+        )
+        return port
+
+    async def _stop(self) -> None:
+        await self.listening
+        if self.port is not None:
+            await maybeDeferred(self.port.stopListening)
+        connections = self.context.connections
+        for connection in list(connections.live):
+            connection.close(closecodes.SHUTTING_DOWN, "relay shutting down")
+        idle = connections.when_idle()
+        timer = self.reactor.callLater(5, lambda: [c.abort() for c in list(connections.live)])
+        await idle
+        if timer.active():
+            timer.cancel()
+        await super().stopService()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())

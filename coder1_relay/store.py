@@ -1,0 +1,189 @@
+"""
+The relay's shared state, behind one small interface.
+
+Pairing codes, rate-limit windows, revocations, paired bridges and presence
+are all the state a relay keeps (besides telemetry).  Nothing else reaches
+into it, so a shared implementation (several relay processes, one
+deployment) can replace L{MemoryStore} without touching the callers.  Every
+method returns a Deferred, as a networked store would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.filepath import FilePath
+from zope.interface import Interface, implementer
+
+from coder1_wire.secretfile import write_secret
+
+
+@attrs.frozen
+class BridgeRecord:
+    """A bridge paired with a browser session (what the token was issued for)."""
+
+    peer: int
+    jti: str
+    label: str
+    paired_at: float
+    expires_at: float
+
+
+@attrs.frozen
+class Presence:
+    """A bridge connected right now."""
+
+    peer: int
+    label: str
+    version: str
+    since: float
+
+
+class IRelayStore(Interface):
+    """All the relay's state but telemetry."""
+
+    def add_code(code: str, session: str, now: float, expires_at: float) -> Deferred[bool]:
+        """
+        Make C{code} live for C{session} until C{expires_at}.
+
+        @return: False (and change nothing) when C{code} is live already.
+        """
+
+    def take_code(code: str, now: float) -> Deferred[str | None]:
+        """
+        Atomically consume a live code: of any number of concurrent calls for
+        one code, exactly one gets its session; the rest get None, as do
+        expired and unknown codes.
+        """
+
+    def hit(key: str, now: float, window: float, limit: int) -> Deferred[float | None]:
+        """
+        Count one event against C{key}'s sliding window, if there is room.
+
+        @return: None when counted; otherwise the seconds until there is room
+            (nothing is counted then).
+        """
+
+    def count(key: str, now: float, window: float) -> Deferred[int]:
+        """How many events C{key} has in the window ending at C{now}."""
+
+    def revoke(jti: str, expires_at: float, now: float) -> Deferred[None]:
+        """Revoke a token id until C{expires_at} (after which it is dead anyway)."""
+
+    def is_revoked(jti: str, now: float) -> Deferred[bool]:
+        """Whether a token id is revoked."""
+
+    def next_peer(session: str) -> Deferred[int]:
+        """A bridge number not used before in C{session} (1, 2, ...)."""
+
+    def add_bridge(session: str, record: BridgeRecord) -> Deferred[None]:
+        """Remember a bridge paired with C{session}."""
+
+    def bridges(session: str, now: float) -> Deferred[list[BridgeRecord]]:
+        """The bridges paired with C{session} whose tokens are neither expired nor revoked."""
+
+    def set_presence(session: str, presence: Presence) -> Deferred[None]:
+        """Mark a bridge of C{session} connected."""
+
+    def clear_presence(session: str, peer: int) -> Deferred[None]:
+        """Mark a bridge of C{session} disconnected."""
+
+    def presence(session: str) -> Deferred[list[Presence]]:
+        """The bridges of C{session} connected right now."""
+
+
+@implementer(IRelayStore)
+@attrs.define
+class MemoryStore:
+    """
+    The default store: one process's memory, plus revocations in a 0600 file
+    (when C{revocations} is given) so a restart keeps revoked tokens revoked.
+    """
+
+    revocations: FilePath[str] | None = None
+    _codes: dict[str, tuple[str, float]] = attrs.field(factory=dict)
+    _windows: dict[str, deque[float]] = attrs.field(factory=dict)
+    _revoked: dict[str, float] = attrs.field(factory=dict)
+    _peers: dict[str, int] = attrs.field(factory=dict)
+    _bridges: dict[str, dict[int, BridgeRecord]] = attrs.field(factory=dict)
+    _presence: dict[str, dict[int, Presence]] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.revocations is not None and self.revocations.exists():
+            loaded: dict[str, Any] = json.loads(self.revocations.getContent())
+            self._revoked = {str(k): float(v) for k, v in loaded.items()}
+
+    def add_code(self, code: str, session: str, now: float, expires_at: float) -> Deferred[bool]:
+        live = self._codes.get(code)
+        if live is not None and live[1] > now:
+            return succeed(False)
+        self._codes[code] = (session, expires_at)
+        return succeed(True)
+
+    def take_code(self, code: str, now: float) -> Deferred[str | None]:
+        self._forget_expired_codes(now)
+        entry = self._codes.pop(code, None)
+        if entry is None or entry[1] <= now:
+            return succeed(None)
+        return succeed(entry[0])
+
+    def _forget_expired_codes(self, now: float) -> None:
+        for code in [c for c, (_, exp) in self._codes.items() if exp <= now]:
+            del self._codes[code]
+
+    def _window(self, key: str, now: float, window: float) -> deque[float]:
+        events = self._windows.setdefault(key, deque())
+        while events and events[0] <= now - window:
+            events.popleft()
+        return events
+
+    def hit(self, key: str, now: float, window: float, limit: int) -> Deferred[float | None]:
+        events = self._window(key, now, window)
+        if len(events) >= limit:
+            return succeed(events[len(events) - limit] + window - now)
+        events.append(now)
+        return succeed(None)
+
+    def count(self, key: str, now: float, window: float) -> Deferred[int]:
+        return succeed(len(self._window(key, now, window)))
+
+    def revoke(self, jti: str, expires_at: float, now: float) -> Deferred[None]:
+        self._revoked = {j: exp for j, exp in self._revoked.items() if exp > now}
+        self._revoked[jti] = expires_at
+        if self.revocations is not None:
+            write_secret(self.revocations, json.dumps(self._revoked).encode())
+        return succeed(None)
+
+    def is_revoked(self, jti: str, now: float) -> Deferred[bool]:
+        return succeed(jti in self._revoked)
+
+    def next_peer(self, session: str) -> Deferred[int]:
+        self._peers[session] = self._peers.get(session, 0) + 1
+        return succeed(self._peers[session])
+
+    def add_bridge(self, session: str, record: BridgeRecord) -> Deferred[None]:
+        self._bridges.setdefault(session, {})[record.peer] = record
+        return succeed(None)
+
+    def bridges(self, session: str, now: float) -> Deferred[list[BridgeRecord]]:
+        live = [
+            r
+            for r in self._bridges.get(session, {}).values()
+            if r.expires_at > now and r.jti not in self._revoked
+        ]
+        return succeed(sorted(live, key=lambda r: r.peer))
+
+    def set_presence(self, session: str, presence: Presence) -> Deferred[None]:
+        self._presence.setdefault(session, {})[presence.peer] = presence
+        return succeed(None)
+
+    def clear_presence(self, session: str, peer: int) -> Deferred[None]:
+        self._presence.get(session, {}).pop(peer, None)
+        return succeed(None)
+
+    def presence(self, session: str) -> Deferred[list[Presence]]:
+        return succeed(sorted(self._presence.get(session, {}).values(), key=lambda p: p.peer))

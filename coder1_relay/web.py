@@ -1,0 +1,289 @@
+"""
+The relay's HTTP side: the page, the pairing API and the WebSocket mounts.
+
+Every response carries strict security headers; API answers are JSON and
+never cached.  Handlers are coroutines run with C{Deferred.fromCoroutine}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.static import File
+
+from coder1_relay.context import SESSION_COOKIE, RelayContext
+from coder1_relay.pairing import RateLimited, RedeemRefused
+from coder1_relay.tokens import TokenError
+from coder1_relay.websocket import BridgeProtocol, IDEProtocol, RelayWebSocketFactory
+from coder1_wire import closecodes
+
+STATIC = __file__.rsplit("/", 1)[0] + "/static"
+_SECURITY_HEADERS = {
+    b"Content-Security-Policy": b"default-src 'self'; script-src 'self'; style-src 'self'; "
+    b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    b"frame-ancestors 'none'; form-action 'self'",
+    b"Strict-Transport-Security": b"max-age=31536000",
+    b"X-Content-Type-Options": b"nosniff",
+    b"X-Frame-Options": b"DENY",
+    b"Referrer-Policy": b"no-referrer",
+    b"Cross-Origin-Opener-Policy": b"same-origin",
+    b"Cross-Origin-Resource-Policy": b"same-origin",
+}
+
+
+class HTTPError(Exception):
+    """An API refusal: status, short error code, message, extra headers."""
+
+    def __init__(
+        self, status: int, error: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.headers = headers or {}
+
+
+Handler = Callable[[Request], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class JSONEndpoint(Resource):
+    """One API endpoint: a coroutine per HTTP method, returning (status, body)."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, context: RelayContext, **handlers: Handler) -> None:
+        super().__init__()
+        self.context = context
+        self.handlers = {m.upper().encode(): h for m, h in handlers.items()}
+
+    def render(self, request: Request) -> int | bytes:
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            request.setHeader(b"Allow", b", ".join(self.handlers))
+            return _json(request, 405, {"error": "method-not-allowed", "message": "not here"})
+        finished = [False]
+        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+
+        def done(result: tuple[int, dict[str, Any]]) -> None:
+            if not finished[0]:
+                request.write(_json(request, *result))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if failure.check(HTTPError):
+                e: HTTPError = failure.value  # type: ignore[assignment]
+                for name, value in e.headers.items():
+                    request.setHeader(name, value)
+                done((e.status, {"error": e.error, "message": e.message}))
+            else:
+                self.log.failure("API handler failed", failure)
+                done((500, {"error": "internal", "message": "internal error"}))
+
+        Deferred.fromCoroutine(handler(request)).addCallbacks(done, failed)  # type: ignore[arg-type]
+        return NOT_DONE_YET
+
+
+def _json(request: Request, status: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body).encode()
+
+
+def _body(request: Request, limit: int) -> dict[str, Any]:
+    assert request.content is not None
+    raw = request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise HTTPError(413, "too-large", "request body too large")
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "bad-json", "request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "bad-json", "request body must be a JSON object")
+    return body
+
+
+def _client_ip(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", "unknown"))
+
+
+def _rate_limited(e: RateLimited) -> HTTPError:
+    retry = str(max(1, math.ceil(e.retry_after)))
+    return HTTPError(
+        429, "rate-limited", f"too many requests; retry in {retry}s", {"Retry-After": retry}
+    )
+
+
+class API:
+    """The handlers, bound to one relay context."""
+
+    def __init__(self, context: RelayContext) -> None:
+        self.context = context
+
+    def session(self, request: Request, *, create: bool) -> str:
+        """The request's browser session; a new one (and its cookie) when C{create}."""
+        cookie = request.getCookie(SESSION_COOKIE.encode())
+        if cookie is not None:
+            try:
+                return self.context.tokens.verify_browser_session(cookie.decode("ascii"))
+            except (TokenError, UnicodeDecodeError):
+                pass
+        if not create:
+            raise HTTPError(401, "no-session", "no valid browser session; reload the page")
+        session, value = self.context.tokens.issue_browser_session()
+        request.addCookie(
+            SESSION_COOKIE,
+            value,
+            max_age=str(int(self.context.tokens.browser_lifetime)),
+            path="/",
+            secure=True,
+            httpOnly=True,
+            sameSite="strict",
+        )
+        return session
+
+    def same_origin(self, request: Request) -> None:
+        """Refuse a state-changing browser request from another origin (CSRF)."""
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1").rstrip("/")
+        if origin not in self.context.allowed_origins:
+            raise HTTPError(403, "bad-origin", "origin not allowed")
+
+    async def post_session(self, request: Request) -> tuple[int, dict[str, Any]]:
+        self.same_origin(request)
+        self.session(request, create=True)
+        return 200, {"ok": True}
+
+    async def post_code(self, request: Request) -> tuple[int, dict[str, Any]]:
+        self.same_origin(request)
+        session = self.session(request, create=False)
+        try:
+            grant = await self.context.pairing.new_code(session, _client_ip(request))
+        except RateLimited as e:
+            raise _rate_limited(e) from None
+        now = self.context.clock.seconds()
+        return 201, {
+            "code": grant.code,
+            "expires_at": grant.expires_at,
+            "expires_in": grant.expires_at - now,
+            "relay": self.context.public_url,
+        }
+
+    async def post_pair(self, request: Request) -> tuple[int, dict[str, Any]]:
+        body = _body(request, self.context.limits.max_body_size)
+        code, label = body.get("code"), body.get("label", "bridge")
+        if not isinstance(code, str) or not isinstance(label, str):
+            raise HTTPError(400, "bad-request", "code and label must be strings")
+        try:
+            token, claims = await self.context.pairing.redeem(code, _client_ip(request), label)
+        except RateLimited as e:
+            raise _rate_limited(e) from None
+        except RedeemRefused:
+            raise HTTPError(403, "invalid-code", "that code is unknown, used or expired") from None
+        except ValueError as e:
+            raise HTTPError(400, "bad-label", str(e)) from None
+        return 200, {"token": token, "peer": claims.peer, "expires_at": claims.expires_at}
+
+    async def get_token(self, request: Request) -> tuple[int, dict[str, Any]]:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        try:
+            if scheme.lower() != "bearer":
+                raise TokenError("no bearer token")
+            claims = self.context.tokens.verify_bridge_token(token.strip())
+        except TokenError as e:
+            raise HTTPError(401, "bad-token", str(e)) from None
+        if await self.context.store.is_revoked(claims.jti, self.context.clock.seconds()):
+            raise HTTPError(401, "bad-token", "token has been revoked")
+        return 200, {"valid": True, "peer": claims.peer, "expires_at": claims.expires_at}
+
+    async def get_bridges(self, request: Request) -> tuple[int, dict[str, Any]]:
+        session = self.session(request, create=False)
+        store, now = self.context.store, self.context.clock.seconds()
+        present = {p.peer: p for p in await store.presence(session)}
+        bridges = []
+        for record in await store.bridges(session, now):
+            live = present.get(record.peer)
+            bridges.append(
+                {
+                    "peer": record.peer,
+                    "label": record.label,
+                    "paired_at": record.paired_at,
+                    "expires_at": record.expires_at,
+                    "connected": live is not None,
+                    "version": live.version if live else None,
+                    "since": live.since if live else None,
+                }
+            )
+        return 200, {"bridges": bridges}
+
+    async def post_revoke(self, request: Request) -> tuple[int, dict[str, Any]]:
+        self.same_origin(request)
+        session = self.session(request, create=False)
+        peer = _body(request, self.context.limits.max_body_size).get("peer")
+        store, now = self.context.store, self.context.clock.seconds()
+        record = next((r for r in await store.bridges(session, now) if r.peer == peer), None)
+        if record is None:
+            raise HTTPError(404, "no-such-bridge", "no such bridge in this session")
+        await store.revoke(record.jti, record.expires_at, now)
+        self.context.hub.disconnect_bridge(
+            session, record.peer, closecodes.REVOKED, "this bridge was revoked"
+        )
+        return 200, {"revoked": record.peer}
+
+
+class Page(File):
+    """The IDE page and its assets; visiting it starts a browser session."""
+
+    def __init__(self, api: API) -> None:
+        super().__init__(STATIC)
+        self.api = api
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path in (b"", b"index.html"):
+            self.api.session(request, create=True)
+        return super().getChild(path, request)  # type: ignore[no-any-return]
+
+    def createSimilarFile(self, path: str) -> File:
+        return File(path, self.defaultType, self.ignoredExts, self.registry)
+
+
+class RelaySite(Site):
+    """A Site that puts the security headers on every response."""
+
+    def getResourceFor(self, request: Request) -> Resource:
+        for name, value in _SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return super().getResourceFor(request)  # type: ignore[no-any-return]
+
+
+def make_site(context: RelayContext) -> RelaySite:
+    """The relay's whole HTTP tree."""
+    api = API(context)
+    root = Page(api)
+    root.indexNames = ["index.html"]
+    root.putChild(b"api", Resource())
+    api_root = root.children[b"api"]
+    api_root.putChild(b"session", JSONEndpoint(context, post=api.post_session))
+    api_root.putChild(b"pairing-codes", JSONEndpoint(context, post=api.post_code))
+    api_root.putChild(b"pair", JSONEndpoint(context, post=api.post_pair))
+    api_root.putChild(b"token", JSONEndpoint(context, get=api.get_token))
+    api_root.putChild(b"bridges", JSONEndpoint(context, get=api.get_bridges))
+    api_root.putChild(b"revoke", JSONEndpoint(context, post=api.post_revoke))
+    root.putChild(b"ws", Resource())
+    ws = root.children[b"ws"]
+    ws.putChild(b"ide", WebSocketResource(RelayWebSocketFactory(context, IDEProtocol)))
+    ws.putChild(b"bridge", WebSocketResource(RelayWebSocketFactory(context, BridgeProtocol)))
+    site = RelaySite(root)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,156 @@
+"""
+The relay's two WebSocket endpoints, as thin Autobahn adapters over the hub.
+
+C{/ws/ide} admits a browser with a valid session cookie from an allowed
+Origin; C{/ws/bridge} admits a bridge with a valid, unrevoked token.  Refusals
+happen in the opening handshake with an HTTP status and a short reason.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
+
+from coder1_relay.context import SESSION_COOKIE, RelayContext
+from coder1_relay.routing import Endpoint
+from coder1_relay.tokens import TokenError
+from coder1_wire import closecodes
+
+_VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
+_LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
+
+
+class _RelayProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+    """What both endpoints share: the link the hub sends through."""
+
+    log = Logger()
+    factory: RelayWebSocketFactory
+    endpoint: Endpoint | None = None
+
+    def send(self, frame: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(frame, isBinary=True)
+
+    def close(self, code: int, reason: str) -> None:
+        self.sendClose(code, reason)
+
+    def abort(self) -> None:
+        self.dropConnection(abort=True)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.context.connections.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.factory.context.connections.remove(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.endpoint is None:
+            return
+        if not isBinary:
+            self.sendClose(closecodes.PROTOCOL_ERROR, "frames must be binary")
+            return
+        try:
+            self.endpoint.receive(payload)
+        except Exception:
+            self.log.failure("routing a frame failed")
+            self.sendClose(closecodes.PROTOCOL_ERROR, "internal error")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.endpoint is not None:
+            self.factory.context.hub.detach(self.endpoint)
+            self.endpoint = None
+
+
+class IDEProtocol(_RelayProtocol):
+    """A browser tab of an IDE session."""
+
+    session: str = ""
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        context = self.factory.context
+        if request.origin not in context.allowed_origins:
+            raise ConnectionDeny(403, "origin not allowed")
+        cookie = _cookie(request.headers.get("cookie", ""), SESSION_COOKIE)
+        if cookie is None:
+            raise ConnectionDeny(401, "no session cookie")
+        try:
+            self.session = context.tokens.verify_browser_session(cookie)
+        except TokenError as e:
+            raise ConnectionDeny(401, f"session {e}") from None
+
+    def onOpen(self) -> None:
+        self.endpoint = self.factory.context.hub.attach_ide(
+            self.session, self, secrets.token_hex(8)
+        )
+
+
+class BridgeProtocol(_RelayProtocol):
+    """A paired bridge."""
+
+    _attach: dict[str, Any] | None = None
+
+    async def onConnect(self, request: ConnectionRequest) -> None:
+        context = self.factory.context
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ConnectionDeny(401, "no bearer token")
+        try:
+            claims = context.tokens.verify_bridge_token(token.strip())
+        except TokenError as e:
+            raise ConnectionDeny(401, str(e)) from None
+        if await context.store.is_revoked(claims.jti, context.clock.seconds()):
+            raise ConnectionDeny(401, "token has been revoked")
+        version = request.headers.get("x-coder1-bridge-version", "")
+        label = request.headers.get("x-coder1-label", "")
+        self._attach = {
+            "session": claims.session,
+            "peer": claims.peer,
+            "version": version if _VERSION.fullmatch(version) else "unknown",
+            "label": label if _LABEL.fullmatch(label) else "bridge",
+            "telemetry": request.headers.get("x-coder1-telemetry", "on") != "off",
+        }
+
+    def onOpen(self) -> None:
+        assert self._attach is not None
+        self.endpoint = self.factory.context.hub.attach_bridge(
+            link=self, connection_id=secrets.token_hex(8), **self._attach
+        )
+
+
+class RelayWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
+    """A factory carrying the relay context, with explicit limits."""
+
+    def __init__(self, context: RelayContext, protocol: type[_RelayProtocol]) -> None:
+        super().__init__(url=context.public_url.replace("https", "wss", 1))
+        self.context = context
+        self.protocol = protocol
+        limits = context.limits
+        self.setProtocolOptions(
+            maxFramePayloadSize=limits.max_message_size,
+            maxMessagePayloadSize=limits.max_message_size,
+            openHandshakeTimeout=limits.handshake_timeout,
+            closeHandshakeTimeout=5,
+            tcpNoDelay=True,
+            # Protocol violations get a close frame with a reason, not a dropped socket.
+            failByDrop=False,
+            # No compression: compressing secrets beside attacker-chosen bytes leaks
+            # them (CRIME/BREACH), and end-to-end ciphertext does not compress anyway.
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+
+def _cookie(header: str, name: str) -> str | None:
+    try:
+        jar = SimpleCookie(header)
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None else None

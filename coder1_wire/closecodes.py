@@ -1,0 +1,19 @@
+"""WebSocket close codes the relay and the bridge use (4000-4999 are ours)."""
+
+from __future__ import annotations
+
+NORMAL = 1000
+#: The relay is shutting down; reconnect (with backoff).
+SHUTTING_DOWN = 4001
+#: A frame whose envelope is malformed, of an unknown kind, or in the wrong direction.
+PROTOCOL_ERROR = 4000
+#: The token was revoked while the connection was open.
+REVOKED = 4003
+#: A frame larger than the configured limit.
+TOO_BIG = 4009
+#: The same bridge connected again; this older connection is replaced.
+REPLACED = 4010
+#: Nothing heard from the other end within the heartbeat timeout.
+HEARTBEAT_TIMEOUT = 4011
+#: Too many messages per second on this connection.
+RATE_LIMITED = 4029

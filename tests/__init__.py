@@ -1,0 +1,1 @@
+"""Tests for coder1-bridge."""

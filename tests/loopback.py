@@ -1,0 +1,277 @@
+"""
+A real relay, a real bridge and a scripted browser on loopback, for end-to-end tests.
+
+Everything speaks real TLS 1.3 and real WebSockets: the relay is the
+service C{twistd coder1-relay} runs, the bridge is the service
+C{coder1-bridge start} runs, and L{Browser} does what the IDE page does
+(session cookie, pairing code, IDE WebSocket with an Origin header).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from http.cookiejar import CookieJar
+from io import BytesIO
+from typing import Any
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.python.filepath import FilePath
+from twisted.web.client import Agent, CookieAgent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from coder1_bridge.cli import _RelayTrust, pair
+from coder1_bridge.config import BridgeConfig, RelayAddress
+from coder1_bridge.service import BridgeService
+from coder1_relay.service import RelayService, RelaySettings
+from coder1_wire.envelope import Envelope, Kind, control, decode
+from coder1_wire.tls import client_tls_options
+
+reactor: Any = _reactor
+
+
+async def start_relay(state_dir: FilePath[str], **settings: Any) -> RelayService:
+    """A relay on a free loopback port, with its dev certificate."""
+    relay = RelayService(
+        reactor,
+        RelaySettings(state_dir=state_dir, **{"listen": "tcp:0:interface=127.0.0.1", **settings}),
+    )
+    relay.startService()
+    await relay.listening
+    return relay
+
+
+def relay_address(relay: RelayService) -> RelayAddress:
+    """How a client reaches C{relay}: its URL and its dev certificate as trust root."""
+    return RelayAddress(relay.context.public_url, relay.keys.tls_cert_pem.decode())
+
+
+class IDEClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
+    """The browser's IDE WebSocket: records every frame it gets."""
+
+    factory: IDEClientFactory
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.connection.received(decode(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.connection.closed(code, reason)
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionRefusedByRelay(reason or ""))
+
+
+class ConnectionRefusedByRelay(Exception):
+    """The relay refused the WebSocket handshake (the reason says why)."""
+
+
+class IDEClientFactory(WebSocketClientFactory):  # type: ignore[misc]
+    protocol = IDEClientProtocol
+
+    def __init__(self, url: str, connection: IDEConnection, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.connection = connection
+        self.opened: Deferred[IDEClientProtocol] = Deferred()
+
+
+@attrs.define
+class IDEConnection:
+    """One IDE WebSocket: what arrived, and ways to wait for more."""
+
+    frames: list[Envelope] = attrs.field(factory=list)
+    protocol: IDEClientProtocol | None = None
+    close_code: int | None = None
+    close_reason: str | None = None
+    lost: Deferred[None] = attrs.field(factory=Deferred)
+    _waiters: list[tuple[Callable[[Envelope], bool], Deferred[Envelope]]] = attrs.field(
+        factory=list
+    )
+
+    def received(self, envelope: Envelope) -> None:
+        self.frames.append(envelope)
+        for waiter in list(self._waiters):
+            if waiter[0](envelope):
+                self._waiters.remove(waiter)
+                waiter[1].callback(envelope)
+
+    def closed(self, code: int | None, reason: str | None) -> None:
+        self.close_code, self.close_reason = code, reason
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def wait_for(
+        self, match: Callable[[Envelope], bool], timeout: float = 30
+    ) -> Deferred[Envelope]:
+        """The first frame, already received or still to come, that matches."""
+        for envelope in self.frames:
+            if match(envelope):
+                d: Deferred[Envelope] = Deferred()
+                d.callback(envelope)
+                return d
+        d = Deferred()
+        self._waiters.append((match, d))
+        return d.addTimeout(timeout, reactor)
+
+    def send(self, envelope: Envelope) -> None:
+        assert self.protocol is not None
+        self.protocol.sendMessage(envelope.encode(), isBinary=True)
+
+    async def run(
+        self, stream: int, body: dict[str, Any], *, peer: int = 1, stdin: bytes | None = None
+    ) -> CommandResult:
+        """Start a command on bridge C{peer}, feed C{stdin}, and collect all it sends back."""
+        self.send(control(Kind.CMD_START, body, stream=stream, peer=peer))
+        if stdin is not None:
+            self.send(Envelope(Kind.CMD_STDIN, stream=stream, seq=1, peer=peer, payload=stdin))
+            self.send(Envelope(Kind.CMD_STDIN, stream=stream, seq=2, peer=peer))
+        end = await self.wait_for(
+            lambda e: e.stream == stream and e.kind in (Kind.CMD_EXIT, Kind.CMD_ERROR, Kind.ERROR),
+            timeout=120,
+        )
+        mine = [e for e in self.frames if e.stream == stream and e.peer == peer]
+        return CommandResult(
+            stdout=b"".join(e.payload for e in mine if e.kind == Kind.CMD_STDOUT),
+            stderr=b"".join(e.payload for e in mine if e.kind == Kind.CMD_STDERR),
+            end=end,
+            frames=mine,
+        )
+
+    def close(self) -> Deferred[None]:
+        if self.protocol is not None and self.close_code is None:
+            self.protocol.sendClose(1000)
+        return self.lost
+
+
+@attrs.frozen
+class CommandResult:
+    """What came back for one command."""
+
+    stdout: bytes
+    stderr: bytes
+    end: Envelope
+    frames: list[Envelope]
+
+    @property
+    def exit(self) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(self.end.payload)
+        return body
+
+
+@attrs.define
+class Browser:
+    """What the IDE page does, over real HTTPS with a cookie jar."""
+
+    relay: RelayService
+    cookies: CookieJar = attrs.field(factory=CookieJar)
+    origin: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.relay.context.public_url
+
+    def _agent(self) -> CookieAgent:
+        trust = _RelayTrust(self.relay.keys.tls_cert_pem.decode())
+        return CookieAgent(Agent(reactor, contextFactory=trust), self.cookies)
+
+    async def request(
+        self, method: bytes, path: str, body: dict[str, Any] | None = None, *, origin: bool = True
+    ) -> tuple[int, dict[str, Any], Headers]:
+        headers = Headers({b"Content-Type": [b"application/json"]})
+        if origin:
+            headers.addRawHeader(b"Origin", (self.origin or self.url).encode())
+        producer = FileBodyProducer(BytesIO(json.dumps(body).encode())) if body else None
+        response = await self._agent().request(
+            method, (self.url + path).encode(), headers, producer
+        )
+        raw = await readBody(response)
+        decoded = json.loads(raw) if raw.startswith(b"{") else {}
+        return response.code, decoded, response.headers
+
+    async def open_page(self) -> None:
+        """Load the page: the relay starts a browser session (a cookie)."""
+        response = await self._agent().request(b"GET", (self.url + "/").encode())
+        await readBody(response)
+
+    async def new_code(self) -> str:
+        status, body, _ = await self.request(b"POST", "/api/pairing-codes")
+        assert status == 201, (status, body)
+        return str(body["code"])
+
+    def cookie_header(self) -> str:
+        return "; ".join(f"{c.name}={c.value}" for c in self.cookies)
+
+    async def connect_ide(self, origin: str | None = None) -> IDEConnection:
+        """Open the IDE WebSocket with this browser's cookie."""
+        connection = IDEConnection()
+        factory = IDEClientFactory(
+            self.url.replace("https", "wss", 1) + "/ws/ide",
+            connection,
+            origin=origin or self.origin or self.url,
+            headers={"Cookie": self.cookie_header()},
+        )
+        endpoint = wrapClientTLS(
+            client_tls_options("localhost", self.relay.keys.tls_cert_pem),
+            HostnameEndpoint(reactor, "127.0.0.1", self.relay.port.getHost().port),  # type: ignore[union-attr]
+        )
+        await endpoint.connect(factory)
+        connection.protocol = await factory.opened
+        await connection.wait_for(lambda e: e.kind == Kind.PRESENCE)
+        return connection
+
+
+async def pair_bridge(
+    browser: Browser, config_dir: FilePath[str], out: Any, label: str = "test-host"
+) -> BridgeConfig:
+    """Do what a user does: get a code in the browser, redeem it with C{coder1-bridge pair}."""
+    code = await browser.new_code()
+    return await pair(reactor, config_dir, relay_address(browser.relay), code, label, out)
+
+
+async def start_bridge(config: BridgeConfig, **kwargs: Any) -> BridgeService:
+    """The bridge service, connected."""
+    kwargs.setdefault("telemetry", True)
+    bridge = BridgeService(reactor, config, **kwargs)
+    bridge.startService()
+    await bridge.when_connected()
+    return bridge
+
+
+async def stop_all(*services: Any) -> None:
+    """Stop services (bridges first), waiting for each."""
+    await DeferredList([Deferred.fromCoroutine(_stop(s)) for s in services])
+
+
+async def _stop(service: Any) -> None:
+    if service.running:
+        await service.stopService()
+
+
+async def crash_relay(relay: RelayService) -> None:
+    """Stop C{relay} as a killed process would: every connection dropped, nothing said."""
+    await relay.listening
+    assert relay.port is not None
+    await maybeDeferred(relay.port.stopListening)
+    for connection in list(relay.context.connections.live):
+        connection.abort()
+    await relay.context.connections.when_idle()
+    relay.telemetry.stopService()
+    relay.running = False
+
+
+async def settle(limit: float = 3.0) -> None:
+    """
+    Wait for Autobahn's batched timers to drain: txaio keeps a bucket's call
+    scheduled for up to a second after the timeouts in it are cancelled.
+    """
+    deadline = reactor.seconds() + limit
+    while reactor.seconds() < deadline and any(
+        "_notify_bucket" in repr(call.func) for call in reactor.getDelayedCalls()
+    ):
+        await deferLater(reactor, 0.05)

@@ -1,0 +1,201 @@
+"""Tests for L{coder1_relay.pairing} and L{coder1_relay.store}, on an injected clock."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from coder1_relay.pairing import CodeGrant, Pairing, PairingPolicy, RateLimited, RedeemRefused
+from coder1_relay.store import IRelayStore, MemoryStore
+from coder1_relay.tokens import BridgeClaims, TokenAuthority
+
+T = TypeVar("T")
+
+
+class SlowStore:
+    """A store whose every answer arrives one clock tick later, like a networked one."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.inner = MemoryStore()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def later(*args: Any) -> Deferred[Any]:
+            result: Deferred[Any] = Deferred()
+            value = self.inner_result(method(*args))
+            self.clock.callLater(0.001, result.callback, value)
+            return result
+
+        return later
+
+    @staticmethod
+    def inner_result(d: Deferred[T]) -> T:
+        results: list[T] = []
+        d.addCallback(results.append)
+        return results[0]
+
+
+class PairingTests(SynchronousTestCase):
+    """Codes: random, live for 5 minutes, single use, bound to a session, rate limited."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore()
+        self.pairing = self.make(self.store)
+
+    def make(self, store: Any, policy: PairingPolicy | None = None) -> Pairing:
+        tokens = TokenAuthority(Ed25519PrivateKey.generate(), "coder1-relay:t", self.clock)
+        return Pairing(store, tokens, self.clock, policy or PairingPolicy())
+
+    def code(self, session: str = "s1", ip: str = "192.0.2.1") -> CodeGrant:
+        return self.successResultOf(Deferred.fromCoroutine(self.pairing.new_code(session, ip)))
+
+    def redeem(self, code: str, ip: str = "192.0.2.9") -> Deferred[tuple[str, BridgeClaims]]:
+        return Deferred.fromCoroutine(self.pairing.redeem(code, ip, "host"))
+
+    def test_store_interface(self) -> None:
+        """MemoryStore provides the whole store interface."""
+        self.assertTrue(verifyObject(IRelayStore, self.store))
+
+    def test_code_format(self) -> None:
+        """Codes are 6 digits and live for exactly 5 minutes."""
+        grant = self.code()
+        self.assertRegex(grant.code, r"^[0-9]{6}$")
+        self.assertEqual(grant.expires_at, self.clock.seconds() + 300)
+
+    def test_redeem_binds_session(self) -> None:
+        """Redeeming yields a token for the session that asked for the code, new peer each time."""
+        first = self.successResultOf(self.redeem(self.code("alice").code))[1]
+        second = self.successResultOf(self.redeem(self.code("alice").code))[1]
+        other = self.successResultOf(self.redeem(self.code("bob").code))[1]
+        self.assertEqual((first.session, first.peer), ("alice", 1))
+        self.assertEqual((second.session, second.peer), ("alice", 2))
+        self.assertEqual((other.session, other.peer), ("bob", 1))
+
+    def test_single_use(self) -> None:
+        """A code redeemed once is refused the second time."""
+        code = self.code().code
+        self.successResultOf(self.redeem(code))
+        self.failureResultOf(self.redeem(code), RedeemRefused)
+
+    def test_single_use_concurrent(self) -> None:
+        """Two redemptions racing through a slow store: exactly one wins."""
+        self.pairing = self.make(SlowStore(self.clock))
+        d = Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.1"))
+        self.clock.pump([0.001] * 10)
+        code = self.successResultOf(d).code
+        outcomes: list[str] = []
+        for i in range(2, 6):
+            self.redeem(code, ip=f"192.0.2.{i}").addCallbacks(
+                lambda _: outcomes.append("won"),
+                lambda f: outcomes.append("lost" if f.check(RedeemRefused) else repr(f)),
+            )
+        self.assertEqual(outcomes, [])
+        self.clock.pump([0.001] * 50)
+        self.assertEqual(sorted(outcomes), ["lost", "lost", "lost", "won"])
+
+    def test_expiry(self) -> None:
+        """A code works 299 s after issue and is refused at 300 s."""
+        early, late = self.code().code, self.code().code
+        self.clock.advance(299)
+        self.successResultOf(self.redeem(early))
+        self.clock.advance(1)
+        self.failureResultOf(self.redeem(late), RedeemRefused)
+
+    def test_codes_unique_among_live(self) -> None:
+        """Hundreds of live codes never repeat."""
+        policy = PairingPolicy(codes_per_minute=10_000)
+        self.pairing = self.make(self.store, policy)
+        codes = [self.code(f"s{i}", f"192.0.2.{i % 200}").code for i in range(500)]
+        self.assertEqual(len(set(codes)), 500)
+
+    def test_rate_limit_per_session(self) -> None:
+        """The 6th code within a minute for one session is refused, with when to retry."""
+        for i in range(5):
+            self.code("s", f"192.0.2.{i}")
+        self.clock.advance(10)
+        failure = self.failureResultOf(
+            Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.99")), RateLimited
+        )
+        self.assertAlmostEqual(failure.value.retry_after, 50)
+        self.clock.advance(50)
+        self.code("s", "192.0.2.99")
+
+    def test_rate_limit_per_ip(self) -> None:
+        """The 6th code within a minute from one IP is refused, whatever the session."""
+        for i in range(5):
+            self.code(f"s{i}", "192.0.2.1")
+        self.failureResultOf(
+            Deferred.fromCoroutine(self.pairing.new_code("fresh", "192.0.2.1")), RateLimited
+        )
+
+    def test_brute_force_per_ip(self) -> None:
+        """After 10 wrong codes from one IP in an hour, even a right code is refused from it."""
+        good = self.code().code
+        wrong = f"{(int(good) + 1) % 1_000_000:06d}"
+        for _ in range(10):
+            self.failureResultOf(self.redeem(wrong, ip="203.0.113.5"), RedeemRefused)
+        self.failureResultOf(self.redeem(good, ip="203.0.113.5"), RateLimited)
+        self.successResultOf(self.redeem(good, ip="203.0.113.6"))
+
+    def test_brute_force_global(self) -> None:
+        """Past the global failure bound, every IP is refused until the hour passes."""
+        self.pairing = self.make(self.store, PairingPolicy(failures_per_hour=20))
+        for i in range(20):
+            self.failureResultOf(self.redeem("000000", ip=f"198.51.100.{i}"), RedeemRefused)
+        good = self.code().code
+        self.failureResultOf(self.redeem(good, ip="192.0.2.200"), RateLimited)
+        self.clock.advance(3600)
+        self.successResultOf(self.redeem(self.code().code, ip="192.0.2.200"))
+
+    def test_malformed_codes(self) -> None:
+        """Non-digit, short and long codes are refused (and counted as failures)."""
+        for junk in ["", "12345", "1234567", "abcdef", "12 456", "١٢٣٤٥٦"]:
+            self.failureResultOf(self.redeem(junk), RedeemRefused)
+        self.assertEqual(
+            self.successResultOf(self.store.count("fail:ip:192.0.2.9", self.clock.seconds(), 3600)),
+            6,
+        )
+
+    def test_bad_label(self) -> None:
+        """A label with control characters is refused before the code is used."""
+        code = self.code().code
+        self.failureResultOf(
+            Deferred.fromCoroutine(self.pairing.redeem(code, "192.0.2.1", "x\n\x1b[2J")), ValueError
+        )
+        self.successResultOf(self.redeem(code))
+
+
+class RevocationPersistenceTests(SynchronousTestCase):
+    """Revocations survive a restart, in a 0600 file."""
+
+    def test_survives_restart(self) -> None:
+        """A new store on the same file still reports the token revoked."""
+        path = FilePath(self.mktemp())
+        path.makedirs()
+        file = path.child("revocations.json")
+        self.successResultOf(MemoryStore(revocations=file).revoke("jti-1", 2e9, 1e9))
+        self.assertTrue(
+            self.successResultOf(MemoryStore(revocations=file).is_revoked("jti-1", 1e9))
+        )
+        self.assertFalse(
+            self.successResultOf(MemoryStore(revocations=file).is_revoked("jti-2", 1e9))
+        )
+        self.assertEqual(file.getPermissions().shorthand(), "rw-------")
+
+    def test_expired_revocations_pruned(self) -> None:
+        """Revocations of tokens that expired anyway are dropped at the next write."""
+        store = MemoryStore()
+        store.revoke("old", 100.0, 50.0)
+        store.revoke("new", 1000.0, 200.0)
+        self.assertFalse(self.successResultOf(store.is_revoked("old", 200.0)))
+        self.assertTrue(self.successResultOf(store.is_revoked("new", 200.0)))

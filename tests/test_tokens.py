@@ -1,0 +1,174 @@
+"""Tests for L{coder1_relay.tokens}: every way a bad token is refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from coder1_relay.tokens import TokenAuthority, TokenError
+
+
+def _authority(clock: Clock, key: Ed25519PrivateKey | None = None) -> TokenAuthority:
+    return TokenAuthority(key or Ed25519PrivateKey.generate(), "coder1-relay:test", clock)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class BridgeTokenTests(SynchronousTestCase):
+    """Bridge tokens verify only when signed here, for a bridge, unexpired."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.authority = _authority(self.clock)
+
+    def test_round_trip(self) -> None:
+        """A fresh token verifies to the session and peer it was issued for."""
+        token, issued = self.authority.issue_bridge_token("session-a", 3)
+        claims = self.authority.verify_bridge_token(token)
+        self.assertEqual((claims.session, claims.peer, claims.jti), ("session-a", 3, issued.jti))
+
+    def test_claims_present(self) -> None:
+        """A token carries iss, aud, sub, jti, iat and exp, and unique jtis."""
+        token, _ = self.authority.issue_bridge_token("s", 1)
+        other, _ = self.authority.issue_bridge_token("s", 1)
+        body = jwt.decode(token, options={"verify_signature": False})
+        self.assertLessEqual({"iss", "aud", "sub", "jti", "iat", "exp"}, set(body))
+        self.assertNotEqual(
+            body["jti"], jwt.decode(other, options={"verify_signature": False})["jti"]
+        )
+
+    def test_expired(self) -> None:
+        """A token is refused from its exp on, by the injected clock."""
+        token, claims = self.authority.issue_bridge_token("s", 1)
+        self.clock.advance(claims.expires_at - self.clock.seconds() - 1)
+        self.authority.verify_bridge_token(token)
+        self.clock.advance(1)
+        self.assertRaisesRegex(TokenError, "expired", self.authority.verify_bridge_token, token)
+
+    def test_tampered(self) -> None:
+        """Changing a claim (the session) breaks the signature."""
+        token, _ = self.authority.issue_bridge_token("victim", 1)
+        header, body, sig = token.split(".")
+        claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+        claims["sub"] = "attacker"
+        forged = ".".join([header, _b64(json.dumps(claims).encode()), sig])
+        self.assertRaisesRegex(TokenError, "signature", self.authority.verify_bridge_token, forged)
+
+    def test_alg_none(self) -> None:
+        """An unsigned C{alg: none} token is refused."""
+        _, claims = self.authority.issue_bridge_token("s", 1)
+        body = {
+            "iss": "coder1-relay:test",
+            "aud": "coder1-bridge",
+            "sub": "s",
+            "jti": "x",
+            "iat": int(self.clock.seconds()),
+            "exp": int(claims.expires_at),
+            "peer": 1,
+        }
+        unsigned = jwt.encode(body, None, algorithm="none")
+        self.assertRaises(TokenError, self.authority.verify_bridge_token, unsigned)
+
+    def test_hmac_with_public_key(self) -> None:
+        """An HS256 token keyed with the relay's public key (algorithm confusion) is refused."""
+        public = self.authority.signing_key.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw
+        )
+        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        now = int(self.clock.seconds())
+        body = _b64(
+            json.dumps(
+                {
+                    "iss": "coder1-relay:test",
+                    "aud": "coder1-bridge",
+                    "sub": "s",
+                    "jti": "x",
+                    "iat": now,
+                    "exp": now + 100,
+                    "peer": 1,
+                }
+            ).encode()
+        )
+        import hashlib
+        import hmac
+
+        sig = _b64(hmac.new(public, f"{header}.{body}".encode(), hashlib.sha256).digest())
+        self.assertRaisesRegex(
+            TokenError, "algorithm", self.authority.verify_bridge_token, f"{header}.{body}.{sig}"
+        )
+
+    def test_other_key(self) -> None:
+        """A token signed by another relay's key is refused."""
+        other = _authority(self.clock)
+        token, _ = other.issue_bridge_token("s", 1)
+        self.assertRaisesRegex(TokenError, "signature", self.authority.verify_bridge_token, token)
+
+    def test_wrong_audience(self) -> None:
+        """A browser session cookie cannot be used as a bridge token."""
+        _, cookie = self.authority.issue_browser_session()
+        self.assertRaisesRegex(TokenError, "audience", self.authority.verify_bridge_token, cookie)
+
+    def test_wrong_issuer(self) -> None:
+        """Same key, other issuer name: refused."""
+        other = TokenAuthority(self.authority.signing_key, "coder1-relay:other", self.clock)
+        token, _ = other.issue_bridge_token("s", 1)
+        self.assertRaisesRegex(
+            TokenError, "another relay", self.authority.verify_bridge_token, token
+        )
+
+    def test_missing_claim(self) -> None:
+        """A correctly signed token without a jti is refused."""
+        now = int(self.clock.seconds())
+        token = jwt.encode(
+            {
+                "iss": "coder1-relay:test",
+                "aud": "coder1-bridge",
+                "sub": "s",
+                "iat": now,
+                "exp": now + 10,
+                "peer": 1,
+            },
+            self.authority.signing_key,
+            algorithm="EdDSA",
+        )
+        self.assertRaisesRegex(TokenError, "jti", self.authority.verify_bridge_token, token)
+
+    def test_garbage(self) -> None:
+        """Garbage is refused as malformed, not with a crash."""
+        for junk in ["", "a.b.c", "\x00\xff", "e30.e30.", "x" * 5000]:
+            self.assertRaises(TokenError, self.authority.verify_bridge_token, junk)
+
+    def test_issued_in_future(self) -> None:
+        """A token whose iat is well ahead of the relay's clock is refused."""
+        token, _ = self.authority.issue_bridge_token("s", 1)
+        self.clock.advance(-3600)
+        self.assertRaisesRegex(TokenError, "future", self.authority.verify_bridge_token, token)
+
+
+class BrowserSessionTests(SynchronousTestCase):
+    """Session cookies are signed, so a relay with the same key keeps them valid."""
+
+    def test_survives_restart(self) -> None:
+        """A new authority with the same key (a restarted relay) accepts an old cookie."""
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        key = Ed25519PrivateKey.generate()
+        session, cookie = _authority(clock, key).issue_browser_session()
+        self.assertEqual(_authority(clock, key).verify_browser_session(cookie), session)
+
+    def test_bridge_token_is_not_a_cookie(self) -> None:
+        """A bridge token does not open a browser session."""
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        authority = _authority(clock)
+        token, _ = authority.issue_bridge_token("s", 1)
+        self.assertRaises(TokenError, authority.verify_browser_session, token)
