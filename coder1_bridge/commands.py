@@ -124,7 +124,7 @@ class _Request:
 
 def _is_text(value: object) -> TypeGuard[str]:
     """Whether exec can pass C{value}: a string without NUL that the OS can encode."""
-    # Refused here, such a string would fail in the child, after the fork.
+    # Refused here, rather than failing inside spawnProcess or the trampoline.
     if not isinstance(value, str) or "\0" in value:
         return False
     try:
@@ -193,7 +193,7 @@ def _parse(request: Envelope, settings: CommandSettings) -> _Request:
 
 
 def _executable_exists(name: str, path: str, cwd: str) -> bool:
-    """Whether exec would find C{name}, as execvp in C{cwd} with C{path} would."""
+    """Whether execvp, run in C{cwd} with C{path} as PATH, would find C{name}."""
     if os.sep in name:
         full = os.path.join(cwd, name)
         return os.path.isfile(full) and os.access(full, os.X_OK)
@@ -340,7 +340,7 @@ class CommandRunner:
         protocol = _CommandProtocol(self)
         try:
             process = self._reactor.spawnProcess(
-                protocol, TRAMPOLINE[0], [*TRAMPOLINE, spec.cwd, *spec.argv], env, spec.cwd
+                protocol, TRAMPOLINE[0], [*TRAMPOLINE, spec.cwd, *spec.argv], env
             )
         except OSError as e:
             raise _Refused("spawn-failed", f"could not start the command: {e}") from e

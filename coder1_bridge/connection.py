@@ -8,6 +8,7 @@ session outlives connections, so commands keep running across a reconnect.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ from coder1_wire.crash import build_crash_report
 from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control, decode, is_to_browser
 from coder1_wire.heartbeat import Heartbeat
 
+#: How Autobahn reports a handshake the relay refused for the token (401), in onClose's reason.
+_REFUSED = re.compile(r'upgrade failed \[401\]: ([^"]*)')
 _COMMAND_KINDS = frozenset({Kind.CMD_START, Kind.CMD_STDIN, Kind.CMD_CANCEL})
 
 
@@ -113,7 +116,7 @@ class BridgeSession:
         else:
             self.send(
                 control(
-                    Kind.CMD_ERROR,
+                    Kind.PTY_ERROR if kind >= Kind.PTY_OPEN else Kind.CMD_ERROR,
                     {"error": "unsupported", "message": "this bridge does not support that"},
                     stream=envelope.stream,
                     peer=envelope.peer,
@@ -124,7 +127,7 @@ class BridgeSession:
         """Send a content-free crash report, unless telemetry is off."""
         if self.telemetry:
             report = build_crash_report(error, version=self.version)
-            self.send(control(Kind.CRASH, report))
+            self.send(control(Kind.CRASH, dict(report)))
 
 
 def _error_code(envelope: Envelope) -> str:
@@ -136,7 +139,7 @@ def _error_code(envelope: Envelope) -> str:
     return code if isinstance(code, str) and code.isascii() and len(code) < 40 else "unknown"
 
 
-class BridgeClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
+class BridgeClientProtocol(WebSocketClientProtocol):
     """Adapts one Autobahn connection to the session."""
 
     log = Logger()
@@ -160,18 +163,18 @@ class BridgeClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.session.detach(self)
-        refused = (reason or "").startswith("WebSocket connection upgrade failed [401]")
+        refused = _REFUSED.search(reason or "")
         if refused:
-            self.factory.session.on_refused((reason or "").split(": ", 1)[-1])
+            self.factory.session.on_refused(refused.group(1))
         elif code == closecodes.REVOKED:
             self.factory.session.on_refused(reason or "this bridge was revoked")
         self.factory.disconnected(self)
 
 
-class BridgeClientFactory(WebSocketClientFactory):  # type: ignore[misc]
+class BridgeClientFactory(WebSocketClientFactory):
     """Builds connections for the session, with the bridge's identity headers."""
 
-    protocol = BridgeClientProtocol
+    protocol = BridgeClientProtocol  # type: ignore[assignment]  # stubs want a TypeVar
 
     def __init__(
         self,

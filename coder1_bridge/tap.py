@@ -28,6 +28,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        refuse_root(os.geteuid())
         directory = FilePath(self["config-dir"]) if self["config-dir"] else config_dir()
         config = BridgeConfig.load(directory)
         if config is None:
@@ -36,8 +37,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> BridgeService:
-    """The bridge service for C{twistd coder1-bridge}; refuses to run as root."""
-    refuse_root(os.geteuid())
+    """The bridge service for C{twistd coder1-bridge} (Options refused root already)."""
     from twisted.internet import reactor
 
     reactor_: Any = reactor

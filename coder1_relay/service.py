@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -36,7 +36,8 @@ class RelaySettings:
     tls_key: FilePath[str] | None = None
     public_url: str | None = None
     allowed_origins: tuple[str, ...] = ()
-    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    DEFAULT_HOSTNAMES: ClassVar[tuple[str, ...]] = ("localhost", "127.0.0.1", "::1")
+    hostnames: tuple[str, ...] = DEFAULT_HOSTNAMES
     token_lifetime: float = 30 * 86400.0
     pairing: PairingPolicy = PairingPolicy()
     hub: HubSettings = HubSettings()
@@ -120,7 +121,12 @@ class RelayService(MultiService):
         for connection in list(connections.live):
             connection.close(closecodes.SHUTTING_DOWN, "relay shutting down")
         idle = connections.when_idle()
-        timer = self.reactor.callLater(5, lambda: [c.abort() for c in list(connections.live)])
+
+        def abort_stragglers() -> None:
+            for connection in list(connections.live):
+                connection.abort()
+
+        timer = self.reactor.callLater(5, abort_stragglers)
         await idle
         if timer.active():
             timer.cancel()

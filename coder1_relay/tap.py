@@ -59,7 +59,7 @@ class Options(usage.Options):
         self["allowed-origin"].append(origin.rstrip("/"))
 
     def opt_hostname(self, name: str) -> None:
-        """A name or address for the dev certificate (repeatable; default localhost, 127.0.0.1, ::1)."""
+        """A name or address the dev certificate covers (repeatable; default: loopback)."""
         self["hostname"].append(name)
 
     def postOptions(self) -> None:
@@ -73,19 +73,15 @@ class Options(usage.Options):
 
     def settings(self) -> RelaySettings:
         """The settings these options describe."""
-        optional = {
-            "tls_cert": FilePath(self["tls-cert"]) if self["tls-cert"] else None,
-            "tls_key": FilePath(self["tls-key"]) if self["tls-key"] else None,
-        }
-        if self["hostname"]:
-            optional["hostnames"] = tuple(self["hostname"])
         return RelaySettings(
+            tls_cert=FilePath(self["tls-cert"]) if self["tls-cert"] else None,
+            tls_key=FilePath(self["tls-key"]) if self["tls-key"] else None,
+            hostnames=tuple(self["hostname"]) or RelaySettings.DEFAULT_HOSTNAMES,
             listen=self["listen"],
             state_dir=FilePath(self["state-dir"]) if self["state-dir"] else default_state_dir(),
             public_url=self["public-url"].rstrip("/") if self["public-url"] else None,
             allowed_origins=tuple(self["allowed-origin"]),
             token_lifetime=self["token-days"] * 86400.0,
-            **optional,
         )
 
 

@@ -252,7 +252,7 @@ class Page(File):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path in (b"", b"index.html"):
             self.api.session(request, create=True)
-        return super().getChild(path, request)  # type: ignore[no-any-return]
+        return super().getChild(path, request)
 
     def createSimilarFile(self, path: str) -> File:
         return File(path, self.defaultType, self.ignoredExts, self.registry)
@@ -264,7 +264,7 @@ class RelaySite(Site):
     def getResourceFor(self, request: Request) -> Resource:
         for name, value in _SECURITY_HEADERS.items():
             request.setHeader(name, value)
-        return super().getResourceFor(request)  # type: ignore[no-any-return]
+        return super().getResourceFor(request)
 
 
 def make_site(context: RelayContext) -> RelaySite:

@@ -15,7 +15,10 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
 from coder1_relay.routing import Endpoint
@@ -26,7 +29,7 @@ _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
 
 
-class _RelayProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+class _RelayProtocol(WebSocketServerProtocol):
     """What both endpoints share: the link the hub sends through."""
 
     log = Logger()
@@ -47,7 +50,7 @@ class _RelayProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         super().connectionMade()
         self.factory.context.connections.add(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.factory.context.connections.remove(self)
 
@@ -97,7 +100,11 @@ class BridgeProtocol(_RelayProtocol):
 
     _attach: dict[str, Any] | None = None
 
-    async def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        # Autobahn waits on a Deferred from onConnect: revocation is the store's to say.
+        return Deferred.fromCoroutine(self._admit(request))
+
+    async def _admit(self, request: ConnectionRequest) -> None:
         context = self.factory.context
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -125,7 +132,7 @@ class BridgeProtocol(_RelayProtocol):
         )
 
 
-class RelayWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
+class RelayWebSocketFactory(WebSocketServerFactory):
     """A factory carrying the relay context, with explicit limits."""
 
     def __init__(self, context: RelayContext, protocol: type[_RelayProtocol]) -> None:

@@ -19,8 +19,8 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.task import deferLater
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, CookieAgent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -51,7 +51,7 @@ def relay_address(relay: RelayService) -> RelayAddress:
     return RelayAddress(relay.context.public_url, relay.keys.tls_cert_pem.decode())
 
 
-class IDEClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
+class IDEClientProtocol(WebSocketClientProtocol):
     """The browser's IDE WebSocket: records every frame it gets."""
 
     factory: IDEClientFactory
@@ -72,8 +72,8 @@ class ConnectionRefusedByRelay(Exception):
     """The relay refused the WebSocket handshake (the reason says why)."""
 
 
-class IDEClientFactory(WebSocketClientFactory):  # type: ignore[misc]
-    protocol = IDEClientProtocol
+class IDEClientFactory(WebSocketClientFactory):
+    protocol = IDEClientProtocol  # type: ignore[assignment]  # stubs want a TypeVar
 
     def __init__(self, url: str, connection: IDEConnection, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)

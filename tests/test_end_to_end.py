@@ -6,7 +6,6 @@ processes, real TLS 1.3 and WebSockets.
 from __future__ import annotations
 
 import io
-import json
 import secrets
 from typing import Any
 
