@@ -62,7 +62,7 @@ class CommandTests(LoopbackTestCase):
         """stdout and stderr arrive separately, byte for byte, then the exit code."""
         await self.start()
         result = await self.ide.run(
-            1, {"shell": "printf 'out\\n'; printf 'err\\n' >&2; printf 'é\\xff\\x00' ; exit 3"}
+            1, {"shell": "printf 'out\\n'; printf 'err\\n' >&2; printf 'é\\377\\000' ; exit 3"}
         )
         self.assertEqual(result.stdout, b"out\n" + "é".encode() + b"\xff\x00")
         self.assertEqual(result.stderr, b"err\n")
