@@ -38,6 +38,7 @@ from coder1_bridge.config import (
 )
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
+from coder1_wire.secretfile import InsecureFileError
 from coder1_wire.tls import client_tls_options
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -133,6 +134,30 @@ async def status(reactor: Any, directory: FilePath[str], out: TextIO) -> int:
     return EXIT_REFUSED
 
 
+async def unpair(reactor: Any, directory: FilePath[str], out: TextIO) -> int:
+    """Revoke this bridge's token at the relay (if it can be reached), then forget it."""
+    config = BridgeConfig.load(directory)
+    if config is None:
+        out.write("Not paired.\n")
+        return EXIT_OK
+    try:
+        code, body = await call_relay(
+            reactor, config.relay, b"DELETE", "/api/token", token=config.token
+        )
+    except CLIError as e:
+        code, body = 0, {"message": str(e)}
+    if code == 200:
+        out.write("The relay revoked this bridge's token.\n")
+    else:
+        out.write(
+            f"Could not revoke the token at the relay ({body.get('message', f'HTTP {code}')}); "
+            "revoke it from the IDE's bridge list.\n"
+        )
+    BridgeConfig.forget(directory)
+    out.write(f"Forgot the pairing with {config.relay.url}.\n")
+    return EXIT_OK
+
+
 async def start(reactor: Any, config: BridgeConfig, label: str, out: TextIO) -> int:
     """Run the bridge until interrupted, or until the relay refuses its token."""
     service = BridgeService(reactor, config, telemetry=telemetry_enabled(os.environ), label=label)
@@ -202,16 +227,14 @@ def run(argv: Sequence[str], *, reactor: Any, out: TextIO, prompt: Any = input) 
             if args.command == "status":
                 return await status(reactor, directory, out)
             if args.command == "unpair":
-                forgotten = BridgeConfig.forget(directory)
-                out.write("Forgot the pairing.\n" if forgotten else "Not paired.\n")
-                return EXIT_OK
+                return await unpair(reactor, directory, out)
             config = BridgeConfig.load(directory)
             if config is None:
                 out.write("Not paired yet.\n")
                 code = prompt("Pairing code shown in the IDE: ")
                 config = await pair(reactor, directory, _relay_address(args), code, args.label, out)
             return await start(reactor, config, args.label, out)
-        except CLIError as e:
+        except (CLIError, InsecureFileError) as e:
             out.write(f"coder1-bridge: {e}\n")
             return EXIT_FAILED
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.python.filepath import FilePath
 
-from coder1_wire.secretfile import write_secret
+from coder1_wire.secretfile import check_private, read_secret, write_secret
 
 DEFAULT_RELAY = "https://localhost:8443"
 
@@ -30,7 +30,9 @@ def refuse_root(euid: int) -> None:
 
 def config_dir(environ: Mapping[str, str] = os.environ) -> FilePath[str]:
     """C{$XDG_CONFIG_HOME/coder1-bridge}, or C{~/.config/coder1-bridge}."""
-    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    base = environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec says to ignore a relative value
+        base = os.path.join(os.path.expanduser("~"), ".config")
     return FilePath(base).child("coder1-bridge")
 
 
@@ -80,11 +82,17 @@ class BridgeConfig:
 
     @classmethod
     def load(cls, directory: FilePath[str]) -> BridgeConfig | None:
-        """The saved pairing, or None when not paired."""
+        """
+        The saved pairing, or None when not paired.
+
+        @raise InsecureFileError: the file is readable by others (the token may
+            have leaked: revoke it and pair again).
+        """
         path = directory.child("pairing.json")
         if not path.exists():
             return None
-        body = json.loads(path.getContent())
+        check_private(path)
+        body = json.loads(read_secret(path))
         return cls(
             RelayAddress(body["relay"], body.get("ca_cert_pem")), body["token"], body["peer"]
         )

@@ -139,10 +139,14 @@ def _error_code(envelope: Envelope) -> str:
     return code if isinstance(code, str) and code.isascii() and len(code) < 40 else "unknown"
 
 
+#: Not C{log} on the protocol: that would replace Autobahn's own logger, whose
+#: debug messages (dropped by default) include the handshake's token.
+_log = Logger()
+
+
 class BridgeClientProtocol(WebSocketClientProtocol):
     """Adapts one Autobahn connection to the session."""
 
-    log = Logger()
     factory: BridgeClientFactory
 
     def send(self, frame: bytes) -> None:
@@ -150,7 +154,7 @@ class BridgeClientProtocol(WebSocketClientProtocol):
             self.sendMessage(frame, isBinary=True)
 
     def abort(self) -> None:
-        self.log.warn("no heartbeat from the relay; reconnecting")
+        _log.warn("no heartbeat from the relay; reconnecting")
         self.dropConnection(abort=True)
 
     def onOpen(self) -> None:
@@ -166,8 +170,8 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         refused = _REFUSED.search(reason or "")
         if refused:
             self.factory.session.on_refused(refused.group(1))
-        elif code == closecodes.REVOKED:
-            self.factory.session.on_refused(reason or "this bridge was revoked")
+        elif code in (closecodes.REVOKED, closecodes.EXPIRED):
+            self.factory.session.on_refused(reason or "this bridge's token is no longer valid")
         self.factory.disconnected(self)
 
 

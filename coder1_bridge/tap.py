@@ -11,6 +11,7 @@ from twisted.python.filepath import FilePath
 from coder1_bridge.config import BridgeConfig, config_dir, refuse_root
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
+from coder1_wire.secretfile import InsecureFileError
 
 
 class Options(usage.Options):
@@ -30,7 +31,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         refuse_root(os.geteuid())
         directory = FilePath(self["config-dir"]) if self["config-dir"] else config_dir()
-        config = BridgeConfig.load(directory)
+        try:
+            config = BridgeConfig.load(directory)
+        except InsecureFileError as e:
+            raise usage.UsageError(str(e)) from None
         if config is None:
             raise usage.UsageError("not paired yet; run: coder1-bridge pair CODE")
         self["config"] = config

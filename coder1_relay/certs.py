@@ -36,8 +36,6 @@ from coder1_wire.secretfile import check_private, read_secret, write_secret
 DEV_CERT_NAME = "dev-cert.pem"
 DEV_KEY_NAME = "dev-key.pem"
 SIGNING_KEY_NAME = "signing-key.pem"
-COOKIE_KEY_NAME = "cookie-key"
-COOKIE_KEY_SIZE = 32
 
 DEV_CERT_LIFETIME = datetime.timedelta(days=365)
 #: A dev certificate closer than this to expiry is replaced at startup.
@@ -63,7 +61,6 @@ class RelayKeys:
     tls_key_pem: bytes = attrs.field(repr=False)
     #: Signs session tokens (JWT, EdDSA).
     signing_key: Ed25519PrivateKey = attrs.field(repr=False)
-    cookie_key: bytes = attrs.field(repr=False)
 
 
 def default_state_dir() -> FilePath[str]:
@@ -110,7 +107,6 @@ def load_or_create(
         tls_cert_pem=cert_pem,
         tls_key_pem=key_pem,
         signing_key=_load_or_create_signing_key(state_dir.child(SIGNING_KEY_NAME)),
-        cookie_key=_load_or_create_cookie_key(state_dir.child(COOKIE_KEY_NAME)),
     )
     return keys, created
 
@@ -294,15 +290,3 @@ def _load_or_create_signing_key(path: FilePath[str]) -> Ed25519PrivateKey:
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path.path} is not an Ed25519 key")
     return loaded
-
-
-def _load_or_create_cookie_key(path: FilePath[str]) -> bytes:
-    if not path.exists():
-        key = os.urandom(COOKIE_KEY_SIZE)
-        write_secret(path, key)
-        return key
-    check_private(path)
-    key = read_secret(path)
-    if len(key) != COOKIE_KEY_SIZE:
-        raise ValueError(f"{path.path} should hold {COOKIE_KEY_SIZE} bytes, not {len(key)}")
-    return key

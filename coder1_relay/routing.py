@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from coder1_relay.store import IRelayStore, Presence
@@ -63,6 +63,7 @@ class Endpoint:
     counted: bool
     connection_id: str
     heartbeat: Heartbeat | None = None
+    expiry: IDelayedCall | None = None
 
     @property
     def is_bridge(self) -> bool:
@@ -133,8 +134,12 @@ class Hub:
         version: str,
         label: str,
         telemetry: bool,
+        expires_at: float,
     ) -> Endpoint:
-        """Bridge C{peer} of C{session} connected; an older connection of it is replaced."""
+        """
+        Bridge C{peer} of C{session} connected; an older connection of it is
+        replaced.  It is closed when its token expires.
+        """
         old = self._bridges.get((session, peer))
         if old is not None:
             self.detach(old)
@@ -142,6 +147,12 @@ class Hub:
         endpoint = Endpoint(self, link, session, peer, telemetry, connection_id)
         self._bridges[(session, peer)] = endpoint
         self._start(endpoint)
+        endpoint.expiry = self.clock.callLater(
+            max(0.0, expires_at - self.clock.seconds()),
+            lambda: self.disconnect_bridge(
+                session, peer, closecodes.EXPIRED, "token has expired; pair again"
+            ),
+        )
         if telemetry:
             self.telemetry.bridge_version(version)
         presence = Presence(peer, label, version, self.clock.seconds())
@@ -156,6 +167,8 @@ class Hub:
             return
         endpoint.heartbeat.stop()
         endpoint.heartbeat = None
+        if endpoint.expiry is not None and endpoint.expiry.active():
+            endpoint.expiry.cancel()
         if endpoint.counted:
             self.telemetry.connection_closed(endpoint.connection_id)
         if not endpoint.is_bridge:

@@ -22,7 +22,7 @@ from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore
 from coder1_relay.telemetry import Telemetry
 from coder1_relay.tokens import TokenAuthority
-from coder1_relay.web import make_site
+from coder1_relay.web import STATIC, make_site
 from coder1_wire import closecodes
 
 
@@ -71,7 +71,7 @@ class RelayService(MultiService):
         )
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
         if store is None:
-            store = MemoryStore(revocations=settings.state_dir.child("revocations.json"))
+            store = MemoryStore(path=settings.state_dir.child("pairings.json"))
         self.telemetry = Telemetry(settings.state_dir.child("telemetry.sqlite").path, reactor)
         self.telemetry.setServiceParent(self)
         tokens = TokenAuthority(
@@ -106,6 +106,10 @@ class RelayService(MultiService):
         self.port = port = await endpoint.listen(factory)
         if not self.context.public_url:
             self.context.public_url = f"https://localhost:{port.getHost().port}"
+        if not FilePath(STATIC).descendant(["vendor", "xterm.mjs"]).exists():
+            self.log.warn(
+                "the IDE page's terminal assets are missing: run `npm ci && npm run vendor`"
+            )
         self.log.info(
             "coder1 relay at {url} (certificate SHA-256 {fingerprint})",
             url=self.context.public_url,

@@ -100,11 +100,13 @@ class IRelayStore(Interface):
 @attrs.define
 class MemoryStore:
     """
-    The default store: one process's memory, plus revocations in a 0600 file
-    (when C{revocations} is given) so a restart keeps revoked tokens revoked.
+    The default store: one process's memory.  When C{path} is given, what must
+    outlive a restart (revocations, paired bridges, bridge numbers: no content)
+    is also kept in that file, mode 0600, so a restarted relay still lists and
+    can revoke the bridges whose tokens it issued, and never reuses a number.
     """
 
-    revocations: FilePath[str] | None = None
+    path: FilePath[str] | None = None
     _codes: dict[str, tuple[str, float]] = attrs.field(factory=dict)
     _windows: dict[str, deque[float]] = attrs.field(factory=dict)
     _revoked: dict[str, float] = attrs.field(factory=dict)
@@ -113,9 +115,33 @@ class MemoryStore:
     _presence: dict[str, dict[int, Presence]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        if self.revocations is not None and self.revocations.exists():
-            loaded: dict[str, Any] = json.loads(self.revocations.getContent())
-            self._revoked = {str(k): float(v) for k, v in loaded.items()}
+        if self.path is None or not self.path.exists():
+            return
+        saved: dict[str, Any] = json.loads(self.path.getContent())
+        self._revoked = {str(k): float(v) for k, v in saved["revoked"].items()}
+        self._peers = {str(k): int(v) for k, v in saved["peers"].items()}
+        self._bridges = {
+            str(session): {int(r["peer"]): BridgeRecord(**r) for r in records}
+            for session, records in saved["bridges"].items()
+        }
+
+    def _save(self, now: float) -> None:
+        """Drop what expired (its tokens are dead anyway), then write the durable part."""
+        self._revoked = {j: exp for j, exp in self._revoked.items() if exp > now}
+        for session, records in self._bridges.items():
+            self._bridges[session] = {p: r for p, r in records.items() if r.expires_at > now}
+        if self.path is None:
+            return
+        saved = {
+            "revoked": self._revoked,
+            "peers": self._peers,
+            "bridges": {
+                session: [attrs.asdict(r) for r in records.values()]
+                for session, records in self._bridges.items()
+                if records
+            },
+        }
+        write_secret(self.path, json.dumps(saved).encode())
 
     def add_code(self, code: str, session: str, now: float, expires_at: float) -> Deferred[bool]:
         live = self._codes.get(code)
@@ -152,10 +178,8 @@ class MemoryStore:
         return succeed(len(self._window(key, now, window)))
 
     def revoke(self, jti: str, expires_at: float, now: float) -> Deferred[None]:
-        self._revoked = {j: exp for j, exp in self._revoked.items() if exp > now}
         self._revoked[jti] = expires_at
-        if self.revocations is not None:
-            write_secret(self.revocations, json.dumps(self._revoked).encode())
+        self._save(now)
         return succeed(None)
 
     def is_revoked(self, jti: str, now: float) -> Deferred[bool]:
@@ -167,6 +191,7 @@ class MemoryStore:
 
     def add_bridge(self, session: str, record: BridgeRecord) -> Deferred[None]:
         self._bridges.setdefault(session, {})[record.peer] = record
+        self._save(record.paired_at)
         return succeed(None)
 
     def bridges(self, session: str, now: float) -> Deferred[list[BridgeRecord]]:

@@ -16,19 +16,22 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
 from coder1_relay.pairing import RateLimited, RedeemRefused
-from coder1_relay.tokens import TokenError
+from coder1_relay.tokens import BridgeClaims, TokenError
 from coder1_relay.websocket import BridgeProtocol, IDEProtocol, RelayWebSocketFactory
 from coder1_wire import closecodes
 
 STATIC = __file__.rsplit("/", 1)[0] + "/static"
 _SECURITY_HEADERS = {
-    b"Content-Security-Policy": b"default-src 'self'; script-src 'self'; style-src 'self'; "
+    # Scripts only from the relay itself, never inline.  xterm.js writes <style>
+    # elements for its themes, so inline styles (not scripts) are allowed.
+    b"Content-Security-Policy": b"default-src 'self'; script-src 'self'; "
+    b"style-src 'self' 'unsafe-inline'; "
     b"img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
     b"frame-ancestors 'none'; form-action 'self'",
     b"Strict-Transport-Security": b"max-age=31536000",
@@ -194,7 +197,8 @@ class API:
             raise HTTPError(400, "bad-label", str(e)) from None
         return 200, {"token": token, "peer": claims.peer, "expires_at": claims.expires_at}
 
-    async def get_token(self, request: Request) -> tuple[int, dict[str, Any]]:
+    async def bearer(self, request: Request) -> BridgeClaims:
+        """The claims of the request's valid, unrevoked bridge token."""
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         try:
@@ -205,7 +209,20 @@ class API:
             raise HTTPError(401, "bad-token", str(e)) from None
         if await self.context.store.is_revoked(claims.jti, self.context.clock.seconds()):
             raise HTTPError(401, "bad-token", "token has been revoked")
+        return claims
+
+    async def get_token(self, request: Request) -> tuple[int, dict[str, Any]]:
+        claims = await self.bearer(request)
         return 200, {"valid": True, "peer": claims.peer, "expires_at": claims.expires_at}
+
+    async def delete_token(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """A bridge revokes its own token (C{coder1-bridge unpair})."""
+        claims = await self.bearer(request)
+        await self.context.store.revoke(claims.jti, claims.expires_at, self.context.clock.seconds())
+        self.context.hub.disconnect_bridge(
+            claims.session, claims.peer, closecodes.REVOKED, "this bridge was unpaired"
+        )
+        return 200, {"revoked": claims.peer}
 
     async def get_bridges(self, request: Request) -> tuple[int, dict[str, Any]]:
         session = self.session(request, create=False)
@@ -217,7 +234,7 @@ class API:
             bridges.append(
                 {
                     "peer": record.peer,
-                    "label": record.label,
+                    "label": live.label if live else record.label,
                     "paired_at": record.paired_at,
                     "expires_at": record.expires_at,
                     "connected": live is not None,
@@ -242,7 +259,19 @@ class API:
         return 200, {"revoked": record.peer}
 
 
-class Page(File):
+class Static(File):
+    """The page's files: JavaScript modules typed right, no directory listings."""
+
+    contentTypes = {**File.contentTypes, ".js": "text/javascript", ".mjs": "text/javascript"}
+
+    def directoryListing(self) -> Resource:
+        return NoResource("no listing here")
+
+    def createSimilarFile(self, path: str) -> File:
+        return Static(path, self.defaultType, self.ignoredExts, self.registry)
+
+
+class Page(Static):
     """The IDE page and its assets; visiting it starts a browser session."""
 
     def __init__(self, api: API) -> None:
@@ -253,9 +282,6 @@ class Page(File):
         if path in (b"", b"index.html"):
             self.api.session(request, create=True)
         return super().getChild(path, request)
-
-    def createSimilarFile(self, path: str) -> File:
-        return File(path, self.defaultType, self.ignoredExts, self.registry)
 
 
 class RelaySite(Site):
@@ -277,7 +303,7 @@ def make_site(context: RelayContext) -> RelaySite:
     api_root.putChild(b"session", JSONEndpoint(context, post=api.post_session))
     api_root.putChild(b"pairing-codes", JSONEndpoint(context, post=api.post_code))
     api_root.putChild(b"pair", JSONEndpoint(context, post=api.post_pair))
-    api_root.putChild(b"token", JSONEndpoint(context, get=api.get_token))
+    api_root.putChild(b"token", JSONEndpoint(context, get=api.get_token, delete=api.delete_token))
     api_root.putChild(b"bridges", JSONEndpoint(context, get=api.get_bridges))
     api_root.putChild(b"revoke", JSONEndpoint(context, post=api.post_revoke))
     root.putChild(b"ws", Resource())

@@ -29,10 +29,14 @@ _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
 
 
+#: Not C{log} on the protocols: that would replace Autobahn's own logger, whose
+#: debug messages (dropped by default) include the handshake's token and cookie.
+_log = Logger()
+
+
 class _RelayProtocol(WebSocketServerProtocol):
     """What both endpoints share: the link the hub sends through."""
 
-    log = Logger()
     factory: RelayWebSocketFactory
     endpoint: Endpoint | None = None
 
@@ -63,7 +67,7 @@ class _RelayProtocol(WebSocketServerProtocol):
         try:
             self.endpoint.receive(payload)
         except Exception:
-            self.log.failure("routing a frame failed")
+            _log.failure("routing a frame failed")
             self.sendClose(closecodes.PROTOCOL_ERROR, "internal error")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -123,6 +127,7 @@ class BridgeProtocol(_RelayProtocol):
             "version": version if _VERSION.fullmatch(version) else "unknown",
             "label": label if _LABEL.fullmatch(label) else "bridge",
             "telemetry": request.headers.get("x-coder1-telemetry", "on") != "off",
+            "expires_at": claims.expires_at,
         }
 
     def onOpen(self) -> None:

@@ -9,11 +9,9 @@ SHUTTING_DOWN = 4001
 PROTOCOL_ERROR = 4000
 #: The token was revoked while the connection was open.
 REVOKED = 4003
-#: A frame larger than the configured limit.
-TOO_BIG = 4009
+#: The token expired while the connection was open; the bridge must pair again.
+EXPIRED = 4004
 #: The same bridge connected again; this older connection is replaced.
 REPLACED = 4010
 #: Nothing heard from the other end within the heartbeat timeout.
 HEARTBEAT_TIMEOUT = 4011
-#: Too many messages per second on this connection.
-RATE_LIMITED = 4029

@@ -41,7 +41,6 @@ class Kind(enum.IntEnum):
     """Every kind this version knows.  The relay only needs the ranges."""
 
     # control: party <-> relay, JSON payload
-    HELLO = 0x01
     WELCOME = 0x02
     PRESENCE = 0x03
     ERROR = 0x04
@@ -64,10 +63,13 @@ class Kind(enum.IntEnum):
     PTY_INPUT = 0x21
     PTY_RESIZE = 0x22
     PTY_CLOSE = 0x23
+    PTY_LIST = 0x24
     # end to end, bridge -> browser
     PTY_OUTPUT = 0x28
     PTY_EXIT = 0x29
+    PTY_OPENED = 0x2A
     PTY_ERROR = 0x2B
+    PTY_LISTING = 0x2C
 
 
 class EnvelopeError(ValueError):

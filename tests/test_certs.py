@@ -34,7 +34,6 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from coder1_relay.certs import (
-    COOKIE_KEY_NAME,
     DEV_CERT_NAME,
     DEV_KEY_NAME,
     SIGNING_KEY_NAME,
@@ -216,7 +215,7 @@ class LoadOrCreateTests(TestCase):
         self.assertEqual(_mode(self.state), 0o700)
         self.assertEqual(
             sorted(self.state.listdir()),
-            sorted([DEV_CERT_NAME, DEV_KEY_NAME, SIGNING_KEY_NAME, COOKIE_KEY_NAME]),
+            sorted([DEV_CERT_NAME, DEV_KEY_NAME, SIGNING_KEY_NAME]),
         )
         for child in self.state.children():
             self.assertEqual(_mode(child), 0o600, child.path)
@@ -245,11 +244,10 @@ class LoadOrCreateTests(TestCase):
         lifetime = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
         self.assertTrue(364 * ONE_DAY < lifetime <= 365 * ONE_DAY, lifetime)
         self.assertTrue(_same_key(keys.tls_cert_pem, keys.tls_key_pem))
-        self.assertEqual(len(keys.cookie_key), 32)
 
     def test_secondCallReusesEverything(self) -> None:
         """
-        A second start loads the same certificate, signing key and cookie key
+        A second start loads the same certificate and signing key
         rather than making new ones, and reports no new dev certificate.
         """
         first, _ = self._load()
@@ -261,7 +259,6 @@ class LoadOrCreateTests(TestCase):
             second.signing_key.public_key().public_bytes_raw(),
             first.signing_key.public_key().public_bytes_raw(),
         )
-        self.assertEqual(second.cookie_key, first.cookie_key)
 
     def _write_dev_pair(self, lifetime: datetime.timedelta) -> bytes:
         key = _new_key()
@@ -355,7 +352,6 @@ class LoadOrCreateTests(TestCase):
         keys, _ = self._load()
         text = repr(keys)
         self.assertNotIn("PRIVATE", text)
-        self.assertNotIn(repr(keys.cookie_key), text)
         self.assertNotIn("signing_key", text)
 
 
@@ -396,7 +392,7 @@ class GivenPairTests(TestCase):
     def test_chainLoads(self) -> None:
         """
         A leaf-first chain and its key are loaded as they are; no dev
-        certificate is made, but the signing and cookie keys still are.
+        certificate is made, but the signing key still is.
         """
         cert, key = self._files(_cert_pem(self.leaf, self.intermediate), _key_pem(self.leaf_key))
         keys = self._load(cert, key)
@@ -406,7 +402,7 @@ class GivenPairTests(TestCase):
         self.assertEqual(
             keys.tls_key_pem.strip(), _key_pem(self.leaf_key).strip(), "same key, PKCS8 PEM"
         )
-        self.assertEqual(sorted(self.state.listdir()), sorted([SIGNING_KEY_NAME, COOKIE_KEY_NAME]))
+        self.assertEqual(sorted(self.state.listdir()), [SIGNING_KEY_NAME])
 
     def test_mismatchedPair(self) -> None:
         """
@@ -650,7 +646,6 @@ class TLSTests(TestCase):
             tls_cert_pem=_cert_pem(leaf, intermediate),
             tls_key_pem=_key_pem(leaf_key),
             signing_key=self.keys.signing_key,
-            cookie_key=self.keys.cookie_key,
         )
         port = await self._serve(keys)
         trusted = _cert_pem(_issue("Unrelated Root", _new_key(), ca=True), root)

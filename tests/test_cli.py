@@ -21,7 +21,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from coder1_bridge import cli
-from coder1_bridge.config import BridgeConfig, NotRootError, refuse_root
+from coder1_bridge.config import BridgeConfig, NotRootError, config_dir, refuse_root
 
 from .loopback import Browser, reactor, relay_address, settle, start_relay, stop_all
 
@@ -82,8 +82,12 @@ class CLITests(TestCase):
         status, out = await self.cli("status")
         self.assertEqual(status, 0, out)
         self.assertIn("accepts this bridge's token", out)
+        token = BridgeConfig.load(self.config_dir).token  # type: ignore[union-attr]
         status, out = await self.cli("unpair")
         self.assertEqual((status, saved.exists()), (0, False))
+        self.assertIn("revoked this bridge's token", out)
+        claims = self.relay.context.tokens.verify_bridge_token(token)
+        self.assertTrue(await self.relay.context.store.is_revoked(claims.jti, 0))
         status, out = await self.cli("status")
         self.assertEqual(status, 1)
         self.assertIn("Not paired", out)
@@ -129,6 +133,22 @@ class CLITests(TestCase):
         status, out = await self.cli("pair", "--relay", "http://localhost:1", "123456")
         self.assertEqual(status, 1)
         self.assertIn("https://", out)
+
+    async def test_insecure_config_refused(self) -> None:
+        """A pairing file others can read is refused with a message, not used."""
+        await self.cli("pair", *self.relay_args(), await self.browser.new_code())
+        self.config_dir.child("pairing.json").chmod(0o644)
+        status, out = await self.cli("status")
+        self.assertEqual(status, 1)
+        self.assertIn("pairing.json", out)
+
+    def test_relative_xdg_ignored(self) -> None:
+        """A relative XDG_CONFIG_HOME is ignored, as the XDG spec says."""
+        self.assertEqual(
+            config_dir({"XDG_CONFIG_HOME": "rel"}).path,
+            os.path.join(os.path.expanduser("~"), ".config", "coder1-bridge"),
+        )
+        self.assertEqual(config_dir({"XDG_CONFIG_HOME": "/x"}).path, "/x/coder1-bridge")
 
     def test_config_roundtrip(self) -> None:
         """A saved pairing loads back identical."""

@@ -245,7 +245,10 @@ class CanaryTests(LoopbackTestCase):
     """The relay keeps no trace of what it forwards."""
 
     async def test_no_trace_of_content(self) -> None:
-        """A marker printed by a command is nowhere in logs, telemetry or the state dir."""
+        """
+        A marker printed by a command is nowhere in logs, telemetry or the state
+        dir; neither the bridge token nor the session cookie is in the logs.
+        """
         capture = _Capture()
         globalLogPublisher.addObserver(capture)
         self.addCleanup(globalLogPublisher.removeObserver, capture)
@@ -265,6 +268,11 @@ class CanaryTests(LoopbackTestCase):
 
         logged = "\n".join(formatEvent(e) + repr(e) for e in capture.events)
         self.assertNotIn(marker, logged)
+        # Credentials are no content, but they must not reach the logs either.
+        self.assertNotIn(self.config.token, logged)
+        for cookie in self.browser.cookies:
+            assert cookie.value is not None
+            self.assertNotIn(cookie.value, logged)
         for path in self.state.walk():
             if path.isfile():
                 self.assertNotIn(marker.encode(), path.getContent(), path.path)

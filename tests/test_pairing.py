@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from coder1_relay.pairing import CodeGrant, Pairing, PairingPolicy, RateLimited, RedeemRefused
-from coder1_relay.store import IRelayStore, MemoryStore
+from coder1_relay.store import BridgeRecord, IRelayStore, MemoryStore
 from coder1_relay.tokens import BridgeClaims, TokenAuthority
 
 T = TypeVar("T")
@@ -175,22 +175,39 @@ class PairingTests(SynchronousTestCase):
         self.successResultOf(self.redeem(code))
 
 
-class RevocationPersistenceTests(SynchronousTestCase):
-    """Revocations survive a restart, in a 0600 file."""
+class PersistenceTests(SynchronousTestCase):
+    """Revocations, paired bridges and bridge numbers survive a restart, in a 0600 file."""
 
-    def test_survives_restart(self) -> None:
+    def setUp(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.file = directory.child("pairings.json")
+
+    def test_revocations_survive_restart(self) -> None:
         """A new store on the same file still reports the token revoked."""
-        path = FilePath(self.mktemp())
-        path.makedirs()
-        file = path.child("revocations.json")
-        self.successResultOf(MemoryStore(revocations=file).revoke("jti-1", 2e9, 1e9))
-        self.assertTrue(
-            self.successResultOf(MemoryStore(revocations=file).is_revoked("jti-1", 1e9))
-        )
-        self.assertFalse(
-            self.successResultOf(MemoryStore(revocations=file).is_revoked("jti-2", 1e9))
-        )
-        self.assertEqual(file.getPermissions().shorthand(), "rw-------")
+        self.successResultOf(MemoryStore(path=self.file).revoke("jti-1", 2e9, 1e9))
+        restarted = MemoryStore(path=self.file)
+        self.assertTrue(self.successResultOf(restarted.is_revoked("jti-1", 1e9)))
+        self.assertFalse(self.successResultOf(restarted.is_revoked("jti-2", 1e9)))
+        self.assertEqual(self.file.getPermissions().shorthand(), "rw-------")
+
+    def test_bridges_and_numbers_survive_restart(self) -> None:
+        """After a restart the session's bridges are still listed and numbers are not reused."""
+        store = MemoryStore(path=self.file)
+        peer = self.successResultOf(store.next_peer("s"))
+        record = BridgeRecord(peer, "jti-1", "laptop", 1e9, 2e9)
+        self.successResultOf(store.add_bridge("s", record))
+        restarted = MemoryStore(path=self.file)
+        self.assertEqual(self.successResultOf(restarted.bridges("s", 1e9)), [record])
+        self.assertEqual(self.successResultOf(restarted.next_peer("s")), 2)
+
+    def test_expired_bridges_pruned(self) -> None:
+        """Bridges whose tokens expired anyway are dropped from the file at the next write."""
+        store = MemoryStore(path=self.file)
+        store.add_bridge("s", BridgeRecord(1, "old", "a", 10.0, 100.0))
+        store.add_bridge("s", BridgeRecord(2, "new", "b", 200.0, 1000.0))
+        self.assertNotIn(b'"old"', self.file.getContent())
+        self.assertIn(b'"new"', self.file.getContent())
 
     def test_expired_revocations_pruned(self) -> None:
         """Revocations of tokens that expired anyway are dropped at the next write."""

@@ -46,7 +46,14 @@ class HubTests(SynchronousTestCase):
         self.ide_link, self.bridge_link = FakeLink(), FakeLink()
         self.ide = self.hub.attach_ide("alice", self.ide_link, "c1")
         self.bridge = self.hub.attach_bridge(
-            "alice", 1, self.bridge_link, "c2", version="0.1.0", label="laptop", telemetry=True
+            "alice",
+            1,
+            self.bridge_link,
+            "c2",
+            version="0.1.0",
+            label="laptop",
+            telemetry=True,
+            expires_at=3600.0,
         )
 
     def test_welcome_and_presence(self) -> None:
@@ -119,6 +126,17 @@ class HubTests(SynchronousTestCase):
         self.ide.receive(control(Kind.CRASH, {}).encode())
         self.assertIsNotNone(self.ide_link.closed)
 
+    def test_closed_when_token_expires(self) -> None:
+        """A bridge connection ends when its token expires, with a reason that says so."""
+        for _ in range(359):
+            self.clock.advance(10)
+            self.bridge.receive(Envelope(Kind.PONG).encode())
+        self.assertIsNone(self.bridge_link.closed)
+        self.clock.advance(10)
+        self.assertEqual(
+            self.bridge_link.closed, (closecodes.EXPIRED, "token has expired; pair again")
+        )
+
     def test_ping_pong(self) -> None:
         """A PING from either party is answered with a PONG."""
         self.bridge.receive(Envelope(Kind.PING).encode())
@@ -139,7 +157,7 @@ class HubTests(SynchronousTestCase):
         """The same bridge connecting again replaces the old connection, which is closed."""
         newer = FakeLink()
         self.hub.attach_bridge(
-            "alice", 1, newer, "c6", version="0.1.0", label="laptop", telemetry=True
+            "alice", 1, newer, "c6", version="0.1.0", label="l", telemetry=True, expires_at=9e9
         )
         assert self.bridge_link.closed is not None
         self.assertEqual(self.bridge_link.closed[0], closecodes.REPLACED)
