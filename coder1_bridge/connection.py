@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from coder1_bridge.commands import CommandRunner
+from coder1_bridge.terminals import TerminalManager
 from coder1_wire import closecodes
 from coder1_wire.crash import build_crash_report
 from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control, decode, is_to_browser
@@ -26,6 +27,9 @@ from coder1_wire.heartbeat import Heartbeat
 #: How Autobahn reports a handshake the relay refused for the token (401), in onClose's reason.
 _REFUSED = re.compile(r'upgrade failed \[401\]: ([^"]*)')
 _COMMAND_KINDS = frozenset({Kind.CMD_START, Kind.CMD_STDIN, Kind.CMD_CANCEL})
+_TERMINAL_KINDS = frozenset(
+    {Kind.PTY_OPEN, Kind.PTY_INPUT, Kind.PTY_RESIZE, Kind.PTY_CLOSE, Kind.PTY_LIST}
+)
 
 
 class Link(Protocol):
@@ -44,6 +48,7 @@ class BridgeSession:
 
     clock: IReactorTime
     runner: CommandRunner
+    terminals: TerminalManager
     version: str
     telemetry: bool
     on_refused: Callable[[str], None]
@@ -103,6 +108,8 @@ class BridgeSession:
         kind = envelope.kind
         if kind in _COMMAND_KINDS:
             self.runner.handle(envelope)
+        elif kind in _TERMINAL_KINDS:
+            self.terminals.handle(envelope)
         elif kind == Kind.PING:
             self.send(Envelope(Kind.PONG))
         elif kind == Kind.WELCOME:
@@ -116,8 +123,8 @@ class BridgeSession:
         else:
             self.send(
                 control(
-                    Kind.PTY_ERROR if kind >= Kind.PTY_OPEN else Kind.CMD_ERROR,
-                    {"error": "unsupported", "message": "this bridge does not support that"},
+                    Kind.UNSUPPORTED,
+                    {"kind": kind, "error": "unsupported", "message": "this bridge is too old"},
                     stream=envelope.stream,
                     peer=envelope.peer,
                 )

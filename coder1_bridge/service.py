@@ -8,13 +8,14 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from coder1_bridge.commands import CommandRunner
 from coder1_bridge.config import BridgeConfig
 from coder1_bridge.connection import BridgeClientFactory, BridgeClientProtocol, BridgeSession
+from coder1_bridge.terminals import TerminalManager
 from coder1_wire import __version__
 from coder1_wire.tls import client_tls_options
 
@@ -43,7 +44,10 @@ class BridgeService(MultiService):
         super().__init__()
         self.reactor = reactor
         self.runner = CommandRunner(reactor, lambda envelope: self.session.send(envelope))
-        self.session = BridgeSession(reactor, self.runner, __version__, telemetry, self._refused)
+        self.terminals = TerminalManager(reactor, lambda envelope: self.session.send(envelope))
+        self.session = BridgeSession(
+            reactor, self.runner, self.terminals, __version__, telemetry, self._refused
+        )
         self.refused: Deferred[str] = Deferred()
         self.protocol: BridgeClientProtocol | None = None
         self._waiting: list[Deferred[BridgeClientProtocol]] = []
@@ -98,7 +102,7 @@ class BridgeService(MultiService):
         self.refused.callback(reason)
 
     async def _stop(self) -> None:
-        await self.runner.stop_all()
+        await gatherResults([self.runner.stop_all(), self.terminals.stop_all()])
         await super().stopService()
 
     def stopService(self) -> Deferred[None]:

@@ -134,17 +134,15 @@ def _given(request: Envelope) -> dict[str, object]:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _dimension(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and MIN_SIZE <= value <= MAX_SIZE:
+        return value
+    raise _BadSize(f"cols and rows must be whole numbers from {MIN_SIZE} to {MAX_SIZE}")
+
+
 def _size(given: Mapping[str, object]) -> tuple[int, int]:
     """The columns and rows of a request."""
-    cols, rows = given.get("cols"), given.get("rows")
-    for value in (cols, rows):
-        if not (
-            isinstance(value, int) and not isinstance(value, bool) and MIN_SIZE <= value <= MAX_SIZE
-        ):
-            raise _BadSize(f"cols and rows must be whole numbers from {MIN_SIZE} to {MAX_SIZE}")
-    assert isinstance(cols, int)
-    assert isinstance(rows, int)
-    return cols, rows
+    return _dimension(given.get("cols")), _dimension(given.get("rows"))
 
 
 def _parse(request: Envelope, settings: TerminalSettings) -> _Request:

@@ -71,6 +71,9 @@ class Kind(enum.IntEnum):
     PTY_ERROR = 0x2B
     PTY_LISTING = 0x2C
 
+    # end to end, bridge -> browser: "I do not know that kind" (an older bridge)
+    UNSUPPORTED = 0x7F
+
 
 class EnvelopeError(ValueError):
     """A frame whose header is not one this version accepts."""

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge.commands import CommandRunner
 from coder1_bridge.connection import BridgeSession
+from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
 from coder1_wire.envelope import Envelope, Kind, control, decode
 
@@ -38,6 +39,7 @@ class BridgeSessionTests(SynchronousTestCase):
         session = BridgeSession(
             reactor,
             CommandRunner(reactor, lambda e: session.send(e)),
+            TerminalManager(reactor, lambda e: session.send(e)),
             "0.1.0",
             telemetry,
             refused.append,
@@ -89,8 +91,8 @@ class BridgeSessionTests(SynchronousTestCase):
     def test_unsupported_kind(self) -> None:
         """A browser-to-bridge kind this bridge does not handle gets an error on its stream."""
         session, link, _, _ = self.make()
-        session.receive(Envelope(Kind.PTY_OPEN, stream=4, peer=2).encode())
-        self.assertEqual((link.sent[-1].kind, link.sent[-1].stream), (Kind.PTY_ERROR, 4))
+        session.receive(Envelope(0x30, stream=4, peer=2).encode())
+        self.assertEqual((link.sent[-1].kind, link.sent[-1].stream), (Kind.UNSUPPORTED, 4))
         self.assertEqual(link.sent[-1].json()["error"], "unsupported")
 
     def test_malformed_ignored(self) -> None:

@@ -10,6 +10,7 @@ export const Kind = Object.freeze({
   CMD_STDOUT: 0x18, CMD_STDERR: 0x19, CMD_EXIT: 0x1a, CMD_ERROR: 0x1b,
   PTY_OPEN: 0x20, PTY_INPUT: 0x21, PTY_RESIZE: 0x22, PTY_CLOSE: 0x23, PTY_LIST: 0x24,
   PTY_OUTPUT: 0x28, PTY_EXIT: 0x29, PTY_OPENED: 0x2a, PTY_ERROR: 0x2b, PTY_LISTING: 0x2c,
+  UNSUPPORTED: 0x7f,
 });
 
 const encoder = new TextEncoder();
