@@ -31,7 +31,7 @@ T = TypeVar("T")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 BRIDGE = os.path.join(os.path.dirname(sys.executable), "coder1-bridge")
-ARTIFACTS = FilePath("browser-artifacts")
+ARTIFACTS = "browser-artifacts"  # under _trial_temp: trial runs tests there
 
 
 def _unavailable() -> str | None:
@@ -89,17 +89,36 @@ class Page:
 
         await self.call(keys)
 
-    async def screen(self) -> str:
-        """The visible terminal's text, row by row."""
-        text: str = await self.js(
-            "const t = document.querySelector('.terminal[aria-hidden=\"false\"] .xterm-rows');"
-            "return t ? t.innerText : '';"
+    async def ctrl(self, key: str) -> None:
+        """Press Ctrl and a key in the focused terminal."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        def press() -> None:
+            ActionChains(self.driver).key_down(Keys.CONTROL).send_keys(key).key_up(
+                Keys.CONTROL
+            ).perform()
+
+        await self.call(press)
+
+    async def wait_screen(self, pattern: str, what: str) -> str:
+        """Wait until the visible terminal shows a line matching C{pattern}."""
+        text: str = await self.wait(
+            "const t = document.querySelector('.term-pane[aria-hidden=\"false\"] .xterm-rows');"
+            "return t && new RegExp(arguments[0], 'm').test(t.innerText) && t.innerText;",
+            pattern,
+            what=what,
         )
         return text
 
     async def shot(self, name: str) -> None:
-        ARTIFACTS.makedirs(ignoreExistingDirectory=True)
-        await self.call(self.driver.save_screenshot, ARTIFACTS.child(f"{name}.png").path)
+        """A screenshot, and the browser console so far, as test artifacts."""
+        artifacts = FilePath(ARTIFACTS)
+        artifacts.makedirs(ignoreExistingDirectory=True)
+        await self.call(self.driver.save_screenshot, artifacts.child(f"{name}.png").path)
+        console = await self.call(self.driver.get_log, "browser")
+        with artifacts.child("console.log").open("a") as log:
+            log.writelines(f"{name}: {entry}\n".encode() for entry in console)
 
 
 class BrowserTests(TestCase):
@@ -134,6 +153,7 @@ class BrowserTests(TestCase):
             f"--ignore-certificate-errors-spki-list={pin}",
         ):
             options.add_argument(argument)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         driver = await deferToThread(
             webdriver.Chrome, service=Service(CHROMEDRIVER), options=options
         )
@@ -198,18 +218,34 @@ class BrowserTests(TestCase):
             "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
         )
         await page.click("#new-terminal")
-        await page.wait(
-            "const t = document.querySelector('.terminal[aria-hidden=\"false\"] .xterm-rows');"
-            "return t && /[$#] *$/m.test(t.innerText);",
-            what="a shell prompt",
-        )
+        await page.wait_screen(r"[$#] *$", "a shell prompt")
         await page.type("echo hello-$((6*7))-x\n")
-        await page.wait(
-            "return /^hello-42-x/m.test("
-            "document.querySelector('.terminal[aria-hidden=\"false\"] .xterm-rows').innerText)",
-            what="the command's output in the terminal",
-        )
+        await page.wait_screen(r"^hello-42-x", "the command's output in the terminal")
         await page.shot("04-output")
+
+        await page.type("sleep 100\n")
+        await page.ctrl("c")
+        await page.type("echo after-$((2+2))\n")
+        await page.wait_screen(r"^after-4", "Ctrl-C to stop sleep and the shell to answer")
+
+        await page.click("#new-terminal")
+        await page.wait_screen(r"[$#] *$", "a prompt in a second terminal")
+        await page.type("echo second-$((1+1))\n")
+        await page.wait_screen(r"^second-2", "the second terminal's output")
+        self.assertEqual(await page.js("return document.querySelectorAll('.tab').length"), 2)
+        await page.click(".tab")
+        await page.wait_screen(r"^hello-42-x", "the first terminal, unchanged, on its tab")
+        await page.shot("05-two-terminals")
+
+        await page.call(page.driver.refresh)
+        await page.wait(
+            "return document.querySelectorAll('.tab').length === 2",
+            what="the page to re-attach to both running terminals after a reload",
+        )
+        await page.click(".tab")
+        await page.type("echo again-$((5*5))\n")
+        await page.wait_screen(r"^again-25", "typing in a re-attached terminal")
+        await page.shot("06-reattached")
 
         before = await self.stty_size(page, "stty size; echo end-1\n", "end-1")
         await page.call(page.driver.set_window_size, 900, 600)
@@ -222,14 +258,15 @@ class BrowserTests(TestCase):
         self.assertNotEqual(before, after)
         cols, rows = await page.js("const t = window.coder1.current.term; return [t.cols, t.rows];")
         self.assertEqual(after, (rows, cols))
-        await page.shot("05-resized")
+        await page.shot("07-resized")
 
         await page.type("exit\n")
         await page.wait(
-            "return document.querySelector('.tab').dataset.state === 'exited'",
+            "return document.querySelector('.tab[aria-selected=\"true\"]').dataset.state"
+            " === 'exited'",
             what="the terminal to close",
         )
-        await page.shot("06-exited")
+        await page.shot("08-exited")
 
         await page.click(".bridge .revoke")
         await page.click(".bridge .revoke")
@@ -239,15 +276,11 @@ class BrowserTests(TestCase):
         await page.wait(
             "return document.querySelectorAll('.bridge').length === 0", what="the bridge to go"
         )
-        await page.shot("07-revoked")
+        await page.shot("09-revoked")
 
     async def stty_size(self, page: Page, command: str, end: str) -> tuple[int, int]:
         await page.type(command)
-        screen = await page.wait(
-            "const t = document.querySelector('.terminal[aria-hidden=\"false\"] .xterm-rows');"
-            f"return /^{end}/m.test(t.innerText) && t.innerText;",
-            what=f"stty size output ({end})",
-        )
+        screen = await page.wait_screen(f"^{end}", f"stty size output ({end})")
         found = re.findall(r"^(\d+) (\d+)\s*$", screen, re.M)
         self.assertTrue(found, screen)
         rows, cols = found[-1]

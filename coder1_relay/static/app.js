@@ -101,7 +101,7 @@ class TerminalTab {
     this.term.loadAddon(this.fit);
 
     this.element = document.createElement("div");
-    this.element.className = "terminal";
+    this.element.className = "term-pane";
     this.element.dataset.stream = stream;
     this.element.dataset.peer = peer;
     this.element.setAttribute("aria-hidden", "true");
@@ -420,7 +420,9 @@ class App {
     });
     if (response.ok) {
       this.bridges.delete(peer);
-      for (const tab of [...this.terminals.values()]) if (tab.peer === peer) tab.ended("[bridge revoked]");
+      for (const tab of this.terminals.values()) {
+        if (tab.peer === peer && tab.state !== "exited") tab.ended("[bridge revoked]");
+      }
     }
     this.refreshBridges();
   }
