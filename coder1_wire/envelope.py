@@ -47,6 +47,7 @@ class Kind(enum.IntEnum):
     PING = 0x05
     PONG = 0x06
     CRASH = 0x07
+    PAIRED = 0x08
 
     # end to end, browser -> bridge
     CMD_START = 0x10
@@ -70,6 +71,11 @@ class Kind(enum.IntEnum):
     PTY_OPENED = 0x2A
     PTY_ERROR = 0x2B
     PTY_LISTING = 0x2C
+
+    # end to end, key agreement (docs/e2e.md); browser -> bridge, then bridge -> browser
+    KEY_OFFER = 0x30
+    KEY_ANSWER = 0x38
+    KEY_ERROR = 0x39
 
     # end to end, bridge -> browser: "I do not know that kind" (an older bridge)
     UNSUPPORTED = 0x7F
