@@ -32,12 +32,14 @@ from coder1_bridge.config import (
     DEFAULT_RELAY,
     BridgeConfig,
     RelayAddress,
+    StalePairingError,
     config_dir,
     parse_relay_url,
     refuse_root,
 )
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
+from coder1_wire.e2e import E2EError, Identity, b64u, unb64u
 from coder1_wire.secretfile import InsecureFileError
 from coder1_wire.tls import client_tls_options
 
@@ -103,16 +105,31 @@ async def pair(
 ) -> BridgeConfig:
     """Redeem C{code} at C{relay} and save the pairing (mode 0600)."""
     code = code.strip().replace(" ", "").replace("-", "")
+    identity = Identity.generate()
     status, body = await call_relay(
-        reactor, relay, b"POST", "/api/pair", body={"code": code, "label": label}
+        reactor,
+        relay,
+        b"POST",
+        "/api/pair",
+        body={"code": code, "label": label, "bridge_key": b64u(identity.public_raw)},
     )
     if status != 200:
         raise CLIError(f"pairing refused: {body.get('message', f'HTTP {status}')}")
-    config = BridgeConfig(relay, str(body["token"]), int(body["peer"]))
+    try:
+        unb64u(str(body.get("browser_key")))
+    except E2EError:
+        raise CLIError("the relay sent no usable browser key; nothing was saved") from None
+    config = BridgeConfig(
+        relay, str(body["token"]), int(body["peer"]), str(body["browser_key"]), identity
+    )
     config.save(directory)
     out.write(
         f"Paired with {relay.url} as bridge #{config.peer} ({label}); the pairing is valid "
-        f"until {_when(body['expires_at'])}.\nRun it with: coder1-bridge start\n"
+        f"until {_when(body['expires_at'])}.\n\n"
+        f"    Verification code: {config.verification}\n\n"
+        "Check that the IDE shows the same verification code. If it does not, someone may be\n"
+        "intercepting the pairing: run `coder1-bridge unpair` and pair again.\n\n"
+        "Run the bridge with: coder1-bridge start\n"
     )
     return config
 
@@ -123,7 +140,10 @@ async def status(reactor: Any, directory: FilePath[str], out: TextIO) -> int:
     if config is None:
         out.write("Not paired. Pair with: coder1-bridge pair CODE\n")
         return EXIT_FAILED
-    out.write(f"Paired with {config.relay.url} as bridge #{config.peer}.\n")
+    out.write(
+        f"Paired with {config.relay.url} as bridge #{config.peer}; "
+        f"verification code {config.verification}.\n"
+    )
     code, body = await call_relay(reactor, config.relay, b"GET", "/api/token", token=config.token)
     if code == 200:
         out.write(
@@ -234,7 +254,7 @@ def run(argv: Sequence[str], *, reactor: Any, out: TextIO, prompt: Any = input) 
                 code = prompt("Pairing code shown in the IDE: ")
                 config = await pair(reactor, directory, _relay_address(args), code, args.label, out)
             return await start(reactor, config, args.label, out)
-        except (CLIError, InsecureFileError) as e:
+        except (CLIError, InsecureFileError, StalePairingError) as e:
             out.write(f"coder1-bridge: {e}\n")
             return EXIT_FAILED
 

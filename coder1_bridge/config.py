@@ -10,9 +10,14 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.python.filepath import FilePath
 
+from coder1_wire.e2e import Identity, sas, unb64u
 from coder1_wire.secretfile import check_private, read_secret, write_secret
 
 DEFAULT_RELAY = "https://localhost:8443"
+
+
+class StalePairingError(Exception):
+    """A saved pairing this version cannot use; the message says what to do."""
 
 
 class NotRootError(SystemExit):
@@ -65,18 +70,30 @@ def parse_relay_url(url: str) -> str:
 
 @attrs.frozen
 class BridgeConfig:
-    """A paired bridge: its relay, its token and its number in the browser session."""
+    """
+    A paired bridge: its relay, its token, its number in the browser session,
+    its own identity key and the browser identity it pinned (docs/e2e.md).
+    """
 
     relay: RelayAddress
     token: str
     peer: int
+    browser_key: str
+    identity: Identity = attrs.field(eq=False, repr=False)
+
+    @property
+    def verification(self) -> str:
+        """The short string the IDE shows for this pairing, to compare by eye."""
+        return sas(unb64u(self.browser_key), self.identity.public_raw)
 
     def save(self, directory: FilePath[str]) -> None:
+        write_secret(directory.child("identity.pem"), self.identity.to_pem())
         body = {
             "relay": self.relay.url,
             "ca_cert_pem": self.relay.ca_cert_pem,
             "token": self.token,
             "peer": self.peer,
+            "browser_key": self.browser_key,
         }
         write_secret(directory.child("pairing.json"), json.dumps(body, indent=2).encode())
 
@@ -87,14 +104,24 @@ class BridgeConfig:
 
         @raise InsecureFileError: the file is readable by others (the token may
             have leaked: revoke it and pair again).
+        @raise StalePairingError: the pairing was made by an older version.
         """
-        path = directory.child("pairing.json")
+        path, key = directory.child("pairing.json"), directory.child("identity.pem")
         if not path.exists():
             return None
         check_private(path)
         body = json.loads(read_secret(path))
+        if "browser_key" not in body or not key.exists():
+            raise StalePairingError(
+                "this pairing predates end-to-end encryption: run `coder1-bridge pair` again"
+            )
+        check_private(key)
         return cls(
-            RelayAddress(body["relay"], body.get("ca_cert_pem")), body["token"], body["peer"]
+            RelayAddress(body["relay"], body.get("ca_cert_pem")),
+            body["token"],
+            body["peer"],
+            body["browser_key"],
+            Identity.from_pem(read_secret(key)),
         )
 
     @staticmethod
@@ -104,4 +131,6 @@ class BridgeConfig:
         if not path.exists():
             return False
         path.remove()
+        if directory.child("identity.pem").exists():
+            directory.child("identity.pem").remove()
         return True

@@ -21,7 +21,23 @@ from coder1_bridge.commands import CommandRunner
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire import closecodes
 from coder1_wire.crash import build_crash_report
-from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control, decode, is_to_browser
+from coder1_wire.e2e import (
+    E2EError,
+    Identity,
+    IntegrityError,
+    Responder,
+    SecureChannel,
+    channel_of,
+)
+from coder1_wire.envelope import (
+    Envelope,
+    EnvelopeError,
+    Kind,
+    control,
+    decode,
+    is_end_to_end,
+    is_to_browser,
+)
 from coder1_wire.heartbeat import Heartbeat
 
 #: How Autobahn reports a handshake the relay refused for the token (401), in onClose's reason.
@@ -44,7 +60,13 @@ class Link(Protocol):
 
 @attrs.define
 class BridgeSession:
-    """Everything the bridge does with frames, whichever connection carries them."""
+    """
+    Everything the bridge does with frames, whichever connection carries them.
+
+    End-to-end frames travel only sealed (docs/e2e.md): each browser tab opens
+    a channel with a signed key offer, and what the bridge sends goes out
+    sealed on every channel; with no channel, nothing goes out at all.
+    """
 
     clock: IReactorTime
     runner: CommandRunner
@@ -52,9 +74,13 @@ class BridgeSession:
     version: str
     telemetry: bool
     on_refused: Callable[[str], None]
+    identity: Identity
+    browser_key: bytes
+    peer: int
     heartbeat_timeout: float = 45.0
     link: Link | None = None
     heartbeat: Heartbeat | None = None
+    channels: dict[int, SecureChannel] = attrs.field(factory=dict)
     log: Logger = attrs.field(factory=Logger, init=False)
 
     def attach(self, link: Link) -> None:
@@ -77,17 +103,31 @@ class BridgeSession:
         self.heartbeat.start()
 
     def detach(self, link: Link) -> None:
-        """That connection closed."""
+        """That connection closed; its channels went with it."""
         if self.link is link:
             self.link = None
+            self.channels.clear()
             if self.heartbeat is not None:
                 self.heartbeat.stop()
                 self.heartbeat = None
 
     def send(self, envelope: Envelope) -> None:
-        """Send a frame if connected; frames sent while disconnected are dropped."""
-        if self.link is not None:
+        """
+        Send a frame if connected: end-to-end frames sealed once per channel,
+        control frames as they are.  Frames sent while disconnected are dropped.
+        """
+        if self.link is None:
+            return
+        if not is_end_to_end(envelope.kind):
             self.link.send(envelope.encode())
+            return
+        for channel in self.channels.values():
+            self.link.send(channel.seal(envelope).encode())
+
+    def _key_error(self, channel: int, error: str, message: str) -> None:
+        if self.link is not None:
+            body = {"channel": channel, "error": error, "message": message}
+            self.link.send(control(Kind.KEY_ERROR, body, peer=self.peer).encode())
 
     def receive(self, frame: bytes) -> None:
         """A binary message from the relay."""
@@ -106,20 +146,46 @@ class BridgeSession:
 
     def _dispatch(self, envelope: Envelope) -> None:
         kind = envelope.kind
+        if kind == Kind.KEY_OFFER:
+            self._offered(envelope)
+        elif is_end_to_end(kind) and not is_to_browser(kind):
+            self._sealed(envelope)
+        else:
+            self._control(envelope)
+
+    def _offered(self, offer: Envelope) -> None:
+        try:
+            answer, channel = Responder.answer(self.identity, self.browser_key, self.peer, offer)
+        except E2EError as e:
+            self.log.warn("refused a key offer: {reason}", reason=str(e))
+            self._key_error(_offered_channel(offer), "bad-offer", str(e))
+            return
+        self.channels[channel.channel] = channel
+        if self.link is not None:
+            self.link.send(answer.encode())
+
+    def _sealed(self, envelope: Envelope) -> None:
+        number = channel_of(envelope)
+        channel = self.channels.get(number) if number is not None else None
+        if channel is None:
+            self._key_error(number or 0, "no-channel", "no such channel; offer a key first")
+            return
+        try:
+            plain = channel.open(envelope)
+        except IntegrityError as e:
+            # Nothing of a refused frame is acted on; the tab must start over.
+            del self.channels[channel.channel]
+            self.log.warn("refused a {verdict} frame", verdict=e.verdict)
+            self._key_error(channel.channel, e.verdict, str(e))
+            return
+        self._plain(plain)
+
+    def _plain(self, envelope: Envelope) -> None:
+        kind = envelope.kind
         if kind in _COMMAND_KINDS:
             self.runner.handle(envelope)
         elif kind in _TERMINAL_KINDS:
             self.terminals.handle(envelope)
-        elif kind == Kind.PING:
-            self.send(Envelope(Kind.PONG))
-        elif kind == Kind.WELCOME:
-            interval = envelope.json().get("heartbeat")
-            if isinstance(interval, int | float) and interval > 0:
-                self._watch(float(interval))
-        elif kind == Kind.ERROR:
-            self.log.warn("the relay reported an error: {error}", error=_error_code(envelope))
-        elif kind in (Kind.PONG, Kind.PRESENCE) or is_to_browser(kind):
-            pass
         else:
             self.send(
                 control(
@@ -130,11 +196,31 @@ class BridgeSession:
                 )
             )
 
+    def _control(self, envelope: Envelope) -> None:
+        kind = envelope.kind
+        if kind == Kind.PING:
+            self.send(Envelope(Kind.PONG))
+        elif kind == Kind.WELCOME:
+            interval = envelope.json().get("heartbeat")
+            if isinstance(interval, int | float) and interval > 0:
+                self._watch(float(interval))
+        elif kind == Kind.ERROR:
+            self.log.warn("the relay reported an error: {error}", error=_error_code(envelope))
+
     def report_crash(self, error: BaseException) -> None:
         """Send a content-free crash report, unless telemetry is off."""
         if self.telemetry:
             report = build_crash_report(error, version=self.version)
             self.send(control(Kind.CRASH, dict(report)))
+
+
+def _offered_channel(offer: Envelope) -> int:
+    """The channel a (possibly malformed) offer names, so its tab gets the refusal."""
+    try:
+        channel = offer.json().get("channel")
+    except (EnvelopeError, AttributeError):
+        return 0
+    return channel if isinstance(channel, int) and 0 < channel < 2**32 else 0
 
 
 def _error_code(envelope: Envelope) -> str:

@@ -17,6 +17,7 @@ from coder1_bridge.config import BridgeConfig
 from coder1_bridge.connection import BridgeClientFactory, BridgeClientProtocol, BridgeSession
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire import __version__
+from coder1_wire.e2e import unb64u
 from coder1_wire.tls import client_tls_options
 
 _NOT_LABEL = re.compile(r"[^\w.@:+-]+", re.ASCII)
@@ -46,7 +47,15 @@ class BridgeService(MultiService):
         self.runner = CommandRunner(reactor, lambda envelope: self.session.send(envelope))
         self.terminals = TerminalManager(reactor, lambda envelope: self.session.send(envelope))
         self.session = BridgeSession(
-            reactor, self.runner, self.terminals, __version__, telemetry, self._refused
+            reactor,
+            self.runner,
+            self.terminals,
+            __version__,
+            telemetry,
+            self._refused,
+            config.identity,
+            unb64u(config.browser_key),
+            config.peer,
         )
         self.refused: Deferred[str] = Deferred()
         self.protocol: BridgeClientProtocol | None = None

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
-from coder1_bridge.config import BridgeConfig, config_dir, refuse_root
+from coder1_bridge.config import BridgeConfig, StalePairingError, config_dir, refuse_root
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
 from coder1_wire.secretfile import InsecureFileError
@@ -33,7 +33,7 @@ class Options(usage.Options):
         directory = FilePath(self["config-dir"]) if self["config-dir"] else config_dir()
         try:
             config = BridgeConfig.load(directory)
-        except InsecureFileError as e:
+        except (InsecureFileError, StalePairingError) as e:
             raise usage.UsageError(str(e)) from None
         if config is None:
             raise usage.UsageError("not paired yet; run: coder1-bridge pair CODE")

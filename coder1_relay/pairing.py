@@ -13,12 +13,15 @@ import secrets
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from coder1_relay.store import BridgeRecord, IRelayStore
+from coder1_relay.store import BridgeRecord, IRelayStore, PendingCode
 from coder1_relay.tokens import BridgeClaims, TokenAuthority
 
 CODE_DIGITS = 6
 _CODE = re.compile(r"[0-9]{6}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
+#: A public identity key as the ends send it (base64url).  The relay passes it on
+#: and never uses it: it only checks that it looks like one.
+_PUBLIC_KEY = re.compile(r"[A-Za-z0-9_-]{43,128}")
 _GLOBAL = "global"
 
 
@@ -53,6 +56,23 @@ class CodeGrant:
 
 
 @attrs.frozen
+class Redemption:
+    """A redeemed code: the bridge's token, and the browser key it should pin."""
+
+    token: str
+    claims: BridgeClaims
+    record: BridgeRecord
+    browser_key: str
+
+
+def check_public_key(key: object) -> str:
+    """C{key} if it looks like a base64url public key; ValueError otherwise."""
+    if not isinstance(key, str) or not _PUBLIC_KEY.fullmatch(key):
+        raise ValueError("a public identity key (base64url) is required")
+    return key
+
+
+@attrs.frozen
 class Pairing:
     """Issues codes to browser sessions and redeems them for bridge tokens."""
 
@@ -61,12 +81,15 @@ class Pairing:
     clock: IReactorTime
     policy: PairingPolicy = PairingPolicy()
 
-    async def new_code(self, session: str, client_ip: str) -> CodeGrant:
+    async def new_code(self, session: str, client_ip: str, browser_key: str) -> CodeGrant:
         """
-        A fresh code bound to C{session}.
+        A fresh code bound to C{session}, carrying the browser's public key
+        for the bridge that redeems it.
 
         @raise RateLimited: past C{codes_per_minute} for the session or the IP.
+        @raise ValueError: C{browser_key} does not look like a public key.
         """
+        check_public_key(browser_key)
         now = self.clock.seconds()
         for key in (f"code:session:{session}", f"code:ip:{client_ip}"):
             wait = await self.store.hit(key, now, 60.0, self.policy.codes_per_minute)
@@ -75,22 +98,25 @@ class Pairing:
         expires_at = now + self.policy.code_lifetime
         while True:
             code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
-            if await self.store.add_code(code, session, now, expires_at):
+            pending = PendingCode(session, browser_key, expires_at)
+            if await self.store.add_code(code, pending, now):
                 return CodeGrant(code, expires_at)
 
-    async def redeem(self, code: str, client_ip: str, label: str) -> tuple[str, BridgeClaims]:
+    async def redeem(self, code: str, client_ip: str, label: str, bridge_key: str) -> Redemption:
         """
-        Consume C{code} and return a token for a new bridge of its session.
+        Consume C{code} and return a token for a new bridge of its session,
+        with the browser's public key (and keep the bridge's for the browser).
 
         Failed attempts are counted per client IP and globally, and past either
         bound every attempt is refused before the code is even looked at.
 
         @raise RateLimited: too many failures lately.
         @raise RedeemRefused: the code is not live.
-        @raise ValueError: the label is not acceptable.
+        @raise ValueError: the label or the key is not acceptable.
         """
         if not _LABEL.fullmatch(label):
             raise ValueError("label must be 1-64 letters, digits or . _ - @ : + space")
+        check_public_key(bridge_key)
         now = self.clock.seconds()
         hour = 3600.0
         ip_key, global_key = f"fail:ip:{client_ip}", f"fail:{_GLOBAL}"
@@ -100,14 +126,13 @@ class Pairing:
         ):
             if await self.store.count(key, now, hour) >= limit:
                 raise RateLimited(hour)
-        session = await self.store.take_code(code, now) if _CODE.fullmatch(code) else None
-        if session is None:
+        pending = await self.store.take_code(code, now) if _CODE.fullmatch(code) else None
+        if pending is None:
             await self.store.hit(ip_key, now, hour, self.policy.failures_per_ip_per_hour)
             await self.store.hit(global_key, now, hour, self.policy.failures_per_hour)
             raise RedeemRefused()
-        peer = await self.store.next_peer(session)
-        token, claims = self.tokens.issue_bridge_token(session, peer)
-        await self.store.add_bridge(
-            session, BridgeRecord(peer, claims.jti, label, now, claims.expires_at)
-        )
-        return token, claims
+        peer = await self.store.next_peer(pending.session)
+        token, claims = self.tokens.issue_bridge_token(pending.session, peer)
+        record = BridgeRecord(peer, claims.jti, label, now, claims.expires_at, bridge_key)
+        await self.store.add_bridge(pending.session, record)
+        return Redemption(token, claims, record, pending.browser_key)

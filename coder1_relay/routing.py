@@ -16,7 +16,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from coder1_relay.store import IRelayStore, Presence
+from coder1_relay.store import BridgeRecord, IRelayStore, Presence
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
 from coder1_wire.envelope import (
@@ -135,6 +135,7 @@ class Hub:
         label: str,
         telemetry: bool,
         expires_at: float,
+        bridge_key: str,
     ) -> Endpoint:
         """
         Bridge C{peer} of C{session} connected; an older connection of it is
@@ -155,7 +156,7 @@ class Hub:
         )
         if telemetry:
             self.telemetry.bridge_version(version)
-        presence = Presence(peer, label, version, self.clock.seconds())
+        presence = Presence(peer, label, version, self.clock.seconds(), bridge_key)
         self.store.set_presence(session, presence).addCallback(
             lambda _: self._send_presence(session)
         )
@@ -180,6 +181,12 @@ class Hub:
             self.store.clear_presence(*key).addCallback(
                 lambda _: self._send_presence(endpoint.session)
             )
+
+    def paired(self, session: str, record: BridgeRecord) -> None:
+        """A bridge just redeemed a code of C{session}: tell its tabs, with the bridge's key."""
+        body = {"peer": record.peer, "label": record.label, "bridge_key": record.bridge_key}
+        for ide in self._ides.get(session, ()):
+            ide.send(control(Kind.PAIRED, body))
 
     def disconnect_bridge(self, session: str, peer: int, code: int, reason: str) -> None:
         """Close bridge C{peer} of C{session} if it is connected here (it was revoked)."""

@@ -23,14 +23,27 @@ from coder1_wire.secretfile import write_secret
 
 
 @attrs.frozen
+class PendingCode:
+    """A live pairing code: its browser session and that browser's public identity key."""
+
+    session: str
+    browser_key: str
+    expires_at: float
+
+
+@attrs.frozen
 class BridgeRecord:
-    """A bridge paired with a browser session (what the token was issued for)."""
+    """
+    A bridge paired with a browser session (what the token was issued for),
+    with the bridge's public identity key as it gave it at pairing.
+    """
 
     peer: int
     jti: str
     label: str
     paired_at: float
     expires_at: float
+    bridge_key: str
 
 
 @attrs.frozen
@@ -41,23 +54,24 @@ class Presence:
     label: str
     version: str
     since: float
+    bridge_key: str
 
 
 class IRelayStore(Interface):
     """All the relay's state but telemetry."""
 
-    def add_code(code: str, session: str, now: float, expires_at: float) -> Deferred[bool]:
+    def add_code(code: str, pending: PendingCode, now: float) -> Deferred[bool]:
         """
-        Make C{code} live for C{session} until C{expires_at}.
+        Make C{code} live for C{pending.session} until C{pending.expires_at}.
 
         @return: False (and change nothing) when C{code} is live already.
         """
 
-    def take_code(code: str, now: float) -> Deferred[str | None]:
+    def take_code(code: str, now: float) -> Deferred[PendingCode | None]:
         """
         Atomically consume a live code: of any number of concurrent calls for
-        one code, exactly one gets its session; the rest get None, as do
-        expired and unknown codes.
+        one code, exactly one gets it; the rest get None, as do expired and
+        unknown codes.
         """
 
     def hit(key: str, now: float, window: float, limit: int) -> Deferred[float | None]:
@@ -107,7 +121,7 @@ class MemoryStore:
     """
 
     path: FilePath[str] | None = None
-    _codes: dict[str, tuple[str, float]] = attrs.field(factory=dict)
+    _codes: dict[str, PendingCode] = attrs.field(factory=dict)
     _windows: dict[str, deque[float]] = attrs.field(factory=dict)
     _revoked: dict[str, float] = attrs.field(factory=dict)
     _peers: dict[str, int] = attrs.field(factory=dict)
@@ -120,8 +134,9 @@ class MemoryStore:
         saved: dict[str, Any] = json.loads(self.path.getContent())
         self._revoked = {str(k): float(v) for k, v in saved["revoked"].items()}
         self._peers = {str(k): int(v) for k, v in saved["peers"].items()}
+        # Records from before end-to-end encryption have no key: their bridges must pair again.
         self._bridges = {
-            str(session): {int(r["peer"]): BridgeRecord(**r) for r in records}
+            str(session): {int(r["peer"]): BridgeRecord(**r) for r in records if "bridge_key" in r}
             for session, records in saved["bridges"].items()
         }
 
@@ -143,22 +158,22 @@ class MemoryStore:
         }
         write_secret(self.path, json.dumps(saved).encode())
 
-    def add_code(self, code: str, session: str, now: float, expires_at: float) -> Deferred[bool]:
+    def add_code(self, code: str, pending: PendingCode, now: float) -> Deferred[bool]:
         live = self._codes.get(code)
-        if live is not None and live[1] > now:
+        if live is not None and live.expires_at > now:
             return succeed(False)
-        self._codes[code] = (session, expires_at)
+        self._codes[code] = pending
         return succeed(True)
 
-    def take_code(self, code: str, now: float) -> Deferred[str | None]:
+    def take_code(self, code: str, now: float) -> Deferred[PendingCode | None]:
         self._forget_expired_codes(now)
-        entry = self._codes.pop(code, None)
-        if entry is None or entry[1] <= now:
+        pending = self._codes.pop(code, None)
+        if pending is None or pending.expires_at <= now:
             return succeed(None)
-        return succeed(entry[0])
+        return succeed(pending)
 
     def _forget_expired_codes(self, now: float) -> None:
-        for code in [c for c, (_, exp) in self._codes.items() if exp <= now]:
+        for code in [c for c, p in self._codes.items() if p.expires_at <= now]:
             del self._codes[code]
 
     def _window(self, key: str, now: float, window: float) -> deque[float]:

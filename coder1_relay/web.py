@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
-from coder1_relay.pairing import RateLimited, RedeemRefused
+from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
 from coder1_relay.tokens import BridgeClaims, TokenError
 from coder1_relay.websocket import BridgeProtocol, IDEProtocol, RelayWebSocketFactory
 from coder1_wire import closecodes
@@ -170,10 +170,15 @@ class API:
     async def post_code(self, request: Request) -> tuple[int, dict[str, Any]]:
         self.same_origin(request)
         session = self.session(request, create=False)
+        browser_key = _body(request, self.context.limits.max_body_size).get("browser_key")
         try:
-            grant = await self.context.pairing.new_code(session, _client_ip(request))
+            grant = await self.context.pairing.new_code(
+                session, _client_ip(request), check_public_key(browser_key)
+            )
         except RateLimited as e:
             raise _rate_limited(e) from None
+        except ValueError as e:
+            raise HTTPError(400, "bad-key", str(e)) from None
         now = self.context.clock.seconds()
         return 201, {
             "code": grant.code,
@@ -185,17 +190,26 @@ class API:
     async def post_pair(self, request: Request) -> tuple[int, dict[str, Any]]:
         body = _body(request, self.context.limits.max_body_size)
         code, label = body.get("code"), body.get("label", "bridge")
+        bridge_key = body.get("bridge_key")
         if not isinstance(code, str) or not isinstance(label, str):
             raise HTTPError(400, "bad-request", "code and label must be strings")
         try:
-            token, claims = await self.context.pairing.redeem(code, _client_ip(request), label)
+            done = await self.context.pairing.redeem(
+                code, _client_ip(request), label, check_public_key(bridge_key)
+            )
         except RateLimited as e:
             raise _rate_limited(e) from None
         except RedeemRefused:
             raise HTTPError(403, "invalid-code", "that code is unknown, used or expired") from None
         except ValueError as e:
-            raise HTTPError(400, "bad-label", str(e)) from None
-        return 200, {"token": token, "peer": claims.peer, "expires_at": claims.expires_at}
+            raise HTTPError(400, "bad-request", str(e)) from None
+        self.context.hub.paired(done.claims.session, done.record)
+        return 200, {
+            "token": done.token,
+            "peer": done.claims.peer,
+            "expires_at": done.claims.expires_at,
+            "browser_key": done.browser_key,
+        }
 
     async def bearer(self, request: Request) -> BridgeClaims:
         """The claims of the request's valid, unrevoked bridge token."""
@@ -240,6 +254,7 @@ class API:
                     "connected": live is not None,
                     "version": live.version if live else None,
                     "since": live.since if live else None,
+                    "bridge_key": record.bridge_key,
                 }
             )
         return 200, {"bridges": bridges}

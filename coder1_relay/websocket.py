@@ -117,8 +117,15 @@ class BridgeProtocol(_RelayProtocol):
             claims = context.tokens.verify_bridge_token(token.strip())
         except TokenError as e:
             raise ConnectionDeny(401, str(e)) from None
-        if await context.store.is_revoked(claims.jti, context.clock.seconds()):
+        now = context.clock.seconds()
+        if await context.store.is_revoked(claims.jti, now):
             raise ConnectionDeny(401, "token has been revoked")
+        record = next(
+            (r for r in await context.store.bridges(claims.session, now) if r.peer == claims.peer),
+            None,
+        )
+        if record is None:
+            raise ConnectionDeny(401, "this relay has no record of that pairing")
         version = request.headers.get("x-coder1-bridge-version", "")
         label = request.headers.get("x-coder1-label", "")
         self._attach = {
@@ -128,6 +135,7 @@ class BridgeProtocol(_RelayProtocol):
             "label": label if _LABEL.fullmatch(label) else "bridge",
             "telemetry": request.headers.get("x-coder1-telemetry", "on") != "off",
             "expires_at": claims.expires_at,
+            "bridge_key": record.bridge_key,
         }
 
     def onOpen(self) -> None:

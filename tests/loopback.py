@@ -29,8 +29,19 @@ from coder1_bridge.cli import _RelayTrust, pair
 from coder1_bridge.config import BridgeConfig, RelayAddress
 from coder1_bridge.service import BridgeService
 from coder1_relay.service import RelayService, RelaySettings
-from coder1_wire.envelope import Envelope, Kind, control, decode
+from coder1_wire.e2e import (
+    Identity,
+    Initiator,
+    IntegrityError,
+    SecureChannel,
+    b64u,
+    channel_of,
+    unb64u,
+)
+from coder1_wire.envelope import Envelope, Kind, control, decode, is_end_to_end
 from coder1_wire.tls import client_tls_options
+
+_KEY_KINDS = (Kind.KEY_OFFER, Kind.KEY_ANSWER, Kind.KEY_ERROR)
 
 reactor: Any = _reactor
 
@@ -60,7 +71,7 @@ class IDEClientProtocol(WebSocketClientProtocol):
         self.factory.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.factory.connection.received(decode(payload))
+        self.factory.connection.arrived(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connection.closed(code, reason)
@@ -83,9 +94,18 @@ class IDEClientFactory(WebSocketClientFactory):
 
 @attrs.define
 class IDEConnection:
-    """One IDE WebSocket: what arrived, and ways to wait for more."""
+    """
+    One IDE WebSocket: what arrived (opened, when sealed), and ways to wait
+    for more.  Like the page, it pins each bridge's key on first sight and
+    talks to a bridge only through a channel (docs/e2e.md).
+    """
 
+    identity: Identity
     frames: list[Envelope] = attrs.field(factory=list)
+    raw: list[bytes] = attrs.field(factory=list)
+    pins: dict[int, bytes] = attrs.field(factory=dict)
+    channels: dict[int, SecureChannel] = attrs.field(factory=dict)
+    refused: list[str] = attrs.field(factory=list)
     protocol: IDEClientProtocol | None = None
     close_code: int | None = None
     close_reason: str | None = None
@@ -93,6 +113,42 @@ class IDEConnection:
     _waiters: list[tuple[Callable[[Envelope], bool], Deferred[Envelope]]] = attrs.field(
         factory=list
     )
+
+    def arrived(self, frame: bytes) -> None:
+        """A frame from the relay: pin keys, open what is sealed for us, keep the rest."""
+        self.raw.append(frame)
+        envelope = decode(frame)
+        if envelope.kind in (Kind.PRESENCE, Kind.PAIRED):
+            body = envelope.json()
+            for bridge in body["bridges"] if envelope.kind == Kind.PRESENCE else [body]:
+                self.pins.setdefault(bridge["peer"], unb64u(bridge["bridge_key"]))
+        elif is_end_to_end(envelope.kind) and envelope.kind not in _KEY_KINDS:
+            channel = self.channels.get(envelope.peer)
+            if channel is None or channel_of(envelope) != channel.channel:
+                return
+            try:
+                envelope = channel.open(envelope)
+            except IntegrityError as e:
+                self.refused.append(e.verdict)
+                return
+        self.received(envelope)
+
+    async def handshake(self, peer: int) -> SecureChannel:
+        """Open a channel with bridge C{peer}, whose key must be pinned already."""
+        assert self.protocol is not None
+        initiator = Initiator(self.identity, self.pins[peer], peer)
+        offer = initiator.offer()
+        channel = offer.json()["channel"]
+        self.protocol.sendMessage(offer.encode(), isBinary=True)
+        answer = await self.wait_for(
+            lambda e: (
+                e.kind in (Kind.KEY_ANSWER, Kind.KEY_ERROR)
+                and e.peer == peer
+                and e.json().get("channel") in (channel, 0)
+            )
+        )
+        self.channels[peer] = initiator.accept(answer)
+        return self.channels[peer]
 
     def received(self, envelope: Envelope) -> None:
         self.frames.append(envelope)
@@ -120,7 +176,11 @@ class IDEConnection:
         return d.addTimeout(timeout, reactor)
 
     def send(self, envelope: Envelope) -> None:
+        """Send a frame, sealed when there is a channel to its bridge."""
         assert self.protocol is not None
+        channel = self.channels.get(envelope.peer)
+        if channel is not None and is_end_to_end(envelope.kind):
+            envelope = channel.seal(envelope)
         self.protocol.sendMessage(envelope.encode(), isBinary=True)
 
     async def run(
@@ -171,6 +231,7 @@ class Browser:
     relay: RelayService
     cookies: CookieJar = attrs.field(factory=CookieJar)
     origin: str | None = None
+    identity: Identity = attrs.field(factory=Identity.generate)
 
     @property
     def url(self) -> str:
@@ -200,16 +261,19 @@ class Browser:
         await readBody(response)
 
     async def new_code(self) -> str:
-        status, body, _ = await self.request(b"POST", "/api/pairing-codes")
+        key = b64u(self.identity.public_raw)
+        status, body, _ = await self.request(b"POST", "/api/pairing-codes", {"browser_key": key})
         assert status == 201, (status, body)
         return str(body["code"])
 
     def cookie_header(self) -> str:
         return "; ".join(f"{c.name}={c.value}" for c in self.cookies)
 
-    async def connect_ide(self, origin: str | None = None) -> IDEConnection:
-        """Open the IDE WebSocket with this browser's cookie."""
-        connection = IDEConnection()
+    async def connect_ide(
+        self, origin: str | None = None, *, handshake: bool = True
+    ) -> IDEConnection:
+        """Open the IDE WebSocket with this browser's cookie (and channels to its bridges)."""
+        connection = IDEConnection(self.identity)
         factory = IDEClientFactory(
             self.url.replace("https", "wss", 1) + "/ws/ide",
             connection,
@@ -222,7 +286,9 @@ class Browser:
         )
         await endpoint.connect(factory)
         connection.protocol = await factory.opened
-        await connection.wait_for(lambda e: e.kind == Kind.PRESENCE)
+        presence = await connection.wait_for(lambda e: e.kind == Kind.PRESENCE)
+        for bridge in presence.json()["bridges"] if handshake else []:
+            await connection.handshake(bridge["peer"])
         return connection
 
 

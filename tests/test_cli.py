@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from coder1_bridge import cli
 from coder1_bridge.config import BridgeConfig, NotRootError, config_dir, refuse_root
+from coder1_wire.e2e import Identity, b64u, sas, unb64u
 
 from .loopback import Browser, reactor, relay_address, settle, start_relay, stop_all
 
@@ -76,6 +77,12 @@ class CLITests(TestCase):
         status, out = await self.cli("pair", *self.relay_args(), "--label", "box", code)
         self.assertEqual(status, 0, out)
         self.assertIn("as bridge #1 (box)", out)
+        verification = re.search(r"Verification code: (\w{4}-\w{4}-\w{4})", out)
+        assert verification is not None, out
+        browser = b64u(self.browser.identity.public_raw)
+        _, listed, _ = await self.browser.request(b"GET", "/api/bridges")
+        bridge = unb64u(listed["bridges"][0]["bridge_key"])
+        self.assertEqual(verification.group(1), sas(unb64u(browser), bridge))
         saved = self.config_dir.child("pairing.json")
         self.assertEqual(stat.S_IMODE(os.stat(saved.path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(self.config_dir.path).st_mode), 0o700)
@@ -151,10 +158,17 @@ class CLITests(TestCase):
         self.assertEqual(config_dir({"XDG_CONFIG_HOME": "/x"}).path, "/x/coder1-bridge")
 
     def test_config_roundtrip(self) -> None:
-        """A saved pairing loads back identical."""
-        config = BridgeConfig(relay_address(self.relay), "tok", 4)
+        """A saved pairing loads back identical, identity key included, all files 0600."""
+        browser = b64u(Identity.generate().public_raw)
+        config = BridgeConfig(relay_address(self.relay), "tok", 4, browser, Identity.generate())
         config.save(self.config_dir)
-        self.assertEqual(BridgeConfig.load(self.config_dir), config)
+        loaded = BridgeConfig.load(self.config_dir)
+        assert loaded is not None
+        self.assertEqual(loaded, config)
+        self.assertEqual(loaded.identity.public_raw, config.identity.public_raw)
+        self.assertEqual(loaded.verification, config.verification)
+        for name in ("pairing.json", "identity.pem"):
+            self.assertEqual(self.config_dir.child(name).getPermissions().shorthand(), "rw-------")
 
 
 class Collect(protocol.ProcessProtocol):

@@ -13,6 +13,7 @@ from coder1_bridge.commands import CommandRunner
 from coder1_bridge.connection import BridgeSession
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
+from coder1_wire.e2e import Identity, Initiator, SecureChannel
 from coder1_wire.envelope import Envelope, Kind, control, decode
 
 
@@ -36,6 +37,7 @@ class BridgeSessionTests(SynchronousTestCase):
     def make(self, telemetry: bool = True) -> tuple[BridgeSession, FakeLink, Clock, list[str]]:
         reactor: Any = MemoryReactorClock()  # a clock; the runner spawns nothing here
         refused: list[str] = []
+        self.browser = Identity.generate()
         session = BridgeSession(
             reactor,
             CommandRunner(reactor, lambda e: session.send(e)),
@@ -43,10 +45,19 @@ class BridgeSessionTests(SynchronousTestCase):
             "0.1.0",
             telemetry,
             refused.append,
+            Identity.generate(),
+            self.browser.public_raw,
+            1,
         )
         link = FakeLink()
         session.attach(link)
         return session, link, reactor, refused
+
+    def channel(self, session: BridgeSession, link: FakeLink) -> SecureChannel:
+        """Open a channel to the session as a browser tab does."""
+        initiator = Initiator(self.browser, session.identity.public_raw, 1)
+        session.receive(initiator.offer().encode())
+        return initiator.accept(link.sent[-1])
 
     def test_dead_relay_noticed(self) -> None:
         """With nothing heard for the timeout, the connection is aborted (and so reconnects)."""
@@ -91,9 +102,51 @@ class BridgeSessionTests(SynchronousTestCase):
     def test_unsupported_kind(self) -> None:
         """A browser-to-bridge kind this bridge does not handle gets an error on its stream."""
         session, link, _, _ = self.make()
-        session.receive(Envelope(0x30, stream=4, peer=2).encode())
-        self.assertEqual((link.sent[-1].kind, link.sent[-1].stream), (Kind.UNSUPPORTED, 4))
-        self.assertEqual(link.sent[-1].json()["error"], "unsupported")
+        channel = self.channel(session, link)
+        session.receive(channel.seal(Envelope(0x40, stream=4, peer=1)).encode())
+        reply = channel.open(link.sent[-1])
+        self.assertEqual((reply.kind, reply.stream), (Kind.UNSUPPORTED, 4))
+        self.assertEqual(reply.json()["error"], "unsupported")
+
+    def test_plaintext_refused(self) -> None:
+        """An unsealed command is refused and never reaches the runner."""
+        session, link, _, _ = self.make()
+        self.channel(session, link)
+        session.runner = None  # type: ignore[assignment]
+        session.receive(control(Kind.CMD_START, {"argv": ["true"]}, stream=1, peer=1).encode())
+        self.assertEqual(link.sent[-1].kind, Kind.KEY_ERROR)
+
+    def test_nothing_leaves_without_a_channel(self) -> None:
+        """With no channel open, end-to-end frames (output) are not sent at all."""
+        session, link, _, _ = self.make()
+        session.send(Envelope(Kind.CMD_STDOUT, stream=1, peer=1, payload=b"secret"))
+        self.assertEqual(link.sent, [])
+
+    def test_sealed_per_channel(self) -> None:
+        """Output goes once to every open channel, sealed for each."""
+        session, link, _, _ = self.make()
+        first, second = self.channel(session, link), self.channel(session, link)
+        session.send(Envelope(Kind.CMD_STDOUT, stream=1, peer=1, payload=b"secret"))
+        out = link.sent[-2:]
+        self.assertNotIn(b"secret", out[0].payload + out[1].payload)
+        self.assertEqual(first.open(out[0]).payload, b"secret")
+        self.assertEqual(second.open(out[1]).payload, b"secret")
+
+    def test_integrity_failure_closes_channel(self) -> None:
+        """A tampered frame is refused with its verdict, and the channel is forgotten."""
+        session, link, _, _ = self.make()
+        channel = self.channel(session, link)
+        frame = channel.seal(Envelope(Kind.CMD_CANCEL, stream=1, peer=1)).encode()
+        session.receive(frame[:-1] + bytes([frame[-1] ^ 1]))
+        self.assertEqual(link.sent[-1].json()["error"], "tampered")
+        self.assertEqual(session.channels, {})
+
+    def test_detach_forgets_channels(self) -> None:
+        """Channels do not outlive the connection to the relay."""
+        session, link, _, _ = self.make()
+        self.channel(session, link)
+        session.detach(link)
+        self.assertEqual(session.channels, {})
 
     def test_malformed_ignored(self) -> None:
         """Garbage from the relay is ignored, not a crash."""
@@ -105,9 +158,10 @@ class BridgeSessionTests(SynchronousTestCase):
         """A failure while handling a frame sends a valid, content-free crash report."""
         session, link, _, _ = self.make()
         session.receive(control(Kind.WELCOME, {"peer": 1, "heartbeat": "CANARY"}).encode())
+        channel = self.channel(session, link)
         session.runner = None  # type: ignore[assignment]
         secret = Envelope(Kind.CMD_START, stream=1, peer=1, payload=b"/secret/path")
-        session.receive(secret.encode())
+        session.receive(channel.seal(secret).encode())
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
         crash = [e for e in link.sent if e.kind == Kind.CRASH]
         self.assertEqual(len(crash), 1)
@@ -117,7 +171,8 @@ class BridgeSessionTests(SynchronousTestCase):
     def test_no_crash_report_without_telemetry(self) -> None:
         """With telemetry off, a failure sends no crash report."""
         session, link, _, _ = self.make(telemetry=False)
+        channel = self.channel(session, link)
         session.runner = None  # type: ignore[assignment]
-        session.receive(Envelope(Kind.CMD_START, stream=1, peer=1, payload=b"{}").encode())
+        session.receive(channel.seal(Envelope(Kind.CMD_START, stream=1, peer=1)).encode())
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
         self.assertEqual([e for e in link.sent if e.kind == Kind.CRASH], [])

@@ -11,11 +11,21 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from coder1_relay.pairing import CodeGrant, Pairing, PairingPolicy, RateLimited, RedeemRefused
+from coder1_relay.pairing import (
+    CodeGrant,
+    Pairing,
+    PairingPolicy,
+    RateLimited,
+    RedeemRefused,
+    Redemption,
+)
 from coder1_relay.store import BridgeRecord, IRelayStore, MemoryStore
-from coder1_relay.tokens import BridgeClaims, TokenAuthority
+from coder1_relay.tokens import TokenAuthority
 
 T = TypeVar("T")
+#: Public keys are opaque to the relay: any base64url string of the right length.
+BROWSER_KEY = "B" * 87
+BRIDGE_KEY = "R" * 87
 
 
 class SlowStore:
@@ -57,10 +67,12 @@ class PairingTests(SynchronousTestCase):
         return Pairing(store, tokens, self.clock, policy or PairingPolicy())
 
     def code(self, session: str = "s1", ip: str = "192.0.2.1") -> CodeGrant:
-        return self.successResultOf(Deferred.fromCoroutine(self.pairing.new_code(session, ip)))
+        return self.successResultOf(
+            Deferred.fromCoroutine(self.pairing.new_code(session, ip, BROWSER_KEY))
+        )
 
-    def redeem(self, code: str, ip: str = "192.0.2.9") -> Deferred[tuple[str, BridgeClaims]]:
-        return Deferred.fromCoroutine(self.pairing.redeem(code, ip, "host"))
+    def redeem(self, code: str, ip: str = "192.0.2.9") -> Deferred[Redemption]:
+        return Deferred.fromCoroutine(self.pairing.redeem(code, ip, "host", BRIDGE_KEY))
 
     def test_store_interface(self) -> None:
         """MemoryStore provides the whole store interface."""
@@ -72,11 +84,29 @@ class PairingTests(SynchronousTestCase):
         self.assertRegex(grant.code, r"^[0-9]{6}$")
         self.assertEqual(grant.expires_at, self.clock.seconds() + 300)
 
+    def test_keys_cross_over(self) -> None:
+        """The bridge gets the browser's key; the bridge's key is kept for the browser."""
+        done = self.successResultOf(self.redeem(self.code().code))
+        self.assertEqual((done.browser_key, done.record.bridge_key), (BROWSER_KEY, BRIDGE_KEY))
+
+    def test_keys_checked(self) -> None:
+        """Something that is not a base64url key is refused on both sides."""
+        for junk in ["", "short", "x" * 87 + "!", "é" * 87]:
+            self.failureResultOf(
+                Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.1", junk)), ValueError
+            )
+            self.failureResultOf(
+                Deferred.fromCoroutine(
+                    self.pairing.redeem(self.code().code, "192.0.2.1", "h", junk)
+                ),
+                ValueError,
+            )
+
     def test_redeem_binds_session(self) -> None:
         """Redeeming yields a token for the session that asked for the code, new peer each time."""
-        first = self.successResultOf(self.redeem(self.code("alice").code))[1]
-        second = self.successResultOf(self.redeem(self.code("alice").code))[1]
-        other = self.successResultOf(self.redeem(self.code("bob").code))[1]
+        first = self.successResultOf(self.redeem(self.code("alice").code)).claims
+        second = self.successResultOf(self.redeem(self.code("alice").code)).claims
+        other = self.successResultOf(self.redeem(self.code("bob").code)).claims
         self.assertEqual((first.session, first.peer), ("alice", 1))
         self.assertEqual((second.session, second.peer), ("alice", 2))
         self.assertEqual((other.session, other.peer), ("bob", 1))
@@ -90,7 +120,7 @@ class PairingTests(SynchronousTestCase):
     def test_single_use_concurrent(self) -> None:
         """Two redemptions racing through a slow store: exactly one wins."""
         self.pairing = self.make(SlowStore(self.clock))
-        d = Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.1"))
+        d = Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.1", BROWSER_KEY))
         self.clock.pump([0.001] * 10)
         code = self.successResultOf(d).code
         outcomes: list[str] = []
@@ -124,7 +154,8 @@ class PairingTests(SynchronousTestCase):
             self.code("s", f"192.0.2.{i}")
         self.clock.advance(10)
         failure = self.failureResultOf(
-            Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.99")), RateLimited
+            Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.99", BROWSER_KEY)),
+            RateLimited,
         )
         self.assertAlmostEqual(failure.value.retry_after, 50)
         self.clock.advance(50)
@@ -135,7 +166,8 @@ class PairingTests(SynchronousTestCase):
         for i in range(5):
             self.code(f"s{i}", "192.0.2.1")
         self.failureResultOf(
-            Deferred.fromCoroutine(self.pairing.new_code("fresh", "192.0.2.1")), RateLimited
+            Deferred.fromCoroutine(self.pairing.new_code("fresh", "192.0.2.1", BROWSER_KEY)),
+            RateLimited,
         )
 
     def test_brute_force_per_ip(self) -> None:
@@ -170,7 +202,10 @@ class PairingTests(SynchronousTestCase):
         """A label with control characters is refused before the code is used."""
         code = self.code().code
         self.failureResultOf(
-            Deferred.fromCoroutine(self.pairing.redeem(code, "192.0.2.1", "x\n\x1b[2J")), ValueError
+            Deferred.fromCoroutine(
+                self.pairing.redeem(code, "192.0.2.1", "x\n\x1b[2J", BRIDGE_KEY)
+            ),
+            ValueError,
         )
         self.successResultOf(self.redeem(code))
 
@@ -195,7 +230,7 @@ class PersistenceTests(SynchronousTestCase):
         """After a restart the session's bridges are still listed and numbers are not reused."""
         store = MemoryStore(path=self.file)
         peer = self.successResultOf(store.next_peer("s"))
-        record = BridgeRecord(peer, "jti-1", "laptop", 1e9, 2e9)
+        record = BridgeRecord(peer, "jti-1", "laptop", 1e9, 2e9, BRIDGE_KEY)
         self.successResultOf(store.add_bridge("s", record))
         restarted = MemoryStore(path=self.file)
         self.assertEqual(self.successResultOf(restarted.bridges("s", 1e9)), [record])
@@ -204,8 +239,8 @@ class PersistenceTests(SynchronousTestCase):
     def test_expired_bridges_pruned(self) -> None:
         """Bridges whose tokens expired anyway are dropped from the file at the next write."""
         store = MemoryStore(path=self.file)
-        store.add_bridge("s", BridgeRecord(1, "old", "a", 10.0, 100.0))
-        store.add_bridge("s", BridgeRecord(2, "new", "b", 200.0, 1000.0))
+        store.add_bridge("s", BridgeRecord(1, "old", "a", 10.0, 100.0, BRIDGE_KEY))
+        store.add_bridge("s", BridgeRecord(2, "new", "b", 200.0, 1000.0, BRIDGE_KEY))
         self.assertNotIn(b'"old"', self.file.getContent())
         self.assertIn(b'"new"', self.file.getContent())
 

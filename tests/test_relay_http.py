@@ -38,10 +38,14 @@ from zope.interface import implementer
 from coder1_bridge.cli import _RelayTrust
 from coder1_relay.context import SESSION_COOKIE
 from coder1_relay.service import RelayService
+from coder1_wire.e2e import Identity, b64u
 from coder1_wire.tls import client_tls_options
 
 from .loopback import Browser, reactor, settle, start_relay, stop_all
 
+#: The public keys the ends exchange at pairing are opaque to the relay.
+KEY = b64u(Identity.generate().public_raw)
+CODE_BODY = {"browser_key": KEY}
 API_PATHS = ["/api/session", "/api/pairing-codes", "/api/pair", "/api/token", "/api/revoke"]
 
 
@@ -169,7 +173,7 @@ class RelayTestCase(TestCase):
         """A code from the browser, redeemed like the bridge does: the answer's body."""
         code = await self.browser.new_code()
         status, body, _ = await self.browser.request(
-            b"POST", "/api/pair", {"code": code, "label": label}
+            b"POST", "/api/pair", {"code": code, "label": label, "bridge_key": KEY}
         )
         self.assertEqual(status, 200, body)
         return body
@@ -223,7 +227,7 @@ class PairingCodeTests(RelayTestCase):
         codes = [await self.browser.new_code() for _ in range(5)]
         self.assertEqual(len(set(codes)), 5)
         self.assertTrue(all(len(c) == 6 and c.isdigit() for c in codes), codes)
-        status, body, headers = await self.browser.request(b"POST", "/api/pairing-codes")
+        status, body, headers = await self.browser.request(b"POST", "/api/pairing-codes", CODE_BODY)
         self.assertEqual(status, 429)
         self.assertEqual(body["error"], "rate-limited")
         self.assertIsInstance(body["message"], str)
@@ -235,7 +239,7 @@ class PairingCodeTests(RelayTestCase):
     async def test_no_session_cookie(self) -> None:
         """Without a session cookie (the page never loaded) the answer is 401, no code."""
         await self.start(open_page=False)
-        status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes")
+        status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes", CODE_BODY)
         self.assertEqual((status, body["error"]), (401, "no-session"))
         self.assertNotIn("code", body)
 
@@ -248,10 +252,12 @@ class PairingCodeTests(RelayTestCase):
         own = self.relay.context.public_url
         for origin in ("https://evil.example", own + ".evil.example", "http://" + own[8:], "null"):
             self.browser.origin = origin
-            status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes")
+            status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes", CODE_BODY)
             self.assertEqual((status, body.get("error")), (403, "bad-origin"), origin)
         self.browser.origin = None
-        status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes", origin=False)
+        status, body, _ = await self.browser.request(
+            b"POST", "/api/pairing-codes", CODE_BODY, origin=False
+        )
         self.assertEqual((status, body.get("error")), (403, "bad-origin"))
         # The control: the same browser from its own origin gets a code.
         self.assertEqual(len(await self.browser.new_code()), 6)
@@ -265,14 +271,14 @@ class RedeemTests(RelayTestCase):
         await self.start()
         code = await self.browser.new_code()
         status, body, _ = await self.browser.request(
-            b"POST", "/api/pair", {"code": code, "label": "laptop"}
+            b"POST", "/api/pair", {"code": code, "label": "laptop", "bridge_key": KEY}
         )
         self.assertEqual(status, 200, body)
         self.assertEqual(body["peer"], 1)
         self.assertIsInstance(body["token"], str)
         self.assertEqual(_unverified(body["token"])["peer"], 1)
         status, again, _ = await self.browser.request(
-            b"POST", "/api/pair", {"code": code, "label": "laptop"}
+            b"POST", "/api/pair", {"code": code, "label": "laptop", "bridge_key": KEY}
         )
         self.assertEqual((status, again["error"]), (403, "invalid-code"))
         self.assertNotIn("token", again)
@@ -283,7 +289,9 @@ class RedeemTests(RelayTestCase):
         code = await self.browser.new_code()
         requests = [
             Deferred.fromCoroutine(
-                Browser(self.relay).request(b"POST", "/api/pair", {"code": code, "label": label})
+                Browser(self.relay).request(
+                    b"POST", "/api/pair", {"code": code, "label": label, "bridge_key": KEY}
+                )
             )
             for label in ("first", "second")
         ]
@@ -302,11 +310,11 @@ class RedeemTests(RelayTestCase):
         wrong = [c for c in (f"{n:06d}" for n in range(11)) if c != code][:10]
         for guess in wrong:
             status, body, _ = await self.browser.request(
-                b"POST", "/api/pair", {"code": guess, "label": "x"}
+                b"POST", "/api/pair", {"code": guess, "label": "x", "bridge_key": KEY}
             )
             self.assertEqual((status, body["error"]), (403, "invalid-code"), guess)
         status, body, headers = await self.browser.request(
-            b"POST", "/api/pair", {"code": code, "label": "x"}
+            b"POST", "/api/pair", {"code": code, "label": "x", "bridge_key": KEY}
         )
         self.assertEqual((status, body["error"]), (429, "rate-limited"))
         self.assertNotIn("token", body)
@@ -336,7 +344,9 @@ class RedeemTests(RelayTestCase):
         self.assertEqual(limit, 16 * 1024)
 
         def padded(size: int) -> bytes:
-            stub = json.dumps({"code": "000000", "label": "x", "pad": ""}).encode()
+            stub = json.dumps(
+                {"code": "000000", "label": "x", "bridge_key": KEY, "pad": ""}
+            ).encode()
             raw = stub[:-2] + b"a" * (size - len(stub)) + stub[-2:]
             assert len(raw) == size
             return raw
@@ -552,7 +562,11 @@ class SecurityHeaderTests(RelayTestCase):
             ("pair 405", "GET", "/api/pair", None, 405),
         ]
         for what, method, path, cookies, expected in answers:
-            body = b'{"code": "000000"}' if method == "POST" else None
+            body = (
+                json.dumps({"code": "000000", "bridge_key": KEY}).encode()
+                if method == "POST"
+                else None
+            )
             status, _, headers = await fetch(
                 self.relay, method.encode(), path, body=body, cookies=cookies
             )

@@ -54,6 +54,7 @@ class HubTests(SynchronousTestCase):
             label="laptop",
             telemetry=True,
             expires_at=3600.0,
+            bridge_key="K" * 87,
         )
 
     def test_welcome_and_presence(self) -> None:
@@ -157,7 +158,15 @@ class HubTests(SynchronousTestCase):
         """The same bridge connecting again replaces the old connection, which is closed."""
         newer = FakeLink()
         self.hub.attach_bridge(
-            "alice", 1, newer, "c6", version="0.1.0", label="l", telemetry=True, expires_at=9e9
+            "alice",
+            1,
+            newer,
+            "c6",
+            version="0.1.0",
+            label="l",
+            telemetry=True,
+            expires_at=9e9,
+            bridge_key="K",
         )
         assert self.bridge_link.closed is not None
         self.assertEqual(self.bridge_link.closed[0], closecodes.REPLACED)

@@ -1,7 +1,11 @@
 // The Coder1 IDE page: pairing dialog, paired bridges, and terminals on the paired machine.
+// Every end-to-end frame is sealed for the bridge (docs/e2e.md; e2e.js, link.js): the relay
+// forwards what it cannot read.
 import { Terminal } from "./vendor/xterm.mjs";
 import { FitAddon } from "./vendor/addon-fit.mjs";
 import { Kind, decode, encode, json } from "./wire.js";
+import { PinStore, RAW_KEY_SIZE, b64u, loadIdentity, sas, unb64u } from "./e2e.js";
+import { BridgeLink } from "./link.js";
 
 const $ = (selector) => document.querySelector(selector);
 const HEARTBEAT_TIMEOUT_FACTOR = 3;
@@ -31,6 +35,7 @@ class RelayConnection {
       let frame;
       try {
         frame = decode(event.data);
+        frame.raw = event.data; // the whole message: a sealed frame's header is authenticated too
       } catch (error) {
         console.warn("ignored a malformed frame", error);
         return;
@@ -81,9 +86,14 @@ class RelayConnection {
     return this.socket !== null && this.socket.readyState === WebSocket.OPEN;
   }
 
+  /** A control frame (PING, PONG): end-to-end frames go through a BridgeLink. */
   send(kind, fields = {}) {
+    return this.sendRaw(encode(kind, fields));
+  }
+
+  sendRaw(frame) {
     if (!this.open) return false;
-    this.socket.send(encode(kind, fields));
+    this.socket.send(frame);
     return true;
   }
 }
@@ -139,9 +149,9 @@ class TerminalTab {
     return this.element.getAttribute("aria-hidden") === "false";
   }
 
-  send(kind, payload) {
+  send(kind, payload = new Uint8Array()) {
     if (this.state === "exited") return;
-    this.app.connection.send(kind, { peer: this.peer, stream: this.stream, seq: this.seq++, payload });
+    this.app.sendTo(this.peer, kind, { stream: this.stream, seq: this.seq++ }, payload);
   }
 
   open() {

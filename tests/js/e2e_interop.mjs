@@ -1,0 +1,119 @@
+// The IDE page's end-to-end code (coder1_relay/static/e2e.js and wire.js) in Node, driven over
+// stdin/stdout by tests/test_e2e_interop.py against the Python implementation (coder1_wire/e2e.py).
+//
+// One JSON object per line each way: a request {"op": ..., ...} gets exactly one answer,
+// {"ok": true, ...} or {"ok": false, "error": "...", "verdict"?: "...", "reason"?: "..."}.
+// Binary values travel as base64url, frames whole (header and payload).
+import { register } from "node:module";
+import { createInterface } from "node:readline";
+
+// The page's modules are plain .js ES modules served to browsers; tell Node they are modules
+// (the repository's package.json has no "type": it only vendors browser assets).
+register(
+  "data:text/javascript," + encodeURIComponent(
+    "export async function resolve(specifier, context, next) {" +
+    "  const found = await next(specifier, context);" +
+    "  return found.url.includes('/coder1_relay/static/') && found.url.endsWith('.js')" +
+    "    ? { ...found, format: 'module' } : found;" +
+    "}",
+  ),
+);
+if (!globalThis.crypto?.subtle) globalThis.crypto = (await import("node:crypto")).webcrypto;
+
+const static_ = new URL("../../coder1_relay/static/", import.meta.url);
+const e2e = await import(new URL("e2e.js", static_).href);
+const wire = await import(new URL("wire.js", static_).href);
+const { b64u, unb64u } = e2e;
+
+let identity = null;
+const initiators = new Map(); // name -> Initiator
+const channels = new Map(); // name -> SecureChannel
+
+function named(map, name, what) {
+  const found = map.get(name);
+  if (!found) throw new Error(`no ${what} named ${name}`);
+  return found;
+}
+
+const ops = {
+  async identity() {
+    identity = await e2e.Identity.generate();
+    return { public: b64u(identity.raw), extractable: identity.privateKey.extractable };
+  },
+
+  async sign({ data }) {
+    return { sig: b64u(await identity.sign(unb64u(data))) };
+  },
+
+  async verify({ public: raw, sig, data }) {
+    return { valid: await e2e.verifySignature(unb64u(raw), unb64u(sig), unb64u(data)) };
+  },
+
+  async sas({ browser, bridge }) {
+    return { sas: await e2e.sas(unb64u(browser), unb64u(bridge)) };
+  },
+
+  /** A KEY_OFFER frame, as the page sends it, to the bridge `peer` whose key is `bridge`. */
+  async offer({ name, bridge, peer }) {
+    const initiator = new e2e.Initiator(identity, unb64u(bridge), peer);
+    initiators.set(name, initiator);
+    const offer = await initiator.offer();
+    const frame = wire.encode(wire.Kind.KEY_OFFER, { peer, payload: offer });
+    return { channel: initiator.channel, frame: b64u(frame) };
+  },
+
+  /** Accept a KEY_ANSWER frame for the offer `name`. */
+  async accept({ name, frame }) {
+    const decoded = wire.decode(unb64u(frame).buffer);
+    if (decoded.kind !== wire.Kind.KEY_ANSWER) throw new Error(`kind ${decoded.kind} is no KEY_ANSWER`);
+    const channel = await named(initiators, name, "offer").accept(decoded.payload);
+    channels.set(name, channel);
+    return { channel: channel.id };
+  },
+
+  async seal({ name, kind, peer, stream, seq, data }) {
+    const channel = named(channels, name, "channel");
+    const frame = await channel.seal(kind, { peer, stream, seq: BigInt(seq) }, unb64u(data));
+    return { frame: b64u(frame) };
+  },
+
+  /** Open a whole frame; the header fields come from wire.decode, the plaintext from open(). */
+  async open({ name, frame }) {
+    const bytes = unb64u(frame);
+    const decoded = wire.decode(bytes.slice().buffer);
+    const plaintext = await named(channels, name, "channel").open(bytes);
+    return {
+      kind: decoded.kind, peer: decoded.peer, stream: decoded.stream, seq: String(decoded.seq),
+      data: b64u(plaintext),
+    };
+  },
+
+  async channel_of({ frame }) {
+    return { channel: e2e.channelOf(wire.decode(unb64u(frame).buffer).payload) };
+  },
+};
+
+async function answer(line) {
+  let request;
+  try {
+    request = JSON.parse(line);
+    const op = ops[request.op];
+    if (!op) throw new Error(`unknown op ${request.op}`);
+    return { ok: true, ...(await op(request)) };
+  } catch (error) {
+    return {
+      ok: false,
+      error: `${error.name}: ${error.message}`,
+      ...(error.verdict ? { verdict: error.verdict } : {}),
+      ...(error.reason ? { reason: error.reason } : {}),
+    };
+  }
+}
+
+// Requests are answered one at a time, in order.
+let queue = Promise.resolve();
+const lines = createInterface({ input: process.stdin, crlfDelay: Infinity });
+lines.on("line", (line) => {
+  queue = queue.then(async () => process.stdout.write(`${JSON.stringify(await answer(line))}\n`));
+});
+lines.on("close", () => queue.then(() => process.exit(0)));
