@@ -40,6 +40,8 @@ from coder1_wire.envelope import (
 )
 from coder1_wire.heartbeat import Heartbeat
 
+#: Browser tabs one bridge keeps channels with at once.
+MAX_CHANNELS = 16
 #: How Autobahn reports a handshake the relay refused for the token (401), in onClose's reason.
 _REFUSED = re.compile(r'upgrade failed \[401\]: ([^"]*)')
 _COMMAND_KINDS = frozenset({Kind.CMD_START, Kind.CMD_STDIN, Kind.CMD_CANCEL})
@@ -160,6 +162,11 @@ class BridgeSession:
             self.log.warn("refused a key offer: {reason}", reason=str(e))
             self._key_error(_offered_channel(offer), "bad-offer", str(e))
             return
+        # A replayed offer replaces its channel; past the cap the oldest goes, so
+        # a relay replaying offers cannot multiply what the bridge sends.
+        self.channels.pop(channel.channel, None)
+        if len(self.channels) >= MAX_CHANNELS:
+            del self.channels[next(iter(self.channels))]
         self.channels[channel.channel] = channel
         if self.link is not None:
             self.link.send(answer.encode())

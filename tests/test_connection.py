@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge.commands import CommandRunner
-from coder1_bridge.connection import BridgeSession
+from coder1_bridge.connection import MAX_CHANNELS, BridgeSession
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
 from coder1_wire.e2e import Identity, Initiator, SecureChannel
@@ -140,6 +140,18 @@ class BridgeSessionTests(SynchronousTestCase):
         session.receive(frame[:-1] + bytes([frame[-1] ^ 1]))
         self.assertEqual(link.sent[-1].json()["error"], "tampered")
         self.assertEqual(session.channels, {})
+
+    def test_channels_capped(self) -> None:
+        """Replayed or endless offers cannot grow the channels (and the traffic) without bound."""
+        session, link, _, _ = self.make()
+        initiator = Initiator(self.browser, session.identity.public_raw, 1)
+        offer = initiator.offer().encode()
+        for _ in range(3):
+            session.receive(offer)
+        self.assertEqual(len(session.channels), 1)
+        for _ in range(MAX_CHANNELS + 5):
+            self.channel(session, link)
+        self.assertEqual(len(session.channels), MAX_CHANNELS)
 
     def test_detach_forgets_channels(self) -> None:
         """Channels do not outlive the connection to the relay."""
