@@ -31,7 +31,7 @@ class Options(usage.Options):
             "state-dir",
             "s",
             None,
-            "Keys, dev certificate, revocations, telemetry (default: XDG state dir).",
+            "Keys, dev certificate, pairings, telemetry (default: XDG state dir).",
         ],
         [
             "tls-cert",
