@@ -182,9 +182,17 @@ class Hub:
                 lambda _: self._send_presence(endpoint.session)
             )
 
-    def paired(self, session: str, record: BridgeRecord) -> None:
-        """A bridge just redeemed a code of C{session}: tell its tabs, with the bridge's key."""
-        body = {"peer": record.peer, "label": record.label, "bridge_key": record.bridge_key}
+    def paired(self, session: str, record: BridgeRecord, code: str) -> None:
+        """
+        A bridge just redeemed C{code} of C{session}: tell its tabs (the one
+        showing that code shows the verification string), with the bridge's key.
+        """
+        body = {
+            "peer": record.peer,
+            "label": record.label,
+            "bridge_key": record.bridge_key,
+            "code": code,
+        }
         for ide in self._ides.get(session, ()):
             ide.send(control(Kind.PAIRED, body))
 

@@ -203,7 +203,7 @@ class API:
             raise HTTPError(403, "invalid-code", "that code is unknown, used or expired") from None
         except ValueError as e:
             raise HTTPError(400, "bad-request", str(e)) from None
-        self.context.hub.paired(done.claims.session, done.record)
+        self.context.hub.paired(done.claims.session, done.record, code)
         return 200, {
             "token": done.token,
             "peer": done.claims.peer,

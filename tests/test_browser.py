@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +25,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
+
+from coder1_relay.service import RelayService
+from coder1_relay.websocket import IDEProtocol
+from coder1_wire.e2e import Identity, b64u
+from coder1_wire.envelope import HEADER_SIZE, Kind, control
 
 from .loopback import reactor, settle, start_relay, stop_all
 from .test_cli import Collect, spawn
@@ -58,6 +65,8 @@ class Page:
 
     def __init__(self, driver: Any) -> None:
         self.driver = driver
+        #: Every WebSocket message the page sent or received: ("Sent" or "Received", bytes).
+        self.frames: list[tuple[str, bytes]] = []
 
     def call(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThread(f, *args)
@@ -111,6 +120,22 @@ class Page:
         )
         return text
 
+    async def websocket_frames(self) -> list[tuple[str, bytes]]:
+        """
+        Every WebSocket message the page has sent or received so far, as Chromium's DevTools
+        saw it (the performance log, drained here), with binary payloads decoded.
+        """
+        for entry in await self.call(self.driver.get_log, "performance"):
+            event = json.loads(entry["message"])["message"]
+            method = event.get("method", "")
+            if method in ("Network.webSocketFrameSent", "Network.webSocketFrameReceived"):
+                response = event["params"]["response"]
+                data = response["payloadData"]
+                # DevTools gives binary messages (opcode 2) in base64, text ones as text.
+                payload = base64.b64decode(data) if response["opcode"] != 1 else data.encode()
+                self.frames.append((method.removeprefix("Network.webSocketFrame"), payload))
+        return self.frames
+
     async def shot(self, name: str) -> None:
         """A screenshot, and the browser console so far, as test artifacts."""
         artifacts = FilePath(ARTIFACTS)
@@ -153,18 +178,20 @@ class BrowserTests(TestCase):
             f"--ignore-certificate-errors-spki-list={pin}",
         ):
             options.add_argument(argument)
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        # "performance": DevTools' Network events, with every WebSocket message.
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
         driver = await deferToThread(
             webdriver.Chrome, service=Service(CHROMEDRIVER), options=options
         )
         self.addCleanup(lambda: deferToThread(driver.quit))
+        await deferToThread(driver.execute_cdp_cmd, "Network.enable", {})
         return Page(driver)
 
-    async def test_pair_and_use_a_terminal(self) -> None:
+    async def paired_page(self, prefix: str = "") -> tuple[RelayService, Page]:
         """
-        Open the page, click Bridge, pair with the code shown, see the bridge
-        connected, type in a terminal and see the output, resize and see
-        C{stty size} follow, exit, and revoke the bridge.
+        A relay, a bridge and a page, paired as a person does it: the page shows a code,
+        C{coder1-bridge pair} redeems it, both show the same verification code, the person
+        confirms, C{coder1-bridge start} connects, and the page opens a channel to it.
         """
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         relay = await start_relay(FilePath(self.mktemp()))
@@ -179,7 +206,7 @@ class BrowserTests(TestCase):
             "return document.querySelector('#connection-state').dataset.state === 'connected'",
             what="the IDE connection",
         )
-        await page.shot("01-page")
+        await page.shot(f"{prefix}01-page")
 
         await page.click("#bridge-button")
         code = await page.wait(
@@ -193,14 +220,35 @@ class BrowserTests(TestCase):
             await page.js("return document.querySelector('#pair-countdown').textContent"),
             r"Expires in 4:5\d|Expires in 5:00",
         )
-        await page.shot("02-code")
+        await page.shot(f"{prefix}02-code")
 
         env = {"XDG_CONFIG_HOME": FilePath(self.mktemp()).path, "SHELL": "/bin/bash"}
         pairing = Collect()
         spawn(pairing, [BRIDGE, "pair", "--relay", url, "--ca-cert", ca.path, code], env)
         self.assertEqual(await pairing.ended, 0, pairing.output)
+        printed = re.search(rb"Verification code: (\w{4}-\w{4}-\w{4})\s*$", pairing.output, re.M)
+        assert printed is not None, pairing.output
+        sas = printed.group(1).decode()
 
-        bridge = Collect(r"refused this bridge: (.*)\.")
+        shown = await page.wait(
+            "const s = document.querySelector('#pair-sas');"
+            "return s && s.offsetParent !== null && s.textContent;",
+            what="the verification code in the dialog",
+        )
+        self.assertEqual(shown, sas)
+        self.assertIn(
+            "Check that coder1-bridge pair printed the same code",
+            await page.js("return document.querySelector('#pair-paired-view').textContent"),
+        )
+        await page.shot(f"{prefix}03-verify")
+        await deferLater(reactor, 0.5)
+        self.assertTrue(
+            await page.js("return document.querySelector('#pair-dialog').open"),
+            "the dialog must wait for the person to compare the codes",
+        )
+        await page.click("#pair-done")
+
+        self.bridge = bridge = Collect(r"refused this bridge: (.*)\.")
         process = spawn(bridge, [BRIDGE, "start"], env)
         self.addCleanup(lambda: _stop(process, bridge))
         await page.wait(
@@ -212,8 +260,27 @@ class BrowserTests(TestCase):
             "connected since",
             await page.js("return document.querySelector('.bridge .state').textContent"),
         )
-        await page.shot("03-connected")
+        self.assertEqual(
+            await page.js("return document.querySelector('.bridge .sas').textContent"), sas
+        )
+        await page.wait(
+            "return document.querySelector('.bridge[data-e2e=\"secure\"]')",
+            what="the end-to-end channel to the bridge",
+        )
+        await page.shot(f"{prefix}04-connected")
 
+        return relay, page
+
+    async def test_pair_and_use_a_terminal(self) -> None:
+        """
+        Open the page, click Bridge, pair with the code shown, compare the
+        verification code the page shows with the one C{coder1-bridge pair}
+        printed, see the bridge connected, type in a terminal and see the output
+        (and none of it in any WebSocket message: they are end-to-end
+        encrypted), resize and see C{stty size} follow, exit, and revoke the
+        bridge.
+        """
+        _, page = await self.paired_page()
         await page.wait(
             "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
         )
@@ -221,7 +288,14 @@ class BrowserTests(TestCase):
         await page.wait_screen(r"[$#] *$", "a shell prompt")
         await page.type("echo hello-$((6*7))-x\n")
         await page.wait_screen(r"^hello-42-x", "the command's output in the terminal")
-        await page.shot("04-output")
+        await page.shot("05-output")
+
+        # Pasted, the canary goes out in one PTY_INPUT frame; `rev` sends it back reversed.
+        canary = f"canary-{os.urandom(8).hex()}"
+        await page.js("window.coder1.current.term.paste(arguments[0])", f"echo {canary} | rev")
+        await page.type("\n")
+        await page.wait_screen(f"^{canary[::-1]}", "the canary, reversed by the bridge's shell")
+        await self.assert_encrypted(page, canary)
 
         await page.type("sleep 100\n")
         await page.ctrl("c")
@@ -235,7 +309,7 @@ class BrowserTests(TestCase):
         self.assertEqual(await page.js("return document.querySelectorAll('.tab').length"), 2)
         await page.click(".tab")
         await page.wait_screen(r"^hello-42-x", "the first terminal, unchanged, on its tab")
-        await page.shot("05-two-terminals")
+        await page.shot("06-two-terminals")
 
         await page.call(page.driver.refresh)
         await page.wait(
@@ -245,7 +319,7 @@ class BrowserTests(TestCase):
         await page.click(".tab")
         await page.type("echo again-$((5*5))\n")
         await page.wait_screen(r"^again-25", "typing in a re-attached terminal")
-        await page.shot("06-reattached")
+        await page.shot("07-reattached")
 
         before = await self.stty_size(page, "stty size; echo end-1\n", "end-1")
         await page.call(page.driver.set_window_size, 900, 600)
@@ -258,7 +332,7 @@ class BrowserTests(TestCase):
         self.assertNotEqual(before, after)
         cols, rows = await page.js("const t = window.coder1.current.term; return [t.cols, t.rows];")
         self.assertEqual(after, (rows, cols))
-        await page.shot("07-resized")
+        await page.shot("08-resized")
 
         await page.type("exit\n")
         await page.wait(
@@ -266,17 +340,114 @@ class BrowserTests(TestCase):
             " === 'exited'",
             what="the terminal to close",
         )
-        await page.shot("08-exited")
+        await page.shot("09-exited")
+        self.assertTrue(
+            await page.js("return document.querySelector('#e2e-error').hidden"),
+            await page.js("return document.querySelector('#e2e-error').textContent"),
+        )
+        await self.assert_encrypted(page, canary)
 
         await page.click(".bridge .revoke")
         await page.click(".bridge .revoke")
-        match = await bridge.matched
+        match = await self.bridge.matched
         self.assertIn(b"revoked", match.group(1))
-        self.assertEqual(await bridge.ended, 3)
+        self.assertEqual(await self.bridge.ended, 3)
         await page.wait(
             "return document.querySelectorAll('.bridge').length === 0", what="the bridge to go"
         )
-        await page.shot("09-revoked")
+        await page.shot("10-revoked")
+
+    async def test_a_lying_relay_is_caught(self) -> None:
+        """
+        A relay that alters a frame on its way to the page is caught: the page shows the
+        verdict, writes nothing of that frame (nor of its channel after it) to the terminal,
+        starts a new channel, and the terminal works again. A relay that then names another
+        key for the bridge gets the bridge marked "key changed", and the page sends it nothing.
+        """
+        relay, page = await self.paired_page("tamper-")
+        await page.wait(
+            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
+        )
+        await page.click("#new-terminal")
+        await page.wait_screen(r"[$#] *$", "a shell prompt")
+
+        tampered = tamper_next_output(relay)
+        # The whole line in one PTY_INPUT frame; its echo and output come back altered.
+        await page.js("window.coder1.current.term.input(arguments[0])", "echo tamper-$((3*3))\r")
+        await tampered
+        verdict = await page.wait(
+            "const b = document.querySelector('#e2e-error');return !b.hidden && b.dataset.verdict;",
+            what="the page to report the altered frame",
+        )
+        self.assertEqual(verdict, "tampered")
+        self.assertIn(
+            "tampered", await page.js("return document.querySelector('#e2e-error').textContent")
+        )
+        await page.shot("tamper-05-refused")
+        await page.wait(
+            "return document.querySelector('.bridge[data-e2e=\"secure\"]')",
+            what="a new end-to-end channel",
+        )
+        await page.type("echo after-$((4*4))\n")
+        screen = await page.wait_screen(r"^after-16", "the terminal working on the new channel")
+        self.assertNotRegex(screen, r"(?m)^tamper-9")
+        await page.shot("tamper-06-recovered")
+
+        peer, since = await page.js(
+            "const peer = Number(document.querySelector('.bridge').dataset.peer);"
+            "return [peer, window.coder1.bridges.get(peer).since];"
+        )
+        entry = {"peer": peer, "label": "vm", "version": "0.1.0", "since": since}
+        entry["bridge_key"] = b64u(Identity.generate().public_raw)
+        for connection in relay.context.connections.live:
+            if isinstance(connection, IDEProtocol):
+                connection.send(control(Kind.PRESENCE, {"bridges": [entry]}).encode())
+        await page.wait(
+            "return document.querySelector('.bridge[data-state=\"key-changed\"]')",
+            what="the bridge to be shown with a changed key",
+        )
+        self.assertIn(
+            "This bridge's key changed: someone may be intercepting. Revoke it and pair again.",
+            await page.js("return document.querySelector('.bridge').textContent"),
+        )
+        self.assertTrue(await page.js("return document.querySelector('#new-terminal').disabled"))
+        self.assertEqual(
+            await page.js("return document.querySelector('.tab').dataset.state"), "exited"
+        )
+        await page.shot("tamper-07-key-changed")
+        before = len(await page.websocket_frames())
+        await page.type("echo nothing-goes-out\n")
+        await deferLater(reactor, 0.5)
+        after = (await page.websocket_frames())[before:]
+        kinds = [payload[1] for way, payload in after if way == "Sent" and len(payload) >= 20]
+        self.assertEqual([k for k in kinds if k >= 0x10], [], "frames sent to a bridge refused")
+
+    async def assert_encrypted(self, page: Page, canary: str) -> None:
+        """
+        No WebSocket message the page sent or received holds the canary (or its reverse), in
+        any of the forms a leak could take, while the unencrypted parts (control frames, the
+        key offer) are found by the same search; terminal frames all look sealed.
+        """
+        frames = await page.websocket_frames()
+        sent = [payload for way, payload in frames if way == "Sent"]
+        received = [payload for way, payload in frames if way == "Received"]
+        self.assertTrue(any(_contains(f, "heartbeat") for f in received), "WELCOME not seen")
+        self.assertTrue(any(_contains(f, '"eph"') for f in sent), "KEY_OFFER not seen")
+        for way, payload in frames:
+            for secret in (canary, canary[::-1]):
+                self.assertFalse(
+                    _contains(payload, secret), f"{way} frame holds {secret!r}: {payload!r}"
+                )
+        terminal_frames = 0
+        for _, payload in frames:
+            if len(payload) < 20:
+                continue
+            _, kind, _, _, _, _ = struct.unpack_from("!BBHIIQ", payload)
+            if 0x20 <= kind <= 0x2F:
+                terminal_frames += 1
+                # u32(C) || u64(n) || ciphertext || 16-byte tag
+                self.assertGreaterEqual(len(payload), 20 + 12 + 16, payload)
+        self.assertGreater(terminal_frames, 10)
 
     async def stty_size(self, page: Page, command: str, end: str) -> tuple[int, int]:
         await page.type(command)
@@ -285,6 +456,36 @@ class BrowserTests(TestCase):
         self.assertTrue(found, screen)
         rows, cols = found[-1]
         return int(rows), int(cols)
+
+
+def tamper_next_output(relay: RelayService) -> Deferred[None]:
+    """The relay flips one bit of the next PTY_OUTPUT frame it sends to the page's tabs."""
+    done: Deferred[None] = Deferred()
+    for connection in list(relay.context.connections.live):
+        if not isinstance(connection, IDEProtocol):
+            continue
+
+        def send(
+            payload: bytes, *args: Any, original: Any = connection.sendMessage, **kwargs: Any
+        ) -> None:
+            if not done.called and len(payload) > HEADER_SIZE and payload[1] == Kind.PTY_OUTPUT:
+                payload = payload[:-1] + bytes([payload[-1] ^ 1])
+                done.callback(None)
+            original(payload, *args, **kwargs)
+
+        connection.sendMessage = send  # type: ignore[method-assign]
+    return done
+
+
+def _contains(payload: bytes, text: str) -> bool:
+    """Whether C{text} is in C{payload} as UTF-8, UTF-16 or base64 (either alphabet)."""
+    raw = text.encode()
+    forms = [raw, text.encode("utf-16-le"), text.encode("utf-16-be")]
+    for shift in range(3):
+        # The part of base64(text) that does not depend on what comes before it.
+        encoded = base64.b64encode(b"\0" * shift + raw)[4 if shift else 0 :][:-4]
+        forms += [encoded, encoded.replace(b"+", b"-").replace(b"/", b"_")]
+    return any(form in payload for form in forms)
 
 
 async def _stop_coroutine(process: Any, collected: Collect) -> None:

@@ -26,6 +26,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from coder1_wire.e2e import (
     E2EError,
     Identity,
+    Initiator,
     IntegrityError,
     Responder,
     SecureChannel,
@@ -35,7 +36,7 @@ from coder1_wire.e2e import (
     unb64u,
     verify_signature,
 )
-from coder1_wire.envelope import HEADER_SIZE, Envelope, Kind, decode
+from coder1_wire.envelope import HEADER_SIZE, Envelope, Kind, control, decode
 
 from .loopback import reactor
 
@@ -179,8 +180,8 @@ def flip(frame: bytes, index: int, bit: int = 0) -> bytes:
     return bytes(changed)
 
 
-class InteropTests(TestCase):
-    """The browser's JavaScript and the bridge's Python agree on every byte of docs/e2e.md."""
+class NodeTestCase(TestCase):
+    """Each test talks to a fresh Node process running tests/js/e2e_interop.mjs."""
 
     timeout = 60
 
@@ -200,6 +201,10 @@ class InteropTests(TestCase):
         assert transport is not None
         transport.closeStdin()
         return self.page.ended
+
+
+class InteropTests(NodeTestCase):
+    """The browser's JavaScript and the bridge's Python agree on every byte of docs/e2e.md."""
 
     async def handshake(self, name: str = "tab") -> tuple[SecureChannel, int]:
         """
@@ -403,3 +408,156 @@ class InteropTests(TestCase):
         # The genuine answer is still accepted after the forged one was refused.
         answer, bridge_channel = Responder.answer(bridge, browser_raw, PEER, offer)
         self.assertEqual(await self.page.accept("tab", answer), bridge_channel.channel)
+
+
+class LinkTests(NodeTestCase):
+    """
+    The page's channel to one bridge (C{coder1_relay/static/link.js}) against the bridge's
+    Python: it sends only KEY_OFFER in plaintext, acts only on frames of its own channel, and
+    starts over (with a new channel) after a refusal, a KEY_ERROR or a silent bridge.
+    """
+
+    async def start(self, timeout: float = 10.0) -> Envelope:
+        """A page identity, a bridge identity, and the link's first KEY_OFFER."""
+        self.browser_raw = unb64u((await self.page.ask("identity"))["public"])
+        self.bridge = Identity.generate()
+        await self.page.ask(
+            "link_start", name="l", bridge=b64u(self.bridge.public_raw), peer=PEER, timeout=timeout
+        )
+        return await self.next_offer()
+
+    async def events(self, until: str | None = None, wait: float = 5.0) -> list[dict[str, Any]]:
+        """What the link did since the last call (after waiting for an event of C{until})."""
+        answer = await self.page.ask("link_events", name="l", until=until, wait=wait)
+        if until is not None:
+            self.assertIn(until, [e["type"] for e in answer["events"]], answer)
+        events: list[dict[str, Any]] = answer["events"]
+        return events
+
+    async def next_offer(self, wait: float = 5.0) -> Envelope:
+        events = await self.events("sent", wait)
+        sent = [decode(unb64u(e["frame"])) for e in events if e["type"] == "sent"]
+        self.assertEqual([e.kind for e in sent], [Kind.KEY_OFFER])
+        offer = sent[0]
+        self.assertEqual((offer.peer, offer.stream, offer.seq), (PEER, 0, 0))
+        return offer
+
+    async def receive(self, frame: Envelope) -> None:
+        await self.page.ask("link_receive", name="l", frame=b64u(frame.encode()))
+
+    async def secure(self, offer: Envelope) -> SecureChannel:
+        """Answer the offer as the bridge does; the link is then secure on that channel."""
+        answer, channel = Responder.answer(self.bridge, self.browser_raw, PEER, offer)
+        await self.receive(answer)
+        events = await self.events("secure")
+        self.assertIn({"type": "secure", "channel": channel.channel}, events)
+        self.assertNotIn("problem", [e["type"] for e in events])
+        return channel
+
+    def output(self, channel: SecureChannel, data: bytes, seq: int = 0) -> Envelope:
+        return channel.seal(Envelope(Kind.PTY_OUTPUT, peer=PEER, stream=7, seq=seq, payload=data))
+
+    async def test_handshake_and_traffic(self) -> None:
+        """
+        After the handshake the link seals what the page sends and opens what the bridge
+        sends; another tab's answers and frames (sealed for its own channel) are ignored.
+        """
+        offer = await self.start()
+        other_browser = Identity.generate()
+        other_offer = Initiator(other_browser, self.bridge.public_raw, PEER).offer()
+        other_answer, other = Responder.answer(
+            self.bridge, other_browser.public_raw, PEER, other_offer
+        )
+        await self.receive(other_answer)
+        self.assertEqual(await self.events(), [])
+
+        channel = await self.secure(offer)
+        sealed = await self.page.ask(
+            "link_send", name="l", kind=Kind.PTY_INPUT, stream=7, seq=3, data=b64u(b"ls\r")
+        )
+        self.assertTrue(sealed["sealed"])
+        [sent] = [e for e in await self.events("sent") if e["type"] == "sent"]
+        self.assertEqual(
+            channel.open(decode(unb64u(sent["frame"]))),
+            Envelope(Kind.PTY_INPUT, peer=PEER, stream=7, seq=3, payload=b"ls\r"),
+        )
+
+        await self.receive(other.seal(Envelope(Kind.PTY_OUTPUT, peer=PEER, stream=7, payload=b"x")))
+        await self.receive(self.output(channel, b"mine"))
+        [opened] = [e for e in await self.events("frame") if e["type"] == "frame"]
+        self.assertEqual(
+            (opened["kind"], opened["stream"], unb64u(opened["data"])),
+            (Kind.PTY_OUTPUT, 7, b"mine"),
+        )
+
+    async def test_refused_frames_start_a_new_channel(self) -> None:
+        """
+        A tampered, replayed or out-of-order frame is reported with its verdict and never
+        delivered; the link drops the channel (later frames of it are ignored) and makes a
+        new offer, with a new channel number, which the bridge can answer.
+        """
+        offer = await self.start()
+        seen = set()
+        for verdict in ("tampered", "replayed", "dropped"):
+            channel = await self.secure(offer)
+            seen.add(channel.channel)
+            first, second = self.output(channel, b"one"), self.output(channel, b"two", 1)
+            if verdict == "tampered":
+                bad = [decode(flip(first.encode(), len(first.encode()) - 1))]
+            elif verdict == "replayed":
+                bad = [first, first]
+            else:
+                bad = [second]
+            for frame in bad:
+                await self.receive(frame)
+            events = await self.events("problem")
+            problems = [e for e in events if e["type"] == "problem"]
+            self.assertEqual([p.get("verdict") for p in problems], [verdict], events)
+            delivered = [unb64u(e["data"]) for e in events if e["type"] == "frame"]
+            self.assertEqual(delivered, [b"one"] if verdict == "replayed" else [])
+            self.assertIn({"type": "state", "state": "retrying"}, events)
+            await self.receive(second)  # genuine, but of the dropped channel
+            offer = await self.next_offer()
+            self.assertNotIn(json.loads(offer.payload)["channel"], seen)
+
+    async def test_forged_answer(self) -> None:
+        """
+        An answer not signed by the pinned bridge key is reported and ignored; the genuine
+        answer that follows still completes the handshake.
+        """
+        offer = await self.start()
+        await self.receive(forged_answer(offer, self.bridge.public_raw, Identity.generate()))
+        events = await self.events("problem")
+        self.assertEqual(
+            [e.get("reason") for e in events if e["type"] == "problem"], ["bad-signature"]
+        )
+        await self.secure(offer)
+
+    async def test_key_error_and_silence(self) -> None:
+        """
+        KEY_ERROR for another channel is ignored; for this link's channel it is reported and
+        the link offers again. An offer left unanswered is made again after the timeout.
+        """
+        offer = await self.start(timeout=0.3)
+        channel = json.loads(offer.payload)["channel"]
+        refusal = {"channel": channel + 1, "error": "bad-offer", "message": "not yours"}
+        await self.receive(control(Kind.KEY_ERROR, refusal, peer=PEER))
+        self.assertEqual(await self.events(), [])
+        refusal["channel"] = channel
+        await self.receive(control(Kind.KEY_ERROR, refusal, peer=PEER))
+        events = await self.events("problem")
+        self.assertIn({"type": "problem", "reason": "bad-offer", "message": "not yours"}, events)
+        silent = await self.next_offer()  # after the backoff
+        self.assertNotEqual(json.loads(silent.payload)["channel"], channel)
+        again = await self.next_offer(wait=8.0)  # nobody answered: timeout, backoff, offer
+        await self.secure(again)
+
+    async def test_bridge_too_old(self) -> None:
+        """A bridge that answers KEY_OFFER as an unknown kind leaves the link "unsupported"."""
+        await self.start()
+        old = {"kind": Kind.KEY_OFFER, "error": "unsupported", "message": "this bridge is too old"}
+        await self.receive(control(Kind.UNSUPPORTED, old, peer=PEER))
+        events = await self.events("state")
+        self.assertIn({"type": "state", "state": "unsupported"}, events)
+        answer = await self.page.ask("link_events", name="l", until="sent", wait=1.5)
+        self.assertEqual((answer["events"], answer["state"]), ([], "unsupported"))

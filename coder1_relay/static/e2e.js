@@ -328,8 +328,9 @@ export class SecureChannel {
     this.opening = Promise.resolve();
   }
 
-  iv(direction, n) {
-    return concat(u32(direction), u64(n));
+  /** AES-256-GCM parameters: iv = u32(direction) || u64(n), aad = header || u32(C) || u64(n). */
+  static gcm(direction, n, aad) {
+    return { name: "AES-GCM", iv: concat(u32(direction), u64(n)), additionalData: aad, tagLength: 128 };
   }
 
   /**
@@ -338,15 +339,14 @@ export class SecureChannel {
    */
   seal(kind, { peer = 0, stream = 0, seq = 0 } = {}, plaintext = new Uint8Array()) {
     const n = this.sent;
+    if (n > 0xffff_ffff_ffff_ffffn) throw new Error("this channel has sealed all the frames it can");
     this.sent += 1n;
     const header = new Uint8Array(encode(kind, { peer, stream, seq }));
     const bytes = plaintextBytes(plaintext);
     const prefix = concat(u32(this.id), u64(n));
     const result = this.sealing.then(async () => {
-      const sealed = await subtle.encrypt(
-        { name: "AES-GCM", iv: this.iv(this.sealDirection, n), additionalData: concat(header, prefix), tagLength: 128 },
-        this.sealKey, bytes,
-      );
+      const gcm = SecureChannel.gcm(this.sealDirection, n, concat(header, prefix));
+      const sealed = await subtle.encrypt(gcm, this.sealKey, bytes);
       return concat(header, prefix, new Uint8Array(sealed)).buffer;
     });
     this.sealing = result.catch(() => {});
@@ -376,10 +376,8 @@ export class SecureChannel {
     const aadEnd = HEADER_SIZE + SEAL_PREFIX_SIZE;
     let plaintext;
     try {
-      plaintext = await subtle.decrypt(
-        { name: "AES-GCM", iv: this.iv(this.openDirection, n), additionalData: bytes.subarray(0, aadEnd), tagLength: 128 },
-        this.openKey, bytes.subarray(aadEnd),
-      );
+      const gcm = SecureChannel.gcm(this.openDirection, n, bytes.subarray(0, aadEnd));
+      plaintext = await subtle.decrypt(gcm, this.openKey, bytes.subarray(aadEnd));
     } catch {
       throw new IntegrityError("tampered", "the frame's authentication tag does not verify");
     }
@@ -388,7 +386,8 @@ export class SecureChannel {
     }
     if (n > this.expected) {
       const missing = n - this.expected;
-      throw new IntegrityError("dropped", `${missing} frame(s) missing before frame ${n}`, { missing: Number(missing) });
+      throw new IntegrityError("dropped", `${missing} frame(s) missing before frame ${n}`,
+        { missing: Number(missing) });
     }
     this.expected += 1n;
     return new Uint8Array(plaintext);

@@ -33,9 +33,10 @@ export class BridgeLink {
    * @param since     when the relay saw this bridge connect (a new value means a new connection)
    * @param sendRaw   (ArrayBuffer) => boolean: send one frame on the IDE connection
    * @param on        {state(link), secure(link), frame(frame), problem(link, problem)}
+   * @param timeout   seconds to wait for a KEY_ANSWER
    */
-  constructor({ peer, bridgeRaw, identity, since, sendRaw, on }) {
-    Object.assign(this, { peer, bridgeRaw, identity, since, sendRaw, on });
+  constructor({ peer, bridgeRaw, identity, since, sendRaw, on, timeout = HANDSHAKE_TIMEOUT }) {
+    Object.assign(this, { peer, bridgeRaw, identity, since, sendRaw, on, timeout });
     this.state = "idle";
     this.channel = null; // the SecureChannel once the handshake succeeded
     this.initiator = null; // the handshake waiting for its answer
@@ -60,7 +61,7 @@ export class BridgeLink {
     if (generation !== this.generation) return;
     this.initiator = initiator;
     this.sendRaw(encode(Kind.KEY_OFFER, { peer: this.peer, stream: 0, seq: 0, payload: offer }));
-    this.timer = setTimeout(() => this.retry(), HANDSHAKE_TIMEOUT * 1000);
+    this.timer = setTimeout(() => this.retry(), this.timeout * 1000);
   }
 
   /** Start again after a backoff that grows with each failure in a row. */
@@ -127,7 +128,9 @@ export class BridgeLink {
     if (!initiator || !body || body.channel !== initiator.channel) return; // another tab's
     const generation = this.generation;
     try {
-      if (frame.stream !== 0 || frame.seq !== 0n) throw new HandshakeError("malformed", "the answer is not on stream 0");
+      if (frame.stream !== 0 || frame.seq !== 0n) {
+        throw new HandshakeError("malformed", "the answer is not on stream 0, seq 0");
+      }
       const channel = await initiator.accept(frame.payload);
       if (generation !== this.generation) return;
       this.clear();

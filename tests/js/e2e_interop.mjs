@@ -23,11 +23,13 @@ if (!globalThis.crypto?.subtle) globalThis.crypto = (await import("node:crypto")
 const static_ = new URL("../../coder1_relay/static/", import.meta.url);
 const e2e = await import(new URL("e2e.js", static_).href);
 const wire = await import(new URL("wire.js", static_).href);
+const { BridgeLink } = await import(new URL("link.js", static_).href);
 const { b64u, unb64u } = e2e;
 
 let identity = null;
 const initiators = new Map(); // name -> Initiator
 const channels = new Map(); // name -> SecureChannel
+const links = new Map(); // name -> {link, events}: the page's BridgeLink and what it did
 
 function named(map, name, what) {
   const found = map.get(name);
@@ -90,6 +92,61 @@ const ops = {
 
   async channel_of({ frame }) {
     return { channel: e2e.channelOf(wire.decode(unb64u(frame).buffer).payload) };
+  },
+
+  // The page's BridgeLink (link.js), its frames and callbacks recorded as events:
+  // {type: "sent", frame}, {type: "state", state}, {type: "secure", channel},
+  // {type: "frame", kind, peer, stream, seq, data}, {type: "problem", verdict?, reason?}.
+
+  async link_start({ name, bridge, peer, timeout }) {
+    const events = [];
+    const link = new BridgeLink({
+      peer,
+      bridgeRaw: unb64u(bridge),
+      identity,
+      since: 1,
+      timeout,
+      sendRaw: (frame) => events.push({ type: "sent", frame: b64u(frame) }) > 0,
+      on: {
+        state: (l) => events.push({ type: "state", state: l.state }),
+        secure: (l) => events.push({ type: "secure", channel: l.channel.id }),
+        frame: (f) => events.push({
+          type: "frame", kind: f.kind, peer: f.peer, stream: f.stream, seq: String(f.seq),
+          data: b64u(f.payload),
+        }),
+        problem: (_, problem) => events.push({ type: "problem", ...problem }),
+      },
+    });
+    links.set(name, { link, events });
+    await link.start();
+    return {};
+  },
+
+  async link_receive({ name, frame }) {
+    const bytes = unb64u(frame);
+    const decoded = wire.decode(bytes.buffer);
+    decoded.raw = bytes.buffer;
+    await named(links, name, "link").link.receive(decoded);
+    return {};
+  },
+
+  async link_send({ name, kind, stream, seq, data }) {
+    return { sealed: named(links, name, "link").link.send(kind, { stream, seq }, unb64u(data)) };
+  },
+
+  /** What the link did since the last call; first waits (up to `wait` s) for an event of `until`. */
+  async link_events({ name, until, wait = 0 }) {
+    const { link, events } = named(links, name, "link");
+    const deadline = Date.now() + wait * 1000;
+    while (until && !events.some((e) => e.type === until) && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    return { events: events.splice(0), state: link.state };
+  },
+
+  async link_stop({ name }) {
+    named(links, name, "link").link.stop();
+    return {};
   },
 };
 
