@@ -22,63 +22,23 @@ holds the terminal then gets it hung up, and PTY_EXIT follows.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import signal
 import struct
 import termios
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coder1_bridge.commands import Timer, _executable_exists, _is_text
+from coder1_bridge import processes
 from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control
 
 #: The smallest and largest number of columns or rows a terminal may have.
 MIN_SIZE = 1
 MAX_SIZE = 1000
-
-
-class TerminalHandle(Protocol):
-    """The part of Twisted's PTY process transport the manager uses."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def signalProcess(self, signalID: str | int) -> None: ...
-
-    def loseConnection(self) -> None: ...
-
-
-class TerminalReactor(Protocol):
-    """The parts of L{IReactorProcess} and L{IReactorTime} the manager uses."""
-
-    def spawnProcess(
-        self,
-        processProtocol: ProcessProtocol,
-        executable: str,
-        args: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        path: str | None = None,
-        *,
-        usePTY: tuple[int, int, str],
-    ) -> TerminalHandle: ...
-
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object, **kwargs: object
-    ) -> Timer: ...
-
-    def seconds(self) -> float: ...
-
-
-def _login_shell() -> str:
-    return os.environ.get("SHELL") or "/bin/sh"
 
 
 @attrs.frozen
@@ -89,7 +49,7 @@ class TerminalSettings:
     #: Seconds between SIGHUP and SIGKILL when a terminal is closed.
     kill_grace: float = 2.0
     #: The program of a PTY_OPEN without argv, run as ``[shell, "-l"]``.
-    shell: str = attrs.field(factory=_login_shell)
+    shell: str = attrs.field(factory=processes.login_shell)
     #: TERM for every terminal's program.
     term: str = "xterm-256color"
     #: Seconds a terminal stays open after its program ended, when another
@@ -102,17 +62,14 @@ def set_window_size(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-class _Refused(Exception):
-    """A PTY_OPEN that will not run; becomes one PTY_ERROR."""
+class TerminalHandle(processes.ChildHandle, Protocol):
+    """The part of Twisted's PTY process transport the manager uses."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
+    def loseConnection(self) -> None: ...
 
 
-class _BadSize(ValueError):
-    """A window size outside what a terminal may have."""
+#: The parts of L{IReactorProcess} and L{IReactorTime} the manager uses.
+TerminalReactor = processes.ProcessReactor[TerminalHandle]
 
 
 @attrs.frozen
@@ -128,16 +85,18 @@ class _Request:
 
 def _given(request: Envelope) -> dict[str, object]:
     """The JSON object of a request, without its null values: a null counts as absent."""
-    body = request.json()
-    if not isinstance(body, dict):
-        raise EnvelopeError("the request must be a JSON object")
-    return {k: v for k, v in body.items() if v is not None}
+    try:
+        return processes.json_object(request.json())
+    except EnvelopeError as e:
+        raise processes.bad_request(str(e)) from e
 
 
 def _dimension(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and MIN_SIZE <= value <= MAX_SIZE:
         return value
-    raise _BadSize(f"cols and rows must be whole numbers from {MIN_SIZE} to {MAX_SIZE}")
+    raise processes.bad_request(
+        f"cols and rows must be whole numbers from {MIN_SIZE} to {MAX_SIZE}"
+    )
 
 
 def _size(given: Mapping[str, object]) -> tuple[int, int]:
@@ -146,90 +105,41 @@ def _size(given: Mapping[str, object]) -> tuple[int, int]:
 
 
 def _parse(request: Envelope, settings: TerminalSettings) -> _Request:
-    def bad(message: str) -> _Refused:
-        return _Refused("bad-request", message)
-
-    try:
-        given = _given(request)
-    except EnvelopeError as e:
-        raise bad(str(e)) from e
-    try:
-        cols, rows = _size(given)
-    except _BadSize as e:
-        raise bad(str(e)) from e
-
-    if "argv" in given:
-        raw = given["argv"]
-        if not (isinstance(raw, list) and raw and all(_is_text(a) for a in raw)):
-            raise bad("argv must be a non-empty list of strings")
-        argv: list[str] = raw
-    else:
-        argv = [settings.shell, "-l"]
-
-    cwd = given.get("cwd", "")
-    if not _is_text(cwd):
-        raise bad("cwd must be a string")
-    env = given.get("env", {})
-    if not (
-        isinstance(env, dict)
-        and all(_is_text(k) and k and "=" not in k and _is_text(v) for k, v in env.items())
-    ):
-        raise bad("env must map variable names to strings")
-
-    home = os.path.expanduser("~")
-    return _Request(
-        cols=cols,
-        rows=rows,
-        argv=tuple(argv),
-        # A relative cwd is taken from the home directory, the default one.
-        cwd=os.path.join(home, cwd) if cwd else home,
-        env=env,
-    )
+    given = _given(request)
+    cols, rows = _size(given)
+    argv = processes.parse_argv(given["argv"]) if "argv" in given else [settings.shell, "-l"]
+    cwd, env = processes.parse_cwd_and_env(given)
+    return _Request(cols=cols, rows=rows, argv=tuple(argv), cwd=cwd, env=env)
 
 
-@attrs.define(eq=False)
-class _Terminal:
-    """One open terminal."""
+@attrs.define(eq=False, kw_only=True)
+class _Terminal(processes.ManagedProcess[TerminalHandle]):
+    """
+    One open terminal.  Its pid is its process group id because it leads a
+    session of its own.  Its timer is the KILL deadline while closing, then
+    the hang-up once the program ended.
+    """
 
-    stream: int
-    peer: int
-    process: TerminalHandle
-    #: Its process group id, which is its pid: it leads a session of its own.
-    pid: int
     #: A descriptor of the terminal's master side that is the manager's own, for
     #: resizing: Twisted closes its descriptor when the terminal ends, after which
     #: its number may belong to anything.  Closed when PTY_EXIT is sent.
     window: int
     cols: int
     rows: int
-    started: float
-    #: The KILL deadline while closing, then the hang-up once the program ended.
-    timer: Timer | None = None
     closing: bool = False
     #: Whether the program (the group leader) has ended and been reaped.
     exited: bool = False
-    seq: int = 0
     input_bytes: int = 0
-    output_bytes: int = 0
-    ended: Deferred[None] = attrs.field(factory=Deferred)
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq - 1
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
 
 
-class _TerminalProtocol(ProcessProtocol):
+class _TerminalProtocol(processes.ChildProtocol[_Terminal]):
     """Hands one terminal's events to the manager."""
 
+    output_kind = Kind.PTY_OUTPUT
+    _manager: TerminalManager
+
     def __init__(self, manager: TerminalManager) -> None:
-        self._manager = manager
-        #: Set as soon as spawnProcess returns, which is before any output.
-        self.terminal: _Terminal | None = None
+        super().__init__(manager)
         #: Read while spawnProcess runs: Twisted forgets a pid once it has reaped it.
         self.pid: int | None = None
         #: Whether Twisted reaped the program inside spawnProcess.
@@ -238,22 +148,14 @@ class _TerminalProtocol(ProcessProtocol):
     def connectionMade(self) -> None:
         self.pid = getattr(self.transport, "pid", None)
 
-    def outReceived(self, data: bytes) -> None:
-        assert self.terminal is not None
-        self._manager._output(self.terminal, data)
-
     def processExited(self, reason: Failure) -> None:
-        if self.terminal is None:
+        if self.child is None:
             self.exited_early = True
         else:
-            self._manager._exited(self.terminal)
-
-    def processEnded(self, reason: Failure) -> None:
-        assert self.terminal is not None
-        self._manager._ended(self.terminal, reason)
+            self._manager._exited(self.child)
 
 
-class TerminalManager:
+class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings, _Terminal]):
     """
     Opens and runs the IDE's interactive terminals, one per stream id.
 
@@ -261,103 +163,31 @@ class TerminalManager:
     what it prints: only stream ids and counts.
     """
 
-    log = Logger()
+    noun = "terminal"
+    error_kind = Kind.PTY_ERROR
+    in_use = "a terminal is already open on this stream"
+    settings_type = TerminalSettings
 
-    def __init__(
-        self,
-        reactor: TerminalReactor,
-        send: Callable[[Envelope], None],
-        settings: TerminalSettings | None = None,
-        *,
-        kill: Callable[[int, int], None] = os.killpg,
-    ) -> None:
-        self._reactor = reactor
-        self._send = send
-        self._settings = settings if settings is not None else TerminalSettings()
-        self._kill = kill
-        self._terminals: dict[int, _Terminal] = {}
+    def _actions(self) -> Mapping[int, Callable[[Envelope], None]]:
+        return {Kind.PTY_OPEN: self._start, Kind.PTY_LIST: self._list}
 
-    @property
-    def running(self) -> int:
-        """How many terminals are open now."""
-        return len(self._terminals)
-
-    def handle(self, envelope: Envelope) -> None:
-        """Act on a PTY_OPEN, PTY_INPUT, PTY_RESIZE, PTY_CLOSE or PTY_LIST frame."""
-        if envelope.kind == Kind.PTY_OPEN:
-            self._open(envelope)
-            return
-        if envelope.kind == Kind.PTY_LIST:
-            self._list(envelope)
-            return
-        if envelope.kind not in (Kind.PTY_INPUT, Kind.PTY_RESIZE, Kind.PTY_CLOSE):
-            self.log.warn("ignored a frame of kind {kind}", kind=envelope.kind)
-            return
-        terminal = self._terminals.get(envelope.stream)
-        if terminal is None:
-            return  # it may just have ended
-        if envelope.kind == Kind.PTY_INPUT:
-            self._input(terminal, envelope.payload)
-        elif envelope.kind == Kind.PTY_RESIZE:
-            self._resize(terminal, envelope)
-        else:
-            self._close(terminal)
-
-    def stop_all(self) -> Deferred[None]:
-        """HUP, then KILL, every terminal; fires once all have ended."""
-        terminals = list(self._terminals.values())
-        for terminal in terminals:
-            self._close(terminal)
-        return gatherResults([t.ended for t in terminals]).addCallback(lambda _: None)
-
-    def _open(self, request: Envelope) -> None:
-        try:
-            terminal = self._spawn(request)
-        except _Refused as e:
-            self.log.info("terminal {stream} refused: {code}", stream=request.stream, code=e.code)
-            live = self._terminals.get(request.stream)
-            self._send(
-                attrs.evolve(
-                    control(
-                        Kind.PTY_ERROR,
-                        {"error": e.code, "message": e.message},
-                        stream=request.stream,
-                        peer=request.peer,
-                    ),
-                    # A refused duplicate must not disturb the live terminal's numbering.
-                    seq=0 if live is None else live.next_seq(),
-                )
-            )
-            return
-        self._terminals[terminal.stream] = terminal
-        self.log.info(
-            "terminal {stream} opened, {running} open",
-            stream=terminal.stream,
-            running=self.running,
-        )
-        body = {"pid": terminal.pid, "cols": terminal.cols, "rows": terminal.rows}
-        self._reply(terminal, Kind.PTY_OPENED, control(Kind.PTY_OPENED, body).payload)
+    def _stream_actions(self) -> Mapping[int, Callable[[_Terminal, Envelope], None]]:
+        return {
+            Kind.PTY_INPUT: lambda terminal, frame: self._input(terminal, frame.payload),
+            Kind.PTY_RESIZE: self._resize,
+            Kind.PTY_CLOSE: lambda terminal, _: self._stop(terminal),
+        }
 
     def _spawn(self, request: Envelope) -> _Terminal:
-        if request.stream in self._terminals:
-            raise _Refused("stream-in-use", "a terminal is already open on this stream")
         spec = _parse(request, self._settings)
-        if self.running >= self._settings.max_terminals:
-            raise _Refused(
-                "too-many",
-                f"at most {self._settings.max_terminals} terminals may be open at once",
-            )
-        if not os.path.isdir(spec.cwd):
-            raise _Refused("bad-cwd", f"no such directory: {spec.cwd}")
+        self._check_room(self._settings.max_terminals, "at most {} terminals may be open at once")
         env = {**os.environ, **spec.env, "TERM": self._settings.term, "COLORTERM": "truecolor"}
-        # Found here, the user gets PTY_ERROR rather than a traceback in the terminal.
-        if not _executable_exists(spec.argv[0], env.get("PATH", os.defpath), spec.cwd):
-            raise _Refused("not-found", f"command not found: {spec.argv[0]}")
+        processes.check_program(spec.argv[0], spec.cwd, env)
 
         try:
             master, slave = os.openpty()
         except OSError as e:
-            raise _Refused("no-pty", f"could not open a terminal: {e}") from e
+            raise processes.Refused("no-pty", f"could not open a terminal: {e}") from e
         window: int | None = None
         try:
             set_window_size(master, spec.cols, spec.rows)
@@ -378,7 +208,7 @@ class TerminalManager:
                 if fd is not None:
                     os.close(fd)
             if isinstance(e, OSError):
-                raise _Refused("spawn-failed", f"could not start the program: {e}") from e
+                raise processes.Refused("spawn-failed", f"could not start the program: {e}") from e
             raise
         assert protocol.pid is not None
         terminal = _Terminal(
@@ -391,10 +221,19 @@ class TerminalManager:
             rows=spec.rows,
             started=self._reactor.seconds(),
         )
-        protocol.terminal = terminal
+        protocol.child = terminal
         if protocol.exited_early:
             self._exited(terminal)
         return terminal
+
+    def _started(self, terminal: _Terminal) -> None:
+        self.log.info(
+            "terminal {stream} opened, {running} open",
+            stream=terminal.stream,
+            running=self.running,
+        )
+        body = {"pid": terminal.pid, "cols": terminal.cols, "rows": terminal.rows}
+        self._reply(terminal, Kind.PTY_OPENED, control(Kind.PTY_OPENED, body).payload)
 
     def _input(self, terminal: _Terminal, data: bytes) -> None:
         if terminal.exited or not data:
@@ -405,7 +244,7 @@ class TerminalManager:
     def _resize(self, terminal: _Terminal, request: Envelope) -> None:
         try:
             cols, rows = _size(_given(request))
-        except (EnvelopeError, _BadSize):
+        except processes.Refused:
             # No reply: PTY_ERROR means a terminal that did not open.
             self.log.warn("terminal {stream}: ignored a bad resize", stream=terminal.stream)
             return
@@ -416,7 +255,8 @@ class TerminalManager:
             return
         terminal.cols, terminal.rows = cols, rows
 
-    def _close(self, terminal: _Terminal) -> None:
+    def _stop(self, terminal: _Terminal) -> None:
+        """Close the terminal: HUP its group, then KILL it after the grace."""
         if terminal.closing:
             return  # keep the first KILL deadline
         terminal.closing = True
@@ -426,21 +266,7 @@ class TerminalManager:
             self._signal(terminal, signal.SIGKILL)
             self._hang_up(terminal)
             return
-        self._signal(terminal, signal.SIGHUP)
-        terminal.timer = self._reactor.callLater(
-            self._settings.kill_grace, self._signal, terminal, signal.SIGKILL
-        )
-
-    def _signal(self, terminal: _Terminal, sig: int) -> None:
-        try:
-            self._kill(terminal.pid, sig)
-        except ProcessLookupError:
-            # No such group: either the child has not reached setsid() yet, and
-            # is a lone process to signal alone, or the group is gone, and
-            # Twisted has reaped the process and refuses to signal a pid that may
-            # since have been reused.
-            with contextlib.suppress(ProcessExitedAlready):
-                terminal.process.signalProcess(sig)
+        self._stop_group(terminal, signal.SIGHUP)
 
     def _exited(self, terminal: _Terminal) -> None:
         """The program has ended; its terminal may still be held open by others."""
@@ -456,17 +282,9 @@ class TerminalManager:
         self.log.info("terminal {stream}: hanging up", stream=terminal.stream)
         terminal.process.loseConnection()
 
-    def _output(self, terminal: _Terminal, data: bytes) -> None:
-        terminal.output_bytes += len(data)
-        self._reply(terminal, Kind.PTY_OUTPUT, data)
-
-    def _ended(self, terminal: _Terminal, reason: Failure) -> None:
-        del self._terminals[terminal.stream]
+    def _exit_frame(self, terminal: _Terminal, exit_code: int | None, sig: int | None) -> Envelope:
         terminal.cancel_timer()
         os.close(terminal.window)
-        exit_code = sig = None
-        if isinstance(reason.value, ProcessDone | ProcessTerminated):
-            exit_code, sig = reason.value.exitCode, reason.value.signal
         self.log.info(
             "terminal {stream} ended ({outcome}), {input} bytes in, {output} bytes out",
             stream=terminal.stream,
@@ -474,11 +292,7 @@ class TerminalManager:
             input=terminal.input_bytes,
             output=terminal.output_bytes,
         )
-        try:
-            body = {"exit_code": exit_code, "signal": sig}
-            self._reply(terminal, Kind.PTY_EXIT, control(Kind.PTY_EXIT, body).payload)
-        finally:
-            terminal.ended.callback(None)
+        return control(Kind.PTY_EXIT, {"exit_code": exit_code, "signal": sig})
 
     def _list(self, request: Envelope) -> None:
         body: dict[str, Any] = {
@@ -491,13 +305,9 @@ class TerminalManager:
                     "started": t.started,
                     "pid": t.pid,
                 }
-                for t in self._terminals.values()
+                for t in self._processes.values()
             ]
         }
-        live = self._terminals.get(request.stream)
         frame = control(Kind.PTY_LISTING, body, stream=request.stream, peer=request.peer)
         # Asked on a terminal's stream, the reply takes that stream's next seq.
-        self._send(attrs.evolve(frame, seq=0 if live is None else live.next_seq()))
-
-    def _reply(self, terminal: _Terminal, kind: Kind, payload: bytes) -> None:
-        self._send(Envelope(kind, terminal.stream, terminal.next_seq(), terminal.peer, payload))
+        self._send_on_stream(frame)

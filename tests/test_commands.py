@@ -14,24 +14,19 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 from unittest import mock
 
 import attrs
 import hypothesis
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 
 from coder1_bridge.commands import TRAMPOLINE, CommandReactor, CommandRunner, CommandSettings
 from coder1_wire.envelope import Envelope, Kind
+from tests import processes
 
 HOME = os.path.expanduser("~")
 
@@ -41,38 +36,20 @@ def start(stream: int, peer: int = 7, **body: object) -> Envelope:
     return Envelope(Kind.CMD_START, stream, 0, peer, json.dumps(body).encode())
 
 
-@attrs.define
-class FakeProcess:
+@attrs.define(kw_only=True)
+class FakeProcess(processes.RecordingProcess):
     """What the fake reactor's spawnProcess returns: records stdin."""
 
     pid: int
-    written: list[bytes] = attrs.Factory(list)
     stdin_closed: bool = False
-    signals: list[str | int] = attrs.Factory(list)
-    reaped: bool = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
 
     def closeStdin(self) -> None:
         self.stdin_closed = True
 
-    def signalProcess(self, signalID: str | int) -> None:
-        if self.reaped:
-            raise ProcessExitedAlready()
-        self.signals.append(signalID)
 
-
-@attrs.frozen
-class Spawned:
+@attrs.define(kw_only=True)
+class Spawned(processes.SpawnedProcess[FakeProcess]):
     """One recorded spawnProcess call."""
-
-    protocol: ProcessProtocol
-    executable: str
-    args: list[str]
-    env: Mapping[str, str] | None
-    path: str | None
-    process: FakeProcess
 
     @property
     def cwd(self) -> str:
@@ -86,58 +63,32 @@ class Spawned:
 
     def exit(self, code: int | None = 0, sig: int | None = None) -> None:
         """Deliver processEnded as Twisted would."""
-        if code == 0 and sig is None:
-            self.protocol.processEnded(Failure(ProcessDone(0)))
-        else:
-            self.protocol.processEnded(Failure(ProcessTerminated(code, sig)))
+        self.protocol.processEnded(processes.exit_reason(code, sig))
 
 
-class FakeReactor(MemoryReactorClock):
+class FakeReactor(processes.SpawningClock[FakeProcess, Spawned]):
     """A clock that records spawnProcess calls instead of running anything."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[Spawned] = []
-        self.spawn_error: OSError | None = None
-
-    def spawnProcess(
-        self,
-        processProtocol: ProcessProtocol,
-        executable: str,
-        args: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        path: str | None = None,
-    ) -> FakeProcess:
-        if self.spawn_error is not None:
-            raise self.spawn_error
-        process = FakeProcess(pid=4000 + len(self.spawned))
-        self.spawned.append(Spawned(processProtocol, executable, list(args), env, path, process))
-        return process
+    def record(self, call: processes.SpawnCall) -> Spawned:
+        assert call.usePTY is False, "commands run on pipes"
+        return Spawned.of(call, process=FakeProcess(pid=self.next_pid))
 
 
-class FakeProcessTests(TestCase):
+class FakeProcessTests(processes.FakeSpawnerTestCase[FakeReactor]):
     """The runner against a fake reactor: what it spawns, sends and signals."""
 
+    error_kind = Kind.CMD_ERROR
+
     def setUp(self) -> None:
+        super().setUp()
         self.reactor = FakeReactor()
-        self.sent: list[Envelope] = []
-        self.kills: list[tuple[int, int]] = []
         self.runner = self.make_runner()
 
     def make_runner(self, **settings: Any) -> CommandRunner:
         settings.setdefault("shell", "/bin/sh")
         return CommandRunner(
-            self.reactor,
-            self.sent.append,
-            CommandSettings(**settings),
-            kill=lambda pid, sig: self.kills.append((pid, sig)),
+            self.reactor, self.sent.append, CommandSettings(**settings), kill=self.kill
         )
-
-    def only_error(self, stream: int = 1) -> Any:
-        """The one frame sent, which must be a CMD_ERROR on C{stream}; its body."""
-        [frame] = self.sent
-        self.assertEqual((frame.kind, frame.stream, frame.seq), (Kind.CMD_ERROR, stream, 0))
-        return frame.json()
 
     def test_trampoline(self) -> None:
         """The trampoline starts a new session, changes to argv[1], then execs argv[2:]
@@ -175,11 +126,7 @@ class FakeProcessTests(TestCase):
 
     def test_default_shell(self) -> None:
         """The default shell is $SHELL, else /bin/sh, read when settings are made."""
-        with mock.patch.dict(os.environ, {"SHELL": "/bin/zsh"}):
-            settings = CommandSettings()
-        self.assertEqual(settings.shell, "/bin/zsh")
-        with mock.patch.dict(os.environ, clear=True):
-            self.assertEqual(CommandSettings().shell, "/bin/sh")
+        self.assert_default_shell(CommandSettings)
 
     def test_cwd_and_env(self) -> None:
         """cwd is used (relative ones from home); env is added to the bridge's own."""
@@ -217,17 +164,8 @@ class FakeProcessTests(TestCase):
             b'{"argv": ["ls"], "timeout": Infinity}',
             b'{"argv": ["ls"], "timeout": NaN}',
         ]
-        for stream, payload in enumerate(payloads, 1):
-            self.runner.handle(Envelope(Kind.CMD_START, stream, 0, 9, payload))
+        self.assert_bad_requests(self.runner.handle, Kind.CMD_START, payloads)
         self.assertEqual(self.reactor.spawned, [])
-        self.assertEqual(len(self.sent), len(payloads))
-        for stream, frame in enumerate(self.sent, 1):
-            self.assertEqual(
-                (frame.kind, frame.stream, frame.seq, frame.peer), (Kind.CMD_ERROR, stream, 0, 9)
-            )
-            body = frame.json()
-            self.assertEqual(body["error"], "bad-request", payloads[stream - 1])
-            self.assertIsInstance(body["message"], str)
 
     def test_null_is_absent(self) -> None:
         """A JSON null counts as a missing key."""
@@ -263,9 +201,7 @@ class FakeProcessTests(TestCase):
 
     def test_not_found(self) -> None:
         """Executables that exec would not find are refused before spawning."""
-        plain = os.path.abspath(self.mktemp())
-        with open(plain, "w"):
-            pass
+        plain = self.make_plain_file()
         self.runner.handle(start(1, argv=["no-such-command-c0der1"]))
         self.runner.handle(start(2, argv=[plain]))
         self.runner.handle(start(3, argv=["ls"], env={"PATH": "/nonexistent"}))
@@ -276,12 +212,7 @@ class FakeProcessTests(TestCase):
 
     def test_found_by_request_path_and_cwd(self) -> None:
         """The request's PATH is searched, and relative paths are taken from cwd."""
-        bin_dir = os.path.abspath(self.mktemp())
-        os.mkdir(bin_dir)
-        tool = os.path.join(bin_dir, "tool")
-        with open(tool, "w"):
-            pass
-        os.chmod(tool, 0o755)
+        bin_dir = self.make_tool()
         self.runner.handle(start(1, argv=["tool"], env={"PATH": bin_dir}))
         self.runner.handle(start(2, argv=["./tool"], cwd=bin_dir))
         self.assertEqual([s.argv for s in self.reactor.spawned], [["tool"], ["./tool"]])
@@ -366,29 +297,19 @@ class FakeProcessTests(TestCase):
     def test_no_group_yet(self) -> None:
         """With no process group yet (the trampoline has not called setsid), the signal
         goes to the process itself."""
-
-        def no_group(pid: int, sig: int) -> None:
-            raise ProcessLookupError
-
-        runner = CommandRunner(self.reactor, self.sent.append, kill=no_group)
-        runner.handle(start(1, argv=["ls"]))
-        runner.handle(Envelope(Kind.CMD_CANCEL, 1))
-        self.reactor.advance(5)
-        self.assertEqual(self.reactor.spawned[0].process.signals, [15, 9])
+        cancel = Envelope(Kind.CMD_CANCEL, 1)
+        process = self.stop_without_group(
+            self.runner, start(1, argv=["ls"]), cancel, 5, reaped=False
+        )
+        self.assertEqual(process.signals, [15, 9])
 
     def test_group_gone(self) -> None:
         """With the group gone and the process reaped, signals are quietly dropped."""
-
-        def no_group(pid: int, sig: int) -> None:
-            raise ProcessLookupError
-
-        runner = CommandRunner(self.reactor, self.sent.append, kill=no_group)
-        runner.handle(start(1, argv=["ls"]))
-        process = self.reactor.spawned[0].process
-        process.reaped = True
-        runner.handle(Envelope(Kind.CMD_CANCEL, 1))
-        self.reactor.advance(5)
-        self.assertEqual((process.signals, runner.running), ([], 1))
+        cancel = Envelope(Kind.CMD_CANCEL, 1)
+        process = self.stop_without_group(
+            self.runner, start(1, argv=["ls"]), cancel, 5, reaped=True
+        )
+        self.assertEqual((process.signals, self.runner.running), ([], 1))
 
     def test_seq_and_output(self) -> None:
         """Output goes out raw, per stream, with seq 0, 1, 2... per stream and the peer
@@ -452,13 +373,7 @@ class FakeProcessTests(TestCase):
         """stop_all TERMs every command and fires once the last one has ended."""
         self.runner.handle(start(1, argv=["ls"]))
         self.runner.handle(start(2, argv=["ls"]))
-        stopped = self.runner.stop_all()
-        self.assertEqual(self.kills, [(4000, signal.SIGTERM), (4001, signal.SIGTERM)])
-        self.assertNoResult(stopped)
-        self.reactor.spawned[0].exit(None, signal.SIGTERM)
-        self.assertNoResult(stopped)
-        self.reactor.spawned[1].exit(None, signal.SIGTERM)
-        self.assertIsNone(self.successResultOf(stopped))
+        self.assert_stop_all(self.runner, signal.SIGTERM)
         self.assertEqual([f.json()["reason"] for f in self.sent], ["cancelled"] * 2)
 
     def test_stop_all_idle(self) -> None:
@@ -479,24 +394,14 @@ class FakeProcessTests(TestCase):
         self.reactor.spawned[0].exit()
         self.runner.handle(Envelope(Kind.CMD_CANCEL, 2))
         self.reactor.spawned[1].exit(None, 15)
-        self.assertTrue(len(events) >= 6)
-        for event in events:
-            self.assertNotIn(secret, formatEvent(event))
-            self.assertNotIn(secret, repr(event))
+        self.assert_not_logged(secret, events, at_least=6)
 
     @hypothesis.settings(max_examples=150, deadline=None)
     @hypothesis.given(
-        st.binary()
-        | st.dictionaries(
-            st.sampled_from(["argv", "shell", "cwd", "env", "stdin", "timeout", "x"]),
-            st.recursive(
-                st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                lambda inner: (
-                    st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3)
-                ),
-                max_leaves=6,
-            ),
-        ).map(lambda body: json.dumps(body).encode())
+        processes.request_payloads(
+            ["argv", "shell", "cwd", "env", "stdin", "timeout", "x"],
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        )
     )
     def test_any_start(self, payload: bytes) -> None:
         """Any CMD_START payload either spawns silently or gets exactly one CMD_ERROR."""
@@ -511,50 +416,13 @@ class FakeProcessTests(TestCase):
             self.assertEqual(set(frame.json()), {"error", "message"})
 
 
-def alive(pid: int) -> bool:
-    """Whether C{pid} still runs.  A zombie has ended: only its reaping is left,
-    which inside some containers never comes."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class Inbox:
-    """Collects what a runner sends; lets a test wait for a stream's CMD_EXIT."""
-
-    def __init__(self) -> None:
-        self.frames: list[Envelope] = []
-        self._exits: dict[int, Deferred[Any]] = {}
-
-    def send(self, envelope: Envelope) -> None:
-        self.frames.append(envelope)
-        if envelope.kind == Kind.CMD_EXIT:
-            self.exit(envelope.stream).callback(envelope.json())
-
-    def exit(self, stream: int) -> Deferred[Any]:
-        """Fires with the CMD_EXIT body of C{stream}."""
-        return self._exits.setdefault(stream, Deferred())
-
-    def output(self, stream: int, kind: Kind = Kind.CMD_STDOUT) -> bytes:
-        return b"".join(f.payload for f in self.frames if f.stream == stream and f.kind == kind)
-
-
-class RealProcessTests(TestCase):
+class RealProcessTests(processes.RealProcessTestCase):
     """Real commands on the real reactor."""
 
-    timeout = 15
+    patience = 3.0
 
     def setUp(self) -> None:
-        from twisted.internet import reactor
-
-        self.reactor = reactor
-        self.inbox = Inbox()
+        super().setUp()
         self.runner = self.make_runner(kill_grace=0.5)
 
     def make_runner(self, **settings: Any) -> CommandRunner:
@@ -571,14 +439,6 @@ class RealProcessTests(TestCase):
         """Start a command and wait for its CMD_EXIT body."""
         self.runner.handle(start(stream, **body))
         return await self.inbox.exit(stream)
-
-    async def eventually(self, condition: Callable[[], bool], what: str) -> None:
-        """Wait, for at most 3 seconds, until C{condition} holds."""
-        for _ in range(150):
-            if condition():
-                return
-            await deferLater(self.reactor, 0.02)
-        self.fail(f"timed out waiting for {what}")
 
     async def test_output_is_raw_and_separate(self) -> None:
         """stdout and stderr arrive on their own kinds, byte for byte, non-UTF-8 too."""
@@ -657,10 +517,7 @@ class RealProcessTests(TestCase):
     async def start_with_grandchild(self, stream: int, line: str, **body: Any) -> int:
         """Start a shell line that prints a background child's pid; that pid."""
         self.runner.handle(start(stream, shell=line, **body))
-        await self.eventually(lambda: self.inbox.output(stream).endswith(b"\n"), "the pid")
-        pid = int(self.inbox.output(stream))
-        self.assertTrue(alive(pid))
-        return pid
+        return await self.printed_pid(stream, b"\n")
 
     async def test_cancel_kills_group(self) -> None:
         """Cancel ends the command and its grandchildren with TERM."""
@@ -668,7 +525,7 @@ class RealProcessTests(TestCase):
         self.runner.handle(Envelope(Kind.CMD_CANCEL, 1))
         body = await self.inbox.exit(1)
         self.assertEqual((body["reason"], body["signal"]), ("cancelled", signal.SIGTERM))
-        await self.eventually(lambda: not alive(pid), "the grandchild to end")
+        await self.until_gone(pid)
 
     async def test_kill_after_grace(self) -> None:
         """A group that ignores TERM gets KILL after kill_grace."""
@@ -677,7 +534,7 @@ class RealProcessTests(TestCase):
         body = await self.inbox.exit(1)
         self.assertEqual((body["reason"], body["signal"]), ("cancelled", signal.SIGKILL))
         self.assertGreaterEqual(body["duration"], 0.5)
-        await self.eventually(lambda: not alive(pid), "the grandchild to end")
+        await self.until_gone(pid)
 
     async def test_stragglers_swept(self) -> None:
         """A grandchild that ignores TERM and holds no output pipe does not outlive a
@@ -688,7 +545,7 @@ class RealProcessTests(TestCase):
         )
         self.runner.handle(Envelope(Kind.CMD_CANCEL, 1))
         self.assertEqual((await self.inbox.exit(1))["signal"], signal.SIGTERM)
-        await self.eventually(lambda: not alive(pid), "the grandchild to end")
+        await self.until_gone(pid)
 
     async def test_timeout_kills_group(self) -> None:
         """On timeout, the command and its grandchildren end and the reason says so."""
@@ -696,7 +553,7 @@ class RealProcessTests(TestCase):
         body = await self.inbox.exit(1)
         self.assertEqual((body["reason"], body["signal"]), ("timeout", signal.SIGTERM))
         self.assertGreaterEqual(body["duration"], 0.3)
-        await self.eventually(lambda: not alive(pid), "the grandchild to end")
+        await self.until_gone(pid)
 
     async def test_cancel_at_once(self) -> None:
         """A cancel in the same turn as the start, before the trampoline's setsid(), still

@@ -16,24 +16,18 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 from unittest import mock
 
 import attrs
 import hypothesis
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
 
 from coder1_bridge.terminals import TerminalManager, TerminalReactor, TerminalSettings
 from coder1_wire.envelope import Envelope, Kind
+from tests import processes
 
 HOME = os.path.expanduser("~")
 
@@ -64,103 +58,65 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-@attrs.define
-class FakeProcess:
+@attrs.define(kw_only=True)
+class FakeProcess(processes.RecordingProcess):
     """What the fake reactor's spawnProcess returns: records input and signals."""
 
     pid: int | None
-    written: list[bytes] = attrs.Factory(list)
-    signals: list[str | int] = attrs.Factory(list)
-    reaped: bool = False
     hung_up: bool = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def signalProcess(self, signalID: str | int) -> None:
-        if self.reaped:
-            raise ProcessExitedAlready()
-        self.signals.append(signalID)
 
     def loseConnection(self) -> None:
         self.hung_up = True
 
 
-@attrs.define
-class Spawned:
+@attrs.define(kw_only=True)
+class Spawned(processes.SpawnedProcess[FakeProcess]):
     """One recorded spawnProcess call.  Owns the master side, as Twisted would."""
 
-    protocol: ProcessProtocol
-    executable: str
-    args: list[str]
-    env: Mapping[str, str] | None
-    path: str | None
     master: int
     ttyname: str
     #: The window size when spawnProcess was called, before the program could run.
     size: tuple[int, int]
-    process: FakeProcess
     closed: bool = False
 
     def reap(self, code: int | None = 0, sig: int | None = None) -> None:
         """The program has ended and been reaped: deliver processExited."""
         self.process.reaped = True
-        self.protocol.processExited(self.reason(code, sig))
+        self.protocol.processExited(processes.exit_reason(code, sig))
 
     def close(self, code: int | None = 0, sig: int | None = None) -> None:
         """The terminal read EIO (or was hung up): close the master, deliver processEnded."""
         os.close(self.master)
         self.closed = True
-        self.protocol.processEnded(self.reason(code, sig))
+        self.protocol.processEnded(processes.exit_reason(code, sig))
 
     def exit(self, code: int | None = 0, sig: int | None = None) -> None:
         """The program ended and was the terminal's last user, as usual."""
         self.reap(code, sig)
         self.close(code, sig)
 
-    @staticmethod
-    def reason(code: int | None, sig: int | None) -> Failure:
-        if code == 0 and sig is None:
-            return Failure(ProcessDone(0))
-        return Failure(ProcessTerminated(code, sig))
 
-
-class FakeReactor(MemoryReactorClock):
+class FakeReactor(processes.SpawningClock[FakeProcess, Spawned]):
     """A clock that records spawnProcess calls instead of running anything."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.spawned: list[Spawned] = []
-        self.spawn_error: OSError | None = None
         #: Reap the program inside spawnProcess, as Twisted does for one that
         #: died at once.
         self.die_at_once = False
 
-    def spawnProcess(
-        self,
-        processProtocol: ProcessProtocol,
-        executable: str,
-        args: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        path: str | None = None,
-        *,
-        usePTY: tuple[int, int, str],
-    ) -> FakeProcess:
-        if self.spawn_error is not None:
-            raise self.spawn_error
-        master, slave, name = usePTY
+    def record(self, call: processes.SpawnCall) -> Spawned:
+        assert isinstance(call.usePTY, tuple), "terminals run on a pseudo-terminal"
+        master, slave, name = call.usePTY
         size = window_size(slave)
         os.close(slave)
-        process = FakeProcess(pid=4000 + len(self.spawned))
-        spawned = Spawned(
-            processProtocol, executable, list(args), env, path, master, name, size, process
-        )
-        self.spawned.append(spawned)
-        processProtocol.makeConnection(process)
+        process = FakeProcess(pid=self.next_pid)
+        spawned = Spawned.of(call, master=master, ttyname=name, size=size, process=process)
+        call.protocol.makeConnection(process)
         if self.die_at_once:
             spawned.reap(0)
             process.pid = None
-        return process
+        return spawned
 
     def end_all(self) -> None:
         """End every terminal still open, so that no descriptor is left open."""
@@ -171,13 +127,14 @@ class FakeReactor(MemoryReactorClock):
                 spawned.close(None, signal.SIGKILL)
 
 
-class FakeReactorTests(TestCase):
+class FakeReactorTests(processes.FakeSpawnerTestCase[FakeReactor]):
     """The manager against a fake reactor: what it spawns, sends and signals."""
 
+    error_kind = Kind.PTY_ERROR
+
     def setUp(self) -> None:
+        super().setUp()
         self.reactor = FakeReactor()
-        self.sent: list[Envelope] = []
-        self.kills: list[tuple[int, int]] = []
         self.manager = self.make_manager()
         fds = open_fds()
         self.addCleanup(lambda: self.assertEqual(open_fds(), fds))
@@ -186,17 +143,8 @@ class FakeReactorTests(TestCase):
     def make_manager(self, **settings: Any) -> TerminalManager:
         settings.setdefault("shell", "/bin/sh")
         return TerminalManager(
-            self.reactor,
-            self.sent.append,
-            TerminalSettings(**settings),
-            kill=lambda pid, sig: self.kills.append((pid, sig)),
+            self.reactor, self.sent.append, TerminalSettings(**settings), kill=self.kill
         )
-
-    def only_error(self, stream: int = 1) -> Any:
-        """The one frame sent, which must be a PTY_ERROR on C{stream}; its body."""
-        [frame] = self.sent
-        self.assertEqual((frame.kind, frame.stream, frame.seq), (Kind.PTY_ERROR, stream, 0))
-        return frame.json()
 
     def test_open(self) -> None:
         """By default the user's login shell runs, as [shell, -l], in the home directory,
@@ -220,11 +168,7 @@ class FakeReactorTests(TestCase):
 
     def test_default_shell(self) -> None:
         """The default shell is $SHELL, else /bin/sh, read when settings are made."""
-        with mock.patch.dict(os.environ, {"SHELL": "/bin/zsh"}):
-            settings = TerminalSettings()
-        self.assertEqual(settings.shell, "/bin/zsh")
-        with mock.patch.dict(os.environ, clear=True):
-            self.assertEqual(TerminalSettings().shell, "/bin/sh")
+        settings = self.assert_default_shell(TerminalSettings)
         self.assertEqual(
             (settings.max_terminals, settings.kill_grace, settings.term),
             (32, 2.0, "xterm-256color"),
@@ -281,17 +225,8 @@ class FakeReactorTests(TestCase):
                 ]
             ),
         ]
-        for stream, payload in enumerate(payloads, 1):
-            self.manager.handle(Envelope(Kind.PTY_OPEN, stream, 0, 9, payload))
+        self.assert_bad_requests(self.manager.handle, Kind.PTY_OPEN, payloads)
         self.assertEqual(self.reactor.spawned, [])
-        self.assertEqual(len(self.sent), len(payloads))
-        for stream, frame in enumerate(self.sent, 1):
-            self.assertEqual(
-                (frame.kind, frame.stream, frame.seq, frame.peer), (Kind.PTY_ERROR, stream, 0, 9)
-            )
-            body = frame.json()
-            self.assertEqual(body["error"], "bad-request", payloads[stream - 1])
-            self.assertIsInstance(body["message"], str)
         self.assertEqual(self.manager.running, 0)
 
     def test_size_limits(self) -> None:
@@ -338,9 +273,7 @@ class FakeReactorTests(TestCase):
     def test_not_found(self) -> None:
         """Programs that exec would not find, on the merged PATH, are refused before
         spawning; so is a missing login shell."""
-        plain = os.path.abspath(self.mktemp())
-        with open(plain, "w"):
-            pass
+        plain = self.make_plain_file()
         self.manager.handle(open_frame(1, argv=["no-such-command-c0der1"]))
         self.manager.handle(open_frame(2, argv=[plain]))
         self.manager.handle(open_frame(3, argv=["ls"], env={"PATH": "/nonexistent"}))
@@ -351,12 +284,7 @@ class FakeReactorTests(TestCase):
 
     def test_found_by_request_path_and_cwd(self) -> None:
         """The request's PATH is searched, and relative paths are taken from cwd."""
-        bin_dir = os.path.abspath(self.mktemp())
-        os.mkdir(bin_dir)
-        tool = os.path.join(bin_dir, "tool")
-        with open(tool, "w"):
-            pass
-        os.chmod(tool, 0o755)
+        bin_dir = self.make_tool()
         self.manager.handle(open_frame(1, argv=["tool"], env={"PATH": bin_dir}))
         self.manager.handle(open_frame(2, argv=["./tool"], cwd=bin_dir))
         self.assertEqual([s.args for s in self.reactor.spawned], [["tool"], ["./tool"]])
@@ -506,33 +434,15 @@ class FakeReactorTests(TestCase):
     def test_no_group_yet(self) -> None:
         """With no process group yet (the child has not called setsid), the signal goes
         to the process itself."""
-
-        def no_group(pid: int, sig: int) -> None:
-            raise ProcessLookupError
-
-        manager = TerminalManager(
-            self.reactor, self.sent.append, TerminalSettings(shell="/bin/sh"), kill=no_group
-        )
-        manager.handle(open_frame(1))
-        manager.handle(Envelope(Kind.PTY_CLOSE, 1))
-        self.reactor.advance(2)
-        self.assertEqual(self.reactor.spawned[0].process.signals, [1, 9])
+        close = Envelope(Kind.PTY_CLOSE, 1)
+        process = self.stop_without_group(self.manager, open_frame(1), close, 2, reaped=False)
+        self.assertEqual(process.signals, [1, 9])
 
     def test_group_gone(self) -> None:
         """With the group gone and the process reaped, signals are quietly dropped."""
-
-        def no_group(pid: int, sig: int) -> None:
-            raise ProcessLookupError
-
-        manager = TerminalManager(
-            self.reactor, self.sent.append, TerminalSettings(shell="/bin/sh"), kill=no_group
-        )
-        manager.handle(open_frame(1))
-        process = self.reactor.spawned[0].process
-        process.reaped = True
-        manager.handle(Envelope(Kind.PTY_CLOSE, 1))
-        self.reactor.advance(2)
-        self.assertEqual((process.signals, manager.running), ([], 1))
+        close = Envelope(Kind.PTY_CLOSE, 1)
+        process = self.stop_without_group(self.manager, open_frame(1), close, 2, reaped=True)
+        self.assertEqual((process.signals, self.manager.running), ([], 1))
 
     def test_linger(self) -> None:
         """When something outside the program still holds the terminal after the program
@@ -625,13 +535,7 @@ class FakeReactorTests(TestCase):
         """stop_all HUPs every terminal and fires once the last one has ended."""
         self.manager.handle(open_frame(1))
         self.manager.handle(open_frame(2))
-        stopped = self.manager.stop_all()
-        self.assertEqual(self.kills, [(4000, signal.SIGHUP), (4001, signal.SIGHUP)])
-        self.assertNoResult(stopped)
-        self.reactor.spawned[0].exit(None, signal.SIGHUP)
-        self.assertNoResult(stopped)
-        self.reactor.spawned[1].exit(None, signal.SIGHUP)
-        self.assertIsNone(self.successResultOf(stopped))
+        self.assert_stop_all(self.manager, signal.SIGHUP)
         self.assertEqual([f.kind for f in self.sent[-2:]], [Kind.PTY_EXIT] * 2)
         self.assertEqual(self.manager.running, 0)
 
@@ -653,29 +557,19 @@ class FakeReactorTests(TestCase):
         self.reactor.spawned[0].protocol.outReceived(secret.encode())
         self.manager.handle(Envelope(Kind.PTY_CLOSE, 1))
         self.reactor.spawned[0].exit(None, 1)
-        self.assertTrue(len(events) >= 5)
-        for event in events:
-            self.assertNotIn(secret, formatEvent(event))
-            self.assertNotIn(secret, repr(event))
+        self.assert_not_logged(secret, events, at_least=5)
 
     @hypothesis.settings(max_examples=150, deadline=None)
     @hypothesis.given(
-        st.binary()
-        | st.dictionaries(
-            st.sampled_from(["cols", "rows", "argv", "cwd", "env", "x"]),
-            st.recursive(
-                st.none()
-                | st.booleans()
-                | st.integers(-2, 1002)
-                | st.floats()
-                | st.text()
-                | st.just(["sh"]),
-                lambda inner: (
-                    st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3)
-                ),
-                max_leaves=6,
-            ),
-        ).map(lambda body: json.dumps(body).encode())
+        processes.request_payloads(
+            ["cols", "rows", "argv", "cwd", "env", "x"],
+            st.none()
+            | st.booleans()
+            | st.integers(-2, 1002)
+            | st.floats()
+            | st.text()
+            | st.just(["sh"]),
+        )
     )
     def test_any_open(self, payload: bytes) -> None:
         """Any PTY_OPEN payload either opens a terminal, answered by one PTY_OPENED, or
@@ -694,53 +588,13 @@ class FakeReactorTests(TestCase):
             reactor.end_all()
 
 
-def alive(pid: int) -> bool:
-    """Whether C{pid} still runs.  A zombie has ended: only its reaping is left,
-    which inside some containers never comes."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class Inbox:
-    """Collects what a manager sends; lets a test wait for a stream's PTY_EXIT."""
-
-    def __init__(self) -> None:
-        self.frames: list[Envelope] = []
-        self._exits: dict[int, Deferred[Any]] = {}
-
-    def send(self, envelope: Envelope) -> None:
-        self.frames.append(envelope)
-        if envelope.kind == Kind.PTY_EXIT:
-            self.exit(envelope.stream).callback(envelope.json())
-
-    def exit(self, stream: int) -> Deferred[Any]:
-        """Fires with the PTY_EXIT body of C{stream}."""
-        return self._exits.setdefault(stream, Deferred())
-
-    def stream(self, stream: int) -> list[Envelope]:
-        return [f for f in self.frames if f.stream == stream]
-
-    def output(self, stream: int) -> bytes:
-        return b"".join(f.payload for f in self.stream(stream) if f.kind == Kind.PTY_OUTPUT)
-
-
-class RealTerminalTests(TestCase):
+class RealTerminalTests(processes.RealProcessTestCase):
     """Real programs on real pseudo-terminals on the real reactor."""
 
-    timeout = 15
+    patience = 5.0
 
     def setUp(self) -> None:
-        from twisted.internet import reactor
-
-        self.reactor = reactor
-        self.inbox = Inbox()
+        super().setUp()
         self.manager = self.make_manager()
 
     def make_manager(self, **settings: Any) -> TerminalManager:
@@ -763,14 +617,6 @@ class RealTerminalTests(TestCase):
         """Open a terminal running C{argv} and wait for its PTY_EXIT body."""
         self.manager.handle(open_frame(stream, argv=argv, **body))
         return await self.inbox.exit(stream)
-
-    async def eventually(self, condition: Callable[[], bool], what: str) -> None:
-        """Wait, for at most 5 seconds, until C{condition} holds."""
-        for _ in range(250):
-            if condition():
-                return
-            await deferLater(self.reactor, 0.02)
-        self.fail(f"timed out waiting for {what}")
 
     async def output_shows(self, stream: int, marker: bytes) -> None:
         """Wait until C{marker} is in a terminal's output."""
@@ -869,17 +715,14 @@ class RealTerminalTests(TestCase):
         """Open a terminal running a shell line that prints a background child's pid;
         that pid."""
         self.manager.handle(open_frame(stream, argv=["sh", "-c", line]))
-        await self.eventually(lambda: self.inbox.output(stream).endswith(b"\r\n"), "the pid")
-        pid = int(self.inbox.output(stream))
-        self.assertTrue(alive(pid))
-        return pid
+        return await self.printed_pid(stream, b"\r\n")
 
     async def test_close_kills_group(self) -> None:
         """PTY_CLOSE ends the program and its background children with SIGHUP."""
         pid = await self.start_with_grandchild(1, "sleep 1000 & echo $!; wait")
         self.manager.handle(Envelope(Kind.PTY_CLOSE, 1))
         self.assertEqual(await self.inbox.exit(1), {"exit_code": None, "signal": signal.SIGHUP})
-        await self.eventually(lambda: not alive(pid), "the grandchild to end")
+        await self.until_gone(pid)
         self.assertEqual(self.manager.running, 0)
 
     async def test_kill_after_grace(self) -> None:
@@ -889,7 +732,7 @@ class RealTerminalTests(TestCase):
         self.manager.handle(Envelope(Kind.PTY_CLOSE, 1))
         self.assertEqual(await self.inbox.exit(1), {"exit_code": None, "signal": signal.SIGKILL})
         self.assertGreaterEqual(time.monotonic() - began, 0.5)
-        await self.eventually(lambda: not alive(pid), "the grandchild to end")
+        await self.until_gone(pid)
 
     async def test_straggler_hung_up(self) -> None:
         """A process of another session that holds the terminal after the program exited
@@ -903,7 +746,7 @@ class RealTerminalTests(TestCase):
         began = time.monotonic()
         self.assertEqual(await self.inbox.exit(1), {"exit_code": 0, "signal": None})
         self.assertGreaterEqual(time.monotonic() - began, 0.3)
-        self.assertTrue(alive(pid))
+        self.assertTrue(processes.alive(pid))
 
     async def test_many(self) -> None:
         """Twenty terminals work at once, each output on its own stream; one more is
