@@ -39,7 +39,7 @@ from coder1_bridge.config import (
 )
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
-from coder1_wire.e2e import E2EError, Identity, b64u, unb64u
+from coder1_wire.e2e import E2EError, Identity, b64u, check_public_key, unb64u
 from coder1_wire.secretfile import InsecureFileError
 from coder1_wire.tls import client_tls_options
 
@@ -105,23 +105,32 @@ async def pair(
 ) -> BridgeConfig:
     """Redeem C{code} at C{relay} and save the pairing (mode 0600)."""
     code = code.strip().replace(" ", "").replace("-", "")
-    identity = Identity.generate()
     status, body = await call_relay(
-        reactor,
-        relay,
-        b"POST",
-        "/api/pair",
-        body={"code": code, "label": label, "bridge_key": b64u(identity.public_raw)},
+        reactor, relay, b"POST", "/api/pair", body={"code": code, "label": label}
     )
     if status != 200:
         raise CLIError(f"pairing refused: {body.get('message', f'HTTP {status}')}")
+    token = str(body["token"])
     try:
-        unb64u(str(body.get("browser_key")))
+        browser_key = str(body.get("browser_key"))
+        check_public_key(unb64u(browser_key))
     except E2EError:
+        await call_relay(reactor, relay, b"DELETE", "/api/token", token=token)
         raise CLIError("the relay sent no usable browser key; nothing was saved") from None
-    config = BridgeConfig(
-        relay, str(body["token"]), int(body["peer"]), str(body["browser_key"]), identity
+    # Our key goes out only now that we hold the browser's: a relay faking both
+    # sides had to pick the key it gave us before seeing ours (docs/e2e.md).
+    identity = Identity.generate()
+    status, answer = await call_relay(
+        reactor,
+        relay,
+        b"POST",
+        "/api/pair/key",
+        body={"bridge_key": b64u(identity.public_raw)},
+        token=token,
     )
+    if status != 200:
+        raise CLIError(f"pairing refused: {answer.get('message', f'HTTP {status}')}")
+    config = BridgeConfig(relay, token, int(body["peer"]), browser_key, identity)
     config.save(directory)
     out.write(
         f"Paired with {relay.url} as bridge #{config.peer} ({label}); the pairing is valid "

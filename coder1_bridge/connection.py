@@ -180,8 +180,11 @@ class BridgeSession:
         try:
             plain = channel.open(envelope)
         except IntegrityError as e:
-            # Nothing of a refused frame is acted on; the tab must start over.
-            del self.channels[channel.channel]
+            # Nothing of a refused frame is acted on.  A forged or replayed frame
+            # leaves the channel as it was (so junk from a cookie holder cannot
+            # kill a tab's channel); a gap cannot heal, so the tab starts over.
+            if e.verdict == "dropped":
+                del self.channels[channel.channel]
             self.log.warn("refused a {verdict} frame", verdict=e.verdict)
             self._key_error(channel.channel, e.verdict, str(e))
             return

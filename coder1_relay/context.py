@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -18,13 +18,164 @@ from coder1_relay.tokens import TokenAuthority
 SESSION_COOKIE = "__Host-coder1-session"
 
 
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value!r}")
+
+
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be 0 (no limit) or more, not {value!r}")
+
+
 @attrs.frozen
 class Limits:
-    """Per-connection limits (docs/protocol.md lists them)."""
+    """
+    What one client may take of the relay.  Every field is a twistd option
+    (C{coder1_relay.tap}); README.md ("Limits") gives the reasons for the
+    defaults, docs/protocol.md the answers a client gets past them.
+    """
 
-    max_message_size: int = 1024 * 1024
-    handshake_timeout: float = 10.0
-    max_body_size: int = 16 * 1024
+    #: Largest WebSocket message, and frame, header included (bytes); past it: close 1009.
+    max_message_size: int = attrs.field(default=1024 * 1024, validator=_positive)
+    #: Seconds an HTTP request (a WebSocket opening handshake too) may take to arrive
+    #: whole, from its first byte; past it the connection is dropped (slowloris).
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Largest HTTP request body (bytes); more is not even kept: 413.
+    max_body_size: int = attrs.field(default=16 * 1024, validator=_positive)
+    #: Seconds from TCP connect to a finished TLS handshake; past it: dropped.
+    tls_handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Seconds an HTTP connection may stay open with nothing received between
+    #: requests.  (WebSockets go idle by C{HubSettings.heartbeat_timeout}, which
+    #: C{--idle-timeout} sets too.)
+    idle_timeout: float = attrs.field(default=45.0, validator=_positive)
+    #: Messages (and WebSocket pings) a second an IDE connection may send, in
+    #: bursts of up to C{message_burst}; past it: close 4029, C{too many messages}.
+    messages_per_second: float = attrs.field(default=200.0, validator=_positive)
+    message_burst: int = attrs.field(default=400, validator=_positive)
+    #: The same for a bridge, whose output is bulk: past it the relay reads the
+    #: bridge's socket more slowly (TCP backpressure), it never closes it.
+    bridge_messages_per_second: float = attrs.field(default=5000.0, validator=_positive)
+    bridge_message_burst: int = attrs.field(default=10000, validator=_positive)
+    #: TCP connections open at once from one client IP address (0: no limit);
+    #: past it a new connection is closed at once, before TLS.
+    connections_per_ip: int = attrs.field(default=64, validator=_not_negative)
+    #: New TCP connections a second from one client IP address, in bursts of up
+    #: to C{new_connection_burst} (0: no limit); past it: closed at once, before TLS.
+    new_connections_per_second: float = attrs.field(default=20.0, validator=_not_negative)
+    new_connection_burst: int = attrs.field(default=200, validator=_positive)
+    #: IDE WebSockets open at once per browser session; past it: HTTP 429 at the handshake.
+    ide_connections_per_session: int = attrs.field(default=16, validator=_positive)
+    #: Paired (unexpired, unrevoked) bridges per browser session; past it: 409
+    #: when the browser asks for a code and when a bridge redeems one.
+    bridges_per_session: int = attrs.field(default=16, validator=_positive)
+
+
+class Seconds(Protocol):
+    """A clock as the sans-IO parts need it (the reactor, or a test's C{Clock})."""
+
+    def seconds(self) -> float: ...
+
+
+@attrs.define
+class TokenBucket:
+    """
+    A token bucket on an injected clock, and no I/O: C{rate} tokens a second
+    come in, at most C{burst} are kept, and it starts full.
+    """
+
+    clock: Seconds
+    rate: float
+    burst: float
+    _tokens: float = attrs.field(init=False)
+    _stamp: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = float(self.burst)
+        self._stamp = self.clock.seconds()
+
+    def _refill(self) -> float:
+        now = self.clock.seconds()
+        elapsed = max(0.0, now - self._stamp)
+        self._stamp = now
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        return self._tokens
+
+    def allow(self) -> bool:
+        """Take a token if there is one: whether there was."""
+        if self._refill() >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def borrow(self, headroom: float = 0.0) -> float:
+        """
+        Take a token even if there is none, going into debt: 0.0 while not in
+        debt, else the seconds until the debt is paid and C{headroom} tokens
+        are back (so a throttled caller is not woken for every single token).
+        """
+        self._refill()
+        self._tokens -= 1.0
+        if self._tokens >= 0.0:
+            return 0.0
+        return (min(float(self.burst), headroom) - self._tokens) / self.rate
+
+    @property
+    def full(self) -> bool:
+        """Whether the bucket is full: a bucket that is can be forgotten and made anew."""
+        return self._refill() >= self.burst
+
+
+@attrs.define
+class PerAddress:
+    """
+    The TCP connections of each client IP address, against C{Limits}: how many
+    are open, and a bucket for how fast new ones come.  No I/O.
+    """
+
+    limits: Limits
+    clock: Seconds
+    _open: dict[str, int] = attrs.field(factory=dict)
+    _buckets: dict[str, TokenBucket] = attrs.field(factory=dict)
+    #: How many buckets may be kept before the full ones of addresses with
+    #: nothing open are forgotten; doubles when that frees too little.
+    _prune_at: int = 1024
+
+    def admit(self, address: str) -> bool:
+        """A connection from C{address} arrived: whether it may stay (it is counted if so)."""
+        limits = self.limits
+        if limits.connections_per_ip and self._open.get(address, 0) >= limits.connections_per_ip:
+            return False
+        if limits.new_connections_per_second:
+            bucket = self._buckets.get(address)
+            if bucket is None:
+                if len(self._buckets) >= self._prune_at:
+                    self._prune()
+                bucket = self._buckets[address] = TokenBucket(
+                    self.clock, limits.new_connections_per_second, limits.new_connection_burst
+                )
+            if not bucket.allow():
+                return False
+        self._open[address] = self._open.get(address, 0) + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """An admitted connection from C{address} closed."""
+        left = self._open.get(address, 0) - 1
+        if left > 0:
+            self._open[address] = left
+        else:
+            self._open.pop(address, None)
+
+    def open(self, address: str) -> int:
+        """How many connections from C{address} are open."""
+        return self._open.get(address, 0)
+
+    def _prune(self) -> None:
+        for address, bucket in list(self._buckets.items()):
+            if address not in self._open and bucket.full:
+                del self._buckets[address]
+        self._prune_at = max(1024, 2 * len(self._buckets))
 
 
 class Closable(Protocol):

@@ -102,21 +102,23 @@ class Pairing:
             if await self.store.add_code(code, pending, now):
                 return CodeGrant(code, expires_at)
 
-    async def redeem(self, code: str, client_ip: str, label: str, bridge_key: str) -> Redemption:
+    async def redeem(self, code: str, client_ip: str, label: str) -> Redemption:
         """
         Consume C{code} and return a token for a new bridge of its session,
-        with the browser's public key (and keep the bridge's for the browser).
+        with the browser's public key.  The bridge presents its own key only
+        afterwards (L{present_key}): a relay that wants to fake matching
+        verification codes must then commit to the browser key it hands the
+        bridge before it learns the bridge's key (docs/e2e.md).
 
         Failed attempts are counted per client IP and globally, and past either
         bound every attempt is refused before the code is even looked at.
 
         @raise RateLimited: too many failures lately.
         @raise RedeemRefused: the code is not live.
-        @raise ValueError: the label or the key is not acceptable.
+        @raise ValueError: the label is not acceptable.
         """
         if not _LABEL.fullmatch(label):
             raise ValueError("label must be 1-64 letters, digits or . _ - @ : + space")
-        check_public_key(bridge_key)
         now = self.clock.seconds()
         hour = 3600.0
         ip_key, global_key = f"fail:ip:{client_ip}", f"fail:{_GLOBAL}"
@@ -133,6 +135,18 @@ class Pairing:
             raise RedeemRefused()
         peer = await self.store.next_peer(pending.session)
         token, claims = self.tokens.issue_bridge_token(pending.session, peer)
-        record = BridgeRecord(peer, claims.jti, label, now, claims.expires_at, bridge_key)
+        record = BridgeRecord(peer, claims.jti, label, now, claims.expires_at, code=code)
         await self.store.add_bridge(pending.session, record)
         return Redemption(token, claims, record, pending.browser_key)
+
+    async def present_key(self, claims: BridgeClaims, bridge_key: str) -> BridgeRecord:
+        """
+        The bridge's public key, once, after it redeemed its code.
+
+        @raise ValueError: not a key, or this bridge presented one already.
+        """
+        check_public_key(bridge_key)
+        record = await self.store.set_bridge_key(claims.session, claims.peer, bridge_key)
+        if record is None:
+            raise ValueError("this bridge has presented its key already; pair again")
+        return record

@@ -64,6 +64,7 @@ class Endpoint:
     connection_id: str
     heartbeat: Heartbeat | None = None
     expiry: IDelayedCall | None = None
+    last_exit: int | None = None
 
     @property
     def is_bridge(self) -> bool:
@@ -173,7 +174,10 @@ class Hub:
         if endpoint.counted:
             self.telemetry.connection_closed(endpoint.connection_id)
         if not endpoint.is_bridge:
-            self._ides.get(endpoint.session, set()).discard(endpoint)
+            ides = self._ides.get(endpoint.session, set())
+            ides.discard(endpoint)
+            if not ides:
+                self._ides.pop(endpoint.session, None)
             return
         key = (endpoint.session, endpoint.peer)
         if self._bridges.get(key) is endpoint:
@@ -182,16 +186,16 @@ class Hub:
                 lambda _: self._send_presence(endpoint.session)
             )
 
-    def paired(self, session: str, record: BridgeRecord, code: str) -> None:
+    def paired(self, session: str, record: BridgeRecord) -> None:
         """
-        A bridge just redeemed C{code} of C{session}: tell its tabs (the one
-        showing that code shows the verification string), with the bridge's key.
+        A bridge of C{session} redeemed C{record.code} and presented its key:
+        tell the tabs (the one showing that code shows the verification string).
         """
         body = {
             "peer": record.peer,
             "label": record.label,
             "bridge_key": record.bridge_key,
-            "code": code,
+            "code": record.code,
         }
         for ide in self._ides.get(session, ()):
             ide.send(control(Kind.PAIRED, body))
@@ -202,6 +206,10 @@ class Hub:
         if endpoint is not None:
             self.detach(endpoint)
             endpoint.close(code, reason)
+
+    def ide_count(self, session: str) -> int:
+        """How many IDE connections C{session} has attached now."""
+        return len(self._ides.get(session, ()))
 
     def endpoints(self) -> list[Endpoint]:
         """Every connection attached now."""
@@ -243,7 +251,13 @@ class Hub:
         if envelope.peer != source.peer:
             source.close(closecodes.PROTOCOL_ERROR, "frame names another bridge")
             return
-        if envelope.kind == Kind.CMD_EXIT and source.counted:
+        # One CMD_EXIT goes out once per browser channel; count the command once.
+        if (
+            envelope.kind == Kind.CMD_EXIT
+            and source.counted
+            and source.last_exit != envelope.stream
+        ):
+            source.last_exit = envelope.stream
             self.telemetry.command_completed()
         for ide in self._ides.get(source.session, ()):
             ide.link.send(frame)

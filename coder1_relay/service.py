@@ -10,13 +10,19 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
-from coder1_relay.context import Limits, RelayContext
+from coder1_relay.context import Limits, PerAddress, RelayContext
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore
@@ -42,6 +48,42 @@ class RelaySettings:
     pairing: PairingPolicy = PairingPolicy()
     hub: HubSettings = HubSettings()
     limits: Limits = Limits()
+
+
+class GuardedTLSFactory(TLSMemoryBIOFactory):
+    """
+    TLS on top of the Site, behind a count of each client IP address's TCP
+    connections (C{Limits.connections_per_ip}, C{new_connections_per_second}):
+    past either, a new connection is closed at once, before any TLS work.
+    """
+
+    def __init__(
+        self,
+        context: RelayContext,
+        tls: IOpenSSLServerConnectionCreator,
+        wrapped: IProtocolFactory,
+    ) -> None:
+        super().__init__(tls, False, wrapped)
+        self.context = context
+        self.addresses = PerAddress(context.limits, context.clock)
+        self._address_of: dict[IProtocol, str] = {}
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        address = getattr(addr, "host", None)
+        if address is None:  # not IP (a UNIX socket): a local proxy's, not counted
+            return super().buildProtocol(addr)
+        if not self.addresses.admit(address):
+            self.context.telemetry.throttled("connections")
+            return None
+        protocol = super().buildProtocol(addr)
+        self._address_of[protocol] = address
+        return protocol
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        address = self._address_of.pop(p, None)
+        if address is not None:
+            self.addresses.release(address)
 
 
 def issuer_for(keys: certs.RelayKeys) -> str:
@@ -100,8 +142,8 @@ class RelayService(MultiService):
 
     async def _listen(self) -> IListeningPort:
         endpoint = serverFromString(self.reactor, self.settings.listen)
-        factory = TLSMemoryBIOFactory(
-            certs.server_tls_options(self.keys), False, make_site(self.context)
+        factory = GuardedTLSFactory(
+            self.context, certs.server_tls_options(self.keys), make_site(self.context)
         )
         self.port = port = await endpoint.listen(factory)
         if not self.context.public_url:

@@ -43,7 +43,9 @@ class BridgeRecord:
     label: str
     paired_at: float
     expires_at: float
-    bridge_key: str
+    #: Empty until the bridge presents it, right after redeeming C{code}.
+    bridge_key: str = ""
+    code: str = ""
 
 
 @attrs.frozen
@@ -97,6 +99,14 @@ class IRelayStore(Interface):
     def add_bridge(session: str, record: BridgeRecord) -> Deferred[None]:
         """Remember a bridge paired with C{session}."""
 
+    def set_bridge_key(session: str, peer: int, bridge_key: str) -> Deferred[BridgeRecord | None]:
+        """
+        Record bridge C{peer}'s public key, once (and forget its code).
+
+        @return: the updated record, or None when there is no such bridge or
+            it has a key already.
+        """
+
     def bridges(session: str, now: float) -> Deferred[list[BridgeRecord]]:
         """The bridges paired with C{session} whose tokens are neither expired nor revoked."""
 
@@ -136,7 +146,9 @@ class MemoryStore:
         self._peers = {str(k): int(v) for k, v in saved["peers"].items()}
         # Records from before end-to-end encryption have no key: their bridges must pair again.
         self._bridges = {
-            str(session): {int(r["peer"]): BridgeRecord(**r) for r in records if "bridge_key" in r}
+            str(session): {
+                int(r["peer"]): BridgeRecord(**r) for r in records if r.get("bridge_key")
+            }
             for session, records in saved["bridges"].items()
         }
 
@@ -208,6 +220,16 @@ class MemoryStore:
         self._bridges.setdefault(session, {})[record.peer] = record
         self._save(record.paired_at)
         return succeed(None)
+
+    def set_bridge_key(
+        self, session: str, peer: int, bridge_key: str
+    ) -> Deferred[BridgeRecord | None]:
+        record = self._bridges.get(session, {}).get(peer)
+        if record is None or record.bridge_key:
+            return succeed(None)
+        self._bridges[session][peer] = attrs.evolve(record, bridge_key=bridge_key, code="")
+        self._save(record.paired_at)
+        return succeed(attrs.evolve(record, bridge_key=bridge_key))
 
     def bridges(self, session: str, now: float) -> Deferred[list[BridgeRecord]]:
         live = [

@@ -4,11 +4,90 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from coder1_relay.certs import default_state_dir
+from coder1_relay.context import Limits
+from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
+
+_DEFAULT = Limits()
+#: The limits as options: (option, C{Limits} field, type, help).  README.md ("Limits") says why.
+LIMIT_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("max-message-size", "max_message_size", int, "Largest WebSocket message, bytes (1009)."),
+    ("max-body-size", "max_body_size", int, "Largest HTTP request body, bytes (413)."),
+    (
+        "handshake-timeout",
+        "handshake_timeout",
+        float,
+        "Seconds an HTTP request or WebSocket handshake may take to arrive.",
+    ),
+    (
+        "tls-handshake-timeout",
+        "tls_handshake_timeout",
+        float,
+        "Seconds from TCP connect to a finished TLS handshake.",
+    ),
+    (
+        "idle-timeout",
+        "idle_timeout",
+        float,
+        "Seconds of silence before an HTTP or WebSocket connection is closed (at least 30).",
+    ),
+    (
+        "messages-per-second",
+        "messages_per_second",
+        float,
+        "Messages a second an IDE connection may send (4029 past it).",
+    ),
+    ("message-burst", "message_burst", int, "Burst of messages an IDE connection may send."),
+    (
+        "bridge-messages-per-second",
+        "bridge_messages_per_second",
+        float,
+        "Messages a second the relay reads from a bridge (it slows the bridge down past it).",
+    ),
+    (
+        "bridge-message-burst",
+        "bridge_message_burst",
+        int,
+        "Burst of messages the relay reads from a bridge.",
+    ),
+    (
+        "connections-per-ip",
+        "connections_per_ip",
+        int,
+        "TCP connections open at once from one IP address (0: no limit).",
+    ),
+    (
+        "new-connections-per-second",
+        "new_connections_per_second",
+        float,
+        "New TCP connections a second from one IP address (0: no limit).",
+    ),
+    (
+        "new-connection-burst",
+        "new_connection_burst",
+        int,
+        "Burst of new TCP connections from one IP address.",
+    ),
+    (
+        "ide-connections-per-session",
+        "ide_connections_per_session",
+        int,
+        "IDE WebSockets open at once per browser session (429 past it).",
+    ),
+    (
+        "bridges-per-session",
+        "bridges_per_session",
+        int,
+        "Paired bridges per browser session (409 past it).",
+    ),
+]
+#: The shortest idle timeout: two of the heartbeat intervals parties are told to keep.
+MIN_IDLE_TIMEOUT = 2 * HubSettings().heartbeat_interval
 
 
 class Options(usage.Options):
@@ -47,6 +126,10 @@ class Options(usage.Options):
             "The URL users reach this relay at (default https://localhost:PORT).",
         ],
         ["token-days", None, 30.0, "Lifetime of bridge tokens, in days.", float],
+        *(
+            [option, None, getattr(_DEFAULT, field), doc, kind]
+            for option, field, kind, doc in LIMIT_OPTIONS
+        ),
     ]
 
     def __init__(self) -> None:
@@ -70,6 +153,17 @@ class Options(usage.Options):
         url = self["public-url"]
         if url is not None and not url.startswith("https://"):
             raise usage.UsageError("--public-url must be an https:// URL")
+        if self["idle-timeout"] < MIN_IDLE_TIMEOUT:
+            raise usage.UsageError(f"--idle-timeout must be at least {MIN_IDLE_TIMEOUT:g}")
+        try:
+            self.limits()
+        except ValueError as e:  # "<field> must be positive, not 0"
+            field, _, rest = str(e).partition(" ")
+            raise usage.UsageError(f"--{field.replace('_', '-')} {rest}") from None
+
+    def limits(self) -> Limits:
+        """The limits these options describe."""
+        return Limits(**{field: self[option] for option, field, _, _ in LIMIT_OPTIONS})
 
     def settings(self) -> RelaySettings:
         """The settings these options describe."""
@@ -82,6 +176,9 @@ class Options(usage.Options):
             public_url=self["public-url"].rstrip("/") if self["public-url"] else None,
             allowed_origins=tuple(self["allowed-origin"]),
             token_lifetime=self["token-days"] * 86400.0,
+            limits=self.limits(),
+            # WebSockets go idle by the heartbeat: one idle timeout for both.
+            hub=attrs.evolve(HubSettings(), heartbeat_timeout=self["idle-timeout"]),
         )
 
 

@@ -31,6 +31,11 @@ log = Logger()
 _Row = Sequence[object]
 
 ROLES = frozenset({"ide", "bridge"})
+#: Why the relay throttled or refused a client (the label of the C{throttled} counter):
+#: C{rate} a connection sent too fast, C{connections} one IP opened too many,
+#: C{sessions} a browser session has too many tabs or bridges, C{pairing} the
+#: pairing API said 429, C{timeout} a client was too slow with TLS or a request.
+THROTTLE_REASONS = frozenset({"rate", "connections", "sessions", "pairing", "timeout"})
 INVALID_VERSION = "invalid"
 #: Counters are kept per hour: enough for an operator, coarse for everyone else.
 PERIOD = 3600
@@ -52,7 +57,7 @@ CREATE INDEX IF NOT EXISTS connections_closed_at ON connections (closed_at);
 CREATE TABLE IF NOT EXISTS counts (
     period INTEGER NOT NULL,  -- start of the hour, unix seconds
     name TEXT NOT NULL,
-    label TEXT NOT NULL,      -- '' or, for bridge_version, a version or 'invalid'
+    label TEXT NOT NULL,      -- '', a version or 'invalid' (bridge_version), a reason (throttled)
     value INTEGER NOT NULL,
     PRIMARY KEY (period, name, label)
 );
@@ -87,6 +92,8 @@ class Count(enum.Enum):
     BRIDGE_VERSION = "bridge_version"
     CRASH_REPORT_REFUSED = "crash_report_refused"
     CRASH_REPORT_DROPPED = "crash_report_dropped"
+    #: Clients throttled or refused by a limit, labelled with a C{THROTTLE_REASONS} word.
+    THROTTLED = "throttled"
 
 
 class ClockLike(Protocol):
@@ -191,6 +198,12 @@ class Telemetry(Service):
     def bridge_version(self, version: str) -> None:
         """A bridge connected with this version; anything unlike a version counts as invalid."""
         self._count(Count.BRIDGE_VERSION, version if is_version(version) else INVALID_VERSION)
+
+    def throttled(self, reason: str) -> None:
+        """A limit throttled or refused a client, for C{reason} (one of C{THROTTLE_REASONS})."""
+        if reason not in THROTTLE_REASONS:
+            raise ValueError(f"unknown throttle reason {reason!r}")
+        self._count(Count.THROTTLED, reason)
 
     def crash_report(self, report: object) -> bool:
         """

@@ -10,18 +10,25 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable
+from io import BytesIO
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
+from zope.interface import implementer
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
 from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
+from coder1_relay.store import BridgeRecord
 from coder1_relay.tokens import BridgeClaims, TokenError
 from coder1_relay.websocket import BridgeProtocol, IDEProtocol, RelayWebSocketFactory
 from coder1_wire import closecodes
@@ -60,13 +67,15 @@ Handler = Callable[[Request], Awaitable[tuple[int, dict[str, Any]]]]
 class JSONEndpoint(Resource):
     """One API endpoint: a coroutine per HTTP method, returning (status, body)."""
 
-    isLeaf = True
     log = Logger()
 
     def __init__(self, context: RelayContext, **handlers: Handler) -> None:
         super().__init__()
         self.context = context
         self.handlers = {m.upper().encode(): h for m, h in handlers.items()}
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NoResource("no such endpoint")
 
     def render(self, request: Request) -> int | bytes:
         handler = self.handlers.get(request.method)
@@ -109,7 +118,8 @@ def _body(request: Request, limit: int) -> dict[str, Any]:
         raise HTTPError(413, "too-large", "request body too large")
     try:
         body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: 16 KiB of "[" nest deeper than the parser goes.
         raise HTTPError(400, "bad-json", "request body is not JSON") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "bad-json", "request body must be a JSON object")
@@ -121,10 +131,21 @@ def _client_ip(request: Request) -> str:
     return str(getattr(address, "host", "unknown"))
 
 
-def _rate_limited(e: RateLimited) -> HTTPError:
+def _rate_limited(context: RelayContext, e: RateLimited) -> HTTPError:
+    context.telemetry.throttled("pairing")
     retry = str(max(1, math.ceil(e.retry_after)))
     return HTTPError(
         429, "rate-limited", f"too many requests; retry in {retry}s", {"Retry-After": retry}
+    )
+
+
+def _too_many_bridges(context: RelayContext) -> HTTPError:
+    context.telemetry.throttled("sessions")
+    limit = context.limits.bridges_per_session
+    return HTTPError(
+        409,
+        "too-many-bridges",
+        f"this browser session has {limit} paired bridges already; revoke one first",
     )
 
 
@@ -171,12 +192,15 @@ class API:
         self.same_origin(request)
         session = self.session(request, create=False)
         browser_key = _body(request, self.context.limits.max_body_size).get("browser_key")
+        paired = await self.context.store.bridges(session, self.context.clock.seconds())
+        if len(paired) >= self.context.limits.bridges_per_session:
+            raise _too_many_bridges(self.context)
         try:
             grant = await self.context.pairing.new_code(
                 session, _client_ip(request), check_public_key(browser_key)
             )
         except RateLimited as e:
-            raise _rate_limited(e) from None
+            raise _rate_limited(self.context, e) from None
         except ValueError as e:
             raise HTTPError(400, "bad-key", str(e)) from None
         now = self.context.clock.seconds()
@@ -190,26 +214,36 @@ class API:
     async def post_pair(self, request: Request) -> tuple[int, dict[str, Any]]:
         body = _body(request, self.context.limits.max_body_size)
         code, label = body.get("code"), body.get("label", "bridge")
-        bridge_key = body.get("bridge_key")
         if not isinstance(code, str) or not isinstance(label, str):
             raise HTTPError(400, "bad-request", "code and label must be strings")
         try:
-            done = await self.context.pairing.redeem(
-                code, _client_ip(request), label, check_public_key(bridge_key)
-            )
+            done = await self.context.pairing.redeem(code, _client_ip(request), label)
         except RateLimited as e:
-            raise _rate_limited(e) from None
+            raise _rate_limited(self.context, e) from None
         except RedeemRefused:
             raise HTTPError(403, "invalid-code", "that code is unknown, used or expired") from None
         except ValueError as e:
-            raise HTTPError(400, "bad-request", str(e)) from None
-        self.context.hub.paired(done.claims.session, done.record, code)
+            raise HTTPError(400, "bad-label", str(e)) from None
+        await self.check_bridges(done.claims.session, done.record)
         return 200, {
             "token": done.token,
             "peer": done.claims.peer,
             "expires_at": done.claims.expires_at,
             "browser_key": done.browser_key,
         }
+
+    async def check_bridges(self, session: str, record: BridgeRecord) -> None:
+        """
+        Refuse (409) a bridge that has just redeemed a code past
+        C{Limits.bridges_per_session}: its token, never handed out, is revoked
+        and the code stays used.  Counted after the redemption, so codes
+        redeemed at the same moment cannot all slip in; a full session's
+        browser is refused new codes already (C{post_code}).
+        """
+        store, now = self.context.store, self.context.clock.seconds()
+        if len(await store.bridges(session, now)) > self.context.limits.bridges_per_session:
+            await store.revoke(record.jti, record.expires_at, now)
+            raise _too_many_bridges(self.context)
 
     async def bearer(self, request: Request) -> BridgeClaims:
         """The claims of the request's valid, unrevoked bridge token."""
@@ -224,6 +258,17 @@ class API:
         if await self.context.store.is_revoked(claims.jti, self.context.clock.seconds()):
             raise HTTPError(401, "bad-token", "token has been revoked")
         return claims
+
+    async def post_pair_key(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """The bridge presents its public key, after it has the browser's."""
+        claims = await self.bearer(request)
+        bridge_key = _body(request, self.context.limits.max_body_size).get("bridge_key")
+        try:
+            record = await self.context.pairing.present_key(claims, check_public_key(bridge_key))
+        except ValueError as e:
+            raise HTTPError(409 if "already" in str(e) else 400, "bad-key", str(e)) from None
+        self.context.hub.paired(claims.session, record)
+        return 200, {"peer": record.peer}
 
     async def get_token(self, request: Request) -> tuple[int, dict[str, Any]]:
         claims = await self.bearer(request)
@@ -244,6 +289,8 @@ class API:
         present = {p.peer: p for p in await store.presence(session)}
         bridges = []
         for record in await store.bridges(session, now):
+            if not record.bridge_key:
+                continue  # redeemed a moment ago; it presents its key next
             live = present.get(record.peer)
             bridges.append(
                 {
@@ -299,8 +346,104 @@ class Page(Static):
         return super().getChild(path, request)
 
 
+class RelayRequest(Request):
+    """
+    A request whose body is kept in memory, and only up to one byte past
+    C{Limits.max_body_size} (enough to answer 413); the rest is read and dropped.
+    """
+
+    channel: RelayHTTPChannel
+    _room = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # Request would spool a large or chunked body to a temporary file.
+        self.content = BytesIO()
+        self._room = self.channel.site.context.limits.max_body_size + 1
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._room > 0:
+            kept = data[: self._room]
+            self._room -= len(kept)
+            assert self.content is not None
+            self.content.write(kept)
+
+
+@implementer(IHandshakeListener)
+class RelayHTTPChannel(HTTPChannel):
+    """
+    HTTP/1.1 that drops a client too slow to finish its TLS handshake
+    (C{Limits.tls_handshake_timeout}, from the TCP connection) or to send a
+    whole request once it has begun (C{Limits.handshake_timeout}; a WebSocket
+    opening handshake is such a request).  Between requests the Site's idle
+    timeout applies.  A dropped client is aborted, not answered: it is not
+    keeping up anyway.
+    """
+
+    site: RelaySite
+    _deadline: IDelayedCall | None = None
+    _busy = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._until(self.site.context.limits.tls_handshake_timeout)
+
+    def handshakeCompleted(self) -> None:
+        self._until(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._busy:
+            self._until(self.site.context.limits.handshake_timeout)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._until(None)
+        self._busy = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Cleared first: a pipelined next request is replayed from in there.
+        self._busy = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._until(None)
+        super().connectionLost(reason)
+
+    def _until(self, seconds: float | None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None if seconds is None else self.callLater(seconds, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.site.context.telemetry.throttled("timeout")
+        transport: Any = self.transport  # TLS, which can abort
+        if transport is not None:
+            transport.abortConnection()
+
+
 class RelaySite(Site):
-    """A Site that puts the security headers on every response."""
+    """
+    The relay's Site: security headers on every response, HTTP/1.1 only (the
+    WebSocket upgrade needs it), the channel and request above, and the idle
+    timeout of C{Limits}.
+    """
+
+    protocol = RelayHTTPChannel  # type: ignore[assignment]  # not the HTTP/2-or-1.1 switch
+    requestFactory = RelayRequest
+
+    def __init__(self, resource: Resource, context: RelayContext) -> None:
+        super().__init__(
+            resource,
+            timeout=context.limits.idle_timeout,
+            reactor=context.clock,
+            parsePOSTFormSubmission=False,
+        )
+        self.context = context
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
 
     def getResourceFor(self, request: Request) -> Resource:
         for name, value in _SECURITY_HEADERS.items():
@@ -318,6 +461,7 @@ def make_site(context: RelayContext) -> RelaySite:
     api_root.putChild(b"session", JSONEndpoint(context, post=api.post_session))
     api_root.putChild(b"pairing-codes", JSONEndpoint(context, post=api.post_code))
     api_root.putChild(b"pair", JSONEndpoint(context, post=api.post_pair))
+    api_root.children[b"pair"].putChild(b"key", JSONEndpoint(context, post=api.post_pair_key))
     api_root.putChild(b"token", JSONEndpoint(context, get=api.get_token, delete=api.delete_token))
     api_root.putChild(b"bridges", JSONEndpoint(context, get=api.get_bridges))
     api_root.putChild(b"revoke", JSONEndpoint(context, post=api.post_revoke))
@@ -325,6 +469,6 @@ def make_site(context: RelayContext) -> RelaySite:
     ws = root.children[b"ws"]
     ws.putChild(b"ide", WebSocketResource(RelayWebSocketFactory(context, IDEProtocol)))
     ws.putChild(b"bridge", WebSocketResource(RelayWebSocketFactory(context, BridgeProtocol)))
-    site = RelaySite(root)
+    site = RelaySite(root, context)
     site.displayTracebacks = False
     return site

@@ -16,11 +16,12 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from coder1_relay.context import SESSION_COOKIE, RelayContext
+from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
 from coder1_relay.routing import Endpoint
 from coder1_relay.tokens import TokenError
 from coder1_wire import closecodes
@@ -35,10 +36,19 @@ _log = Logger()
 
 
 class _RelayProtocol(WebSocketServerProtocol):
-    """What both endpoints share: the link the hub sends through."""
+    """What both endpoints share: the link the hub sends through, and the message rate."""
 
     factory: RelayWebSocketFactory
     endpoint: Endpoint | None = None
+    _bucket: TokenBucket | None = None
+
+    def _make_bucket(self, limits: Limits) -> TokenBucket:
+        """This endpoint's message rate."""
+        raise NotImplementedError
+
+    def _spend(self) -> None:
+        """Take a token for one frame, and act if there was none."""
+        raise NotImplementedError
 
     def send(self, frame: bytes) -> None:
         if self.state == WebSocketServerProtocol.STATE_OPEN:
@@ -52,14 +62,39 @@ class _RelayProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.factory.context.connections.add(self)
+        context = self.factory.context
+        context.connections.add(self)
+        self._bucket = self._make_bucket(context.limits)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Autobahn leaves its closing-handshake timer running when the other end
+        # drops the connection instead of answering our close.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         super().connectionLost(reason)
         self.factory.context.connections.remove(self)
 
+    def _frame_arrived(self) -> None:
+        """One frame arrived: count it against this connection's rate."""
+        if self.state == WebSocketServerProtocol.STATE_OPEN and self._bucket is not None:
+            self._spend()
+
+    # Counted per frame, not per message: a message cut in a thousand frames
+    # costs the relay a thousand frames' work.  Pings and pongs count too.
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._frame_arrived()
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:
+        self._frame_arrived()
+        super().onPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        self._frame_arrived()
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.endpoint is None:
+        if self.endpoint is None or self.state != WebSocketServerProtocol.STATE_OPEN:
             return
         if not isBinary:
             self.sendClose(closecodes.PROTOCOL_ERROR, "frames must be binary")
@@ -81,6 +116,21 @@ class IDEProtocol(_RelayProtocol):
 
     session: str = ""
 
+    def _make_bucket(self, limits: Limits) -> TokenBucket:
+        return TokenBucket(
+            self.factory.context.clock, limits.messages_per_second, limits.message_burst
+        )
+
+    def _spend(self) -> None:
+        """
+        A browser past its rate is closed: no person types that fast, and the
+        page sends keystrokes, pastes and resizes, never bulk data.
+        """
+        assert self._bucket is not None
+        if not self._bucket.allow():
+            self.factory.context.telemetry.throttled("rate")
+            self.sendClose(closecodes.RATE_LIMITED, "too many messages")
+
     def onConnect(self, request: ConnectionRequest) -> None:
         context = self.factory.context
         if request.origin not in context.allowed_origins:
@@ -92,6 +142,10 @@ class IDEProtocol(_RelayProtocol):
             self.session = context.tokens.verify_browser_session(cookie)
         except TokenError as e:
             raise ConnectionDeny(401, f"session {e}") from None
+        # onOpen follows at once (this is not a coroutine), so nothing slips in between.
+        if context.hub.ide_count(self.session) >= context.limits.ide_connections_per_session:
+            context.telemetry.throttled("sessions")
+            raise ConnectionDeny(429, "too many connections for this browser session")
 
     def onOpen(self) -> None:
         self.endpoint = self.factory.context.hub.attach_ide(
@@ -103,6 +157,53 @@ class BridgeProtocol(_RelayProtocol):
     """A paired bridge."""
 
     _attach: dict[str, Any] | None = None
+    _resume: IDelayedCall | None = None
+
+    def _make_bucket(self, limits: Limits) -> TokenBucket:
+        return TokenBucket(
+            self.factory.context.clock,
+            limits.bridge_messages_per_second,
+            limits.bridge_message_burst,
+        )
+
+    def _spend(self) -> None:
+        """
+        A bridge past its rate is slowed down, never closed: its frames are a
+        command's output, and dropping them would lose it.  The relay stops
+        reading its socket, and leaves the frames it has read but not yet
+        handled in their buffer, until the debt is paid and a tenth of a
+        second's worth is back; TCP then holds the bridge back.
+        """
+        assert self._bucket is not None
+        wait = self._bucket.borrow(headroom=self._bucket.rate / 10)
+        transport: Any = self.transport  # TLS, which passes this on to TCP
+        if wait > 0 and self._resume is None and transport is not None:
+            context = self.factory.context
+            context.telemetry.throttled("rate")
+            transport.pauseProducing()
+            self._resume = context.clock.callLater(wait, self._read_again)
+
+    def processData(self) -> bool:
+        # Autobahn handles the frames it has buffered one per call, until this says no.
+        if self._resume is not None:
+            return False
+        return bool(super().processData())
+
+    def _read_again(self) -> None:
+        self._resume = None
+        if self.state in (
+            WebSocketServerProtocol.STATE_OPEN,
+            WebSocketServerProtocol.STATE_CLOSING,
+        ):
+            transport: Any = self.transport
+            transport.resumeProducing()
+            self.consumeData()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
+        super().connectionLost(reason)
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         # Autobahn waits on a Deferred from onConnect: revocation is the store's to say.
@@ -124,7 +225,7 @@ class BridgeProtocol(_RelayProtocol):
             (r for r in await context.store.bridges(claims.session, now) if r.peer == claims.peer),
             None,
         )
-        if record is None:
+        if record is None or not record.bridge_key:
             raise ConnectionDeny(401, "this relay has no record of that pairing")
         version = request.headers.get("x-coder1-bridge-version", "")
         label = request.headers.get("x-coder1-label", "")
@@ -161,6 +262,9 @@ class RelayWebSocketFactory(WebSocketServerFactory):
             tcpNoDelay=True,
             # Protocol violations get a close frame with a reason, not a dropped socket.
             failByDrop=False,
+            # A GET without Upgrade is refused (426), not answered with Autobahn's
+            # status page, which names its version and redirects anywhere (?redirect=).
+            webStatus=False,
             # No compression: compressing secrets beside attacker-chosen bytes leaks
             # them (CRIME/BREACH), and end-to-end ciphertext does not compress anyway.
             perMessageCompressionAccept=lambda offers: None,

@@ -15,3 +15,5 @@ EXPIRED = 4004
 REPLACED = 4010
 #: Nothing heard from the other end within the heartbeat timeout.
 HEARTBEAT_TIMEOUT = 4011
+#: The connection sent messages faster than the relay's limit (C{Limits.messages_per_second}).
+RATE_LIMITED = 4029

@@ -104,6 +104,12 @@ def _public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         raise E2EError("not a point on P-256") from e
 
 
+def check_public_key(raw: bytes) -> bytes:
+    """C{raw} if it is a P-256 public key in the wire form; E2EError otherwise."""
+    _public_key(raw)
+    return raw
+
+
 def _raw(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint

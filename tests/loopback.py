@@ -242,15 +242,21 @@ class Browser:
         return CookieAgent(Agent(reactor, contextFactory=trust), self.cookies)
 
     async def request(
-        self, method: bytes, path: str, body: dict[str, Any] | None = None, *, origin: bool = True
+        self,
+        method: bytes,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        origin: bool = True,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], Headers]:
-        headers = Headers({b"Content-Type": [b"application/json"]})
+        sent = Headers({b"Content-Type": [b"application/json"]})
+        for name, value in (headers or {}).items():
+            sent.addRawHeader(name.encode(), value.encode())
         if origin:
-            headers.addRawHeader(b"Origin", (self.origin or self.url).encode())
+            sent.addRawHeader(b"Origin", (self.origin or self.url).encode())
         producer = FileBodyProducer(BytesIO(json.dumps(body).encode())) if body else None
-        response = await self._agent().request(
-            method, (self.url + path).encode(), headers, producer
-        )
+        response = await self._agent().request(method, (self.url + path).encode(), sent, producer)
         raw = await readBody(response)
         decoded = json.loads(raw) if raw.startswith(b"{") else {}
         return response.code, decoded, response.headers

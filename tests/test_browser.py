@@ -190,14 +190,16 @@ class BrowserTests(TestCase):
     async def paired_page(self, prefix: str = "") -> tuple[RelayService, Page]:
         """
         A relay, a bridge and a page, paired as a person does it: the page shows a code,
-        C{coder1-bridge pair} redeems it, both show the same verification code, the person
-        confirms, C{coder1-bridge start} connects, and the page opens a channel to it.
+        C{coder1-bridge pair} redeems it, both show the same verification code, and
+        C{coder1-bridge start} connects. Until the person confirms that the codes match the
+        page does not use the bridge (it shows it unverified, sends it nothing end to end, and
+        + Terminal stays disabled); once they do, it opens a channel to it.
         """
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        relay = await start_relay(FilePath(self.mktemp()))
+        self.relay = relay = await start_relay(FilePath(self.mktemp()))
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
-        url = relay.context.public_url
-        ca = FilePath(self.mktemp())
+        self.url = url = relay.context.public_url
+        self.ca = ca = FilePath(self.mktemp())
         ca.setContent(relay.keys.tls_cert_pem)
         page = await self.start_browser(spki_pin(relay.keys.tls_cert_pem))
 
@@ -222,14 +224,8 @@ class BrowserTests(TestCase):
         )
         await page.shot(f"{prefix}02-code")
 
-        env = {"XDG_CONFIG_HOME": FilePath(self.mktemp()).path, "SHELL": "/bin/bash"}
-        pairing = Collect()
-        spawn(pairing, [BRIDGE, "pair", "--relay", url, "--ca-cert", ca.path, code], env)
-        self.assertEqual(await pairing.ended, 0, pairing.output)
-        printed = re.search(rb"Verification code: (\w{4}-\w{4}-\w{4})\s*$", pairing.output, re.M)
-        assert printed is not None, pairing.output
-        sas = printed.group(1).decode()
-
+        env, peer, sas = await self.pair_bridge(code)
+        # PAIRED comes once the bridge has presented its key, about when `pair` prints its code.
         shown = await page.wait(
             "const s = document.querySelector('#pair-sas');"
             "return s && s.offsetParent !== null && s.textContent;",
@@ -237,20 +233,28 @@ class BrowserTests(TestCase):
         )
         self.assertEqual(shown, sas)
         self.assertIn(
-            "Check that coder1-bridge pair printed the same code",
-            await page.js("return document.querySelector('#pair-paired-view').textContent"),
+            "Compare with the code coder1-bridge status prints",
+            await self.verification_text(page),
         )
         await page.shot(f"{prefix}03-verify")
+
+        self.bridge, _ = self.start_bridge(env)
+        await page.wait(
+            "return document.querySelector(`.bridge[data-peer='${arguments[0]}']"
+            "[data-connected='true']`)",
+            peer,
+            what="the bridge to connect",
+        )
         await deferLater(reactor, 0.5)
         self.assertTrue(
             await page.js("return document.querySelector('#pair-dialog').open"),
             "the dialog must wait for the person to compare the codes",
         )
+        self.assertTrue(await page.js("return document.querySelector('#new-terminal').disabled"))
+        await self.assert_unverified(page, peer, sas)
+        await page.shot(f"{prefix}03-unverified")
         await page.click("#pair-done")
 
-        self.bridge = bridge = Collect(r"refused this bridge: (.*)\.")
-        process = spawn(bridge, [BRIDGE, "start"], env)
-        self.addCleanup(lambda: _stop(process, bridge))
         await page.wait(
             "return !document.querySelector('#pair-dialog').open"
             " && document.querySelector('.bridge[data-state=\"connected\"]')",
@@ -270,6 +274,77 @@ class BrowserTests(TestCase):
         await page.shot(f"{prefix}04-connected")
 
         return relay, page
+
+    async def pair_bridge(self, code: str) -> tuple[dict[str, str], int, str]:
+        """
+        Run C{coder1-bridge pair} with C{code} in a config dir of its own: that environment,
+        the bridge's number and the verification code it printed.
+        """
+        env = {"XDG_CONFIG_HOME": FilePath(self.mktemp()).path, "SHELL": "/bin/bash"}
+        pairing = Collect()
+        spawn(pairing, [BRIDGE, "pair", "--relay", self.url, "--ca-cert", self.ca.path, code], env)
+        self.assertEqual(await pairing.ended, 0, pairing.output)
+        printed = re.search(rb"Verification code: (\w{4}-\w{4}-\w{4})\s*$", pairing.output, re.M)
+        number = re.search(rb"as bridge #(\d+)", pairing.output)
+        assert printed is not None and number is not None, pairing.output
+        return env, int(number.group(1)), printed.group(1).decode()
+
+    def start_bridge(self, env: dict[str, str]) -> tuple[Collect, Any]:
+        """C{coder1-bridge start} in C{env}, stopped at cleanup."""
+        bridge = Collect(r"refused this bridge: (.*)\.")
+        process = spawn(bridge, [BRIDGE, "start"], env)
+        self.addCleanup(lambda: _stop(process, bridge))
+        return bridge, process
+
+    async def verification_text(self, page: Page) -> str:
+        """The verification view's text, its white space collapsed."""
+        text = await page.js("return document.querySelector('#pair-paired-view').textContent")
+        return " ".join(text.split())
+
+    async def assert_unverified(self, page: Page, peer: int, sas: str) -> None:
+        """
+        The page shows bridge C{peer} unverified, with its verification code C{sas} and a
+        Verify button; it cannot be selected, + Terminal does not open a terminal on it, and
+        the page has sent it nothing end to end (no KEY_OFFER, nothing sealed).
+        """
+        item = f".bridge[data-peer='{peer}']"
+        state, code, verify, e2e = await page.js(
+            "const b = document.querySelector(arguments[0]);"
+            "return [b.dataset.state, b.querySelector('.sas').textContent,"
+            " !!b.querySelector('button.verify'), b.dataset.e2e];",
+            item,
+        )
+        self.assertEqual((state, code, verify, e2e), ("unverified", sas, True, "none"))
+        self.assertIn(
+            "Not verified",
+            await page.js("return document.querySelector(arguments[0]).textContent", item),
+        )
+        await page.click(item)
+        self.assertEqual(
+            await page.js(
+                "return document.querySelector(arguments[0]).getAttribute('aria-selected')", item
+            ),
+            "false",
+        )
+        self.assertNotEqual(await page.js("return window.coder1.selectedPeer"), peer)
+        if await page.js("return document.querySelector('#new-terminal').disabled"):
+            await page.click("#new-terminal")  # the button's handler refuses too
+            self.assertFalse(
+                await page.js(
+                    "return [...window.coder1.terminals.values()]"
+                    ".some((t) => t.peer === arguments[0])",
+                    peer,
+                )
+            )
+        to_it = [
+            payload
+            for way, payload in await page.websocket_frames()
+            if way == "Sent"
+            and len(payload) >= HEADER_SIZE
+            and payload[1] >= 0x10
+            and struct.unpack_from("!I", payload, 4)[0] == peer
+        ]
+        self.assertEqual(to_it, [], "end-to-end frames sent to an unverified bridge")
 
     async def test_pair_and_use_a_terminal(self) -> None:
         """
@@ -301,6 +376,28 @@ class BrowserTests(TestCase):
         await page.ctrl("c")
         await page.type("echo after-$((2+2))\n")
         await page.wait_screen(r"^after-4", "Ctrl-C to stop sleep and the shell to answer")
+
+        # Typed while the channel is being made again: kept and sent, in order, once it is
+        # secure; what does not fit (a 70 KB paste) is not sent, and the terminal says so.
+        link = "window.coder1.links.get(window.coder1.current.peer)"
+        self.assertEqual(await page.js(f"const l = {link}; l.stop(); return l.state;"), "idle")
+        await page.type("echo queued-$((6*7))\n")
+        await page.js("window.coder1.current.term.paste(arguments[0])", "x" * 70000)
+        screen = await page.wait_screen(
+            r"\[\d+ bytes of input were not sent: the connection to your machine was being"
+            r" re-secured\]",
+            "the notice that the paste was not sent",
+        )
+        self.assertGreaterEqual(int(re.findall(r"\[(\d+) bytes of input", screen)[-1]), 70000)
+        self.assertNotRegex(screen, r"(?m)^queued-42")
+        await page.js(f"{link}.start()")
+        await page.wait_screen(r"^queued-42", "the input typed meanwhile, sent once secure")
+        await page.shot("05-queued")
+        await page.wait(
+            "return document.querySelector('.bridge[data-e2e=\"secure\"]')",
+            what="the new channel",
+        )
+        self.assertNotIn("xxxxxxxxxx", await page.wait_screen(r"^queued-42", "the screen"))
 
         await page.click("#new-terminal")
         await page.wait_screen(r"[$#] *$", "a prompt in a second terminal")
@@ -360,9 +457,11 @@ class BrowserTests(TestCase):
     async def test_a_lying_relay_is_caught(self) -> None:
         """
         A relay that alters a frame on its way to the page is caught: the page shows the
-        verdict, writes nothing of that frame (nor of its channel after it) to the terminal,
-        starts a new channel, and the terminal works again. A relay that then names another
-        key for the bridge gets the bridge marked "key changed", and the page sends it nothing.
+        verdict and writes nothing of that frame to the terminal. The channel survives the
+        refused frame itself (junk cannot end it), but the gap it leaves in the bridge's frames
+        does: the page starts a new channel, shows nothing of the frames it could not open, and
+        the terminal works again. A relay that then names another key for the bridge gets the
+        bridge marked "key changed", and the page sends it nothing.
         """
         relay, page = await self.paired_page("tamper-")
         await page.wait(
@@ -370,6 +469,8 @@ class BrowserTests(TestCase):
         )
         await page.click("#new-terminal")
         await page.wait_screen(r"[$#] *$", "a shell prompt")
+        link = "window.coder1.links.get(window.coder1.current.peer)"
+        channel = await page.js(f"return {link}.channel.id")
 
         tampered = tamper_next_output(relay)
         # The whole line in one PTY_INPUT frame; its echo and output come back altered.
@@ -380,14 +481,22 @@ class BrowserTests(TestCase):
             what="the page to report the altered frame",
         )
         self.assertEqual(verdict, "tampered")
-        self.assertIn(
-            "tampered", await page.js("return document.querySelector('#e2e-error').textContent")
-        )
         await page.shot("tamper-05-refused")
+        # One more frame from the bridge (a new prompt) shows the gap, if the altered frame was
+        # its last one: the page then needs a new channel.
+        await page.js("window.coder1.current.term.input(arguments[0])", "\r")
         await page.wait(
-            "return document.querySelector('.bridge[data-e2e=\"secure\"]')",
-            what="a new end-to-end channel",
+            f"const l = {link}; return l && l.secure && l.channel.id !== arguments[0];",
+            channel,
+            what="a new end-to-end channel after the gap",
         )
+        banner = await page.js(
+            "const b = document.querySelector('#e2e-error');"
+            "return [b.dataset.verdict, b.textContent];"
+        )
+        self.assertEqual(banner[0], "tampered", banner)
+        self.assertIn("“tampered”", banner[1])
+        self.assertIn("Starting a new secure channel", banner[1])
         await page.type("echo after-$((4*4))\n")
         screen = await page.wait_screen(r"^after-16", "the terminal working on the new channel")
         self.assertNotRegex(screen, r"(?m)^tamper-9")
@@ -421,6 +530,101 @@ class BrowserTests(TestCase):
         after = (await page.websocket_frames())[before:]
         kinds = [payload[1] for way, payload in after if way == "Sent" and len(payload) >= 20]
         self.assertEqual([k for k in kinds if k >= 0x10], [], "frames sent to a bridge refused")
+
+    async def test_a_bridge_not_compared_is_not_used(self) -> None:
+        """
+        A bridge paired while the dialog was closed (here with a code the test asks for
+        through the page's own session and key, as another tab would) shows up unverified,
+        with its verification code: the page sends it nothing, never selects it, and + Terminal
+        stays disabled for it, until the person clicks Verify, compares the code with the one
+        C{coder1-bridge status} prints and says they match. Then it is used like any other.
+        """
+        _, page = await self.paired_page("unverified-")
+        first = await page.js("return window.coder1.selectedPeer")
+        # What the Bridge button does, minus the dialog: this browser's own key, from IndexedDB.
+        code = await page.js(
+            "return (async () => {"
+            " const { b64u, loadIdentity } = await import('./e2e.js');"
+            " const identity = await loadIdentity();"
+            " const response = await fetch('/api/pairing-codes', {method: 'POST',"
+            "  headers: {'Content-Type': 'application/json'},"
+            "  body: JSON.stringify({browser_key: b64u(identity.raw)})});"
+            " return (await response.json()).code;"
+            "})();"
+        )
+        self.assertFalse(await page.js("return document.querySelector('#pair-dialog').open"))
+        env, peer, sas = await self.pair_bridge(code)
+        self.assertNotEqual(peer, first)
+        item = f".bridge[data-peer='{peer}']"
+        await page.wait(
+            "const b = document.querySelector(arguments[0]); return b && b.querySelector('.sas');",
+            item,
+            what="the second bridge in the list",
+        )
+        self.start_bridge(env)
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.connected === 'true'",
+            item,
+            what="the second bridge to connect",
+        )
+        await deferLater(reactor, 1.0)
+        self.assertFalse(await page.js("return document.querySelector('#pair-dialog').open"))
+        self.assertEqual(await page.js("return window.coder1.selectedPeer"), first)
+        await self.assert_unverified(page, peer, sas)
+        await page.shot("unverified-05-second")
+
+        # Without the first bridge, nothing can be selected: + Terminal stays disabled.
+        await page.click(f".bridge[data-peer='{first}'] .revoke")
+        await page.click(f".bridge[data-peer='{first}'] .revoke")
+        self.assertEqual(await self.bridge.ended, 3)
+        await page.wait(
+            "return document.querySelectorAll('.bridge').length === 1", what="the first to go"
+        )
+        await deferLater(reactor, 0.5)
+        self.assertTrue(await page.js("return document.querySelector('#new-terminal').disabled"))
+        await self.assert_unverified(page, peer, sas)
+        await page.shot("unverified-06-alone")
+
+        status = Collect()
+        spawn(status, [BRIDGE, "status"], env)
+        self.assertEqual(await status.ended, 0, status.output)
+        printed = re.search(rb"verification code (\w{4}-\w{4}-\w{4})", status.output)
+        assert printed is not None, status.output
+        self.assertEqual(printed.group(1).decode(), sas)
+
+        await page.click(f"{item} .verify")
+        shown = await page.wait(
+            "const s = document.querySelector('#pair-sas');"
+            "return document.querySelector('#pair-dialog').open && s.offsetParent !== null"
+            " && s.textContent;",
+            what="the verification view",
+        )
+        self.assertEqual(shown, sas)
+        self.assertIn(
+            "Compare with the code coder1-bridge status prints",
+            await self.verification_text(page),
+        )
+        self.assertTrue(await page.js("return document.querySelector('#new-terminal').disabled"))
+        await page.shot("unverified-07-verify")
+        await page.click("#pair-done")
+        await page.wait(
+            f"return document.querySelector(\"{item}[data-state='connected'][data-e2e='secure']\")"
+            " && !document.querySelector('#new-terminal').disabled",
+            what="the verified bridge to be used",
+        )
+        self.assertEqual(await page.js("return window.coder1.selectedPeer"), peer)
+        await page.click("#new-terminal")
+        await page.wait_screen(r"[$#] *$", "a shell prompt on the second bridge")
+        await page.type("echo second-$((8*8))\n")
+        await page.wait_screen(r"^second-64", "the second bridge's shell")
+        await page.shot("unverified-08-used")
+        # The confirmation is kept: after a reload the bridge is used without asking again.
+        await page.call(page.driver.refresh)
+        await page.wait(
+            f"return document.querySelector(\"{item}[data-state='connected'][data-e2e='secure']\")",
+            what="the verified bridge after a reload",
+        )
+        self.assertFalse(await page.js("return document.querySelector('#pair-dialog').open"))
 
     async def assert_encrypted(self, page: Page, canary: str) -> None:
         """
@@ -492,6 +696,8 @@ async def _stop_coroutine(process: Any, collected: Collect) -> None:
     if process.pid:
         process.signalProcess("TERM")
     await collected.ended
+    # A bridge stopped here never printed why it was refused: not an error of the test.
+    collected.matched.addErrback(lambda _: None)
 
 
 def _stop(process: Any, collected: Collect) -> Deferred[None]:

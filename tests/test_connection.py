@@ -132,13 +132,26 @@ class BridgeSessionTests(SynchronousTestCase):
         self.assertEqual(first.open(out[0]).payload, b"secret")
         self.assertEqual(second.open(out[1]).payload, b"secret")
 
-    def test_integrity_failure_closes_channel(self) -> None:
-        """A tampered frame is refused with its verdict, and the channel is forgotten."""
+    def test_tampered_frame_refused_channel_kept(self) -> None:
+        """
+        A tampered frame is refused with its verdict; the channel stays, so the
+        genuine frame still opens (junk cannot kill a tab's channel).
+        """
         session, link, _, _ = self.make()
         channel = self.channel(session, link)
-        frame = channel.seal(Envelope(Kind.CMD_CANCEL, stream=1, peer=1)).encode()
+        frame = channel.seal(Envelope(Kind.PTY_LIST, stream=1, peer=1)).encode()
         session.receive(frame[:-1] + bytes([frame[-1] ^ 1]))
         self.assertEqual(link.sent[-1].json()["error"], "tampered")
+        session.receive(frame)
+        self.assertEqual(channel.open(link.sent[-1]).kind, Kind.PTY_LISTING)
+
+    def test_gap_forgets_channel(self) -> None:
+        """A frame after a missing one is refused as dropped, and the channel is forgotten."""
+        session, link, _, _ = self.make()
+        channel = self.channel(session, link)
+        channel.seal(Envelope(Kind.PTY_LIST, stream=1, peer=1))
+        session.receive(channel.seal(Envelope(Kind.PTY_LIST, stream=2, peer=1)).encode())
+        self.assertEqual(link.sent[-1].json()["error"], "dropped")
         self.assertEqual(session.channels, {})
 
     def test_channels_capped(self) -> None:

@@ -413,8 +413,10 @@ class InteropTests(NodeTestCase):
 class LinkTests(NodeTestCase):
     """
     The page's channel to one bridge (C{coder1_relay/static/link.js}) against the bridge's
-    Python: it sends only KEY_OFFER in plaintext, acts only on frames of its own channel, and
-    starts over (with a new channel) after a refusal, a KEY_ERROR or a silent bridge.
+    Python: it sends only KEY_OFFER in plaintext, acts only on frames of its own channel, keeps
+    the channel after a tampered or replayed frame (as the bridge does), and starts over (with
+    a new channel) after a gap, a KEY_ERROR that says the bridge has no channel, or a silent
+    bridge.
     """
 
     async def start(self, timeout: float = 10.0) -> Envelope:
@@ -490,35 +492,76 @@ class LinkTests(NodeTestCase):
             (Kind.PTY_OUTPUT, 7, b"mine"),
         )
 
-    async def test_refused_frames_start_a_new_channel(self) -> None:
+    async def send(self, channel: SecureChannel, data: bytes, seq: int = 0) -> Envelope:
+        """The link seals C{data} as PTY_INPUT; the bridge's end opens it."""
+        sealed = await self.page.ask(
+            "link_send", name="l", kind=Kind.PTY_INPUT, stream=7, seq=seq, data=b64u(data)
+        )
+        self.assertTrue(sealed["sealed"])
+        [sent] = [e for e in await self.events("sent") if e["type"] == "sent"]
+        return channel.open(decode(unb64u(sent["frame"])))
+
+    async def test_tampered_and_replayed_frames_keep_the_channel(self) -> None:
         """
-        A tampered, replayed or out-of-order frame is reported with its verdict and never
-        delivered; the link drops the channel (later frames of it are ignored) and makes a
-        new offer, with a new channel number, which the bridge can answer.
+        A tampered or replayed frame is reported with its verdict and never delivered, but the
+        channel goes on (the counter did not move): the genuine next frame opens, nothing is
+        offered again, and the page still seals on it. Junk cannot end a channel.
+        """
+        offer = await self.start()
+        channel = await self.secure(offer)
+        frames = [self.output(channel, b"%d" % i, i) for i in range(3)]
+        tampered = decode(flip(frames[0].encode(), len(frames[0].encode()) - 1))
+        for bad, then, verdict in (
+            (tampered, 0, "tampered"),
+            (frames[0], 1, "replayed"),
+            (decode(flip(frames[2].encode(), HEADER_SIZE + 11)), 2, "tampered"),
+        ):
+            await self.receive(bad)
+            events = await self.events("problem")
+            self.assertEqual(
+                [(e.get("verdict"), e.get("kept")) for e in events if e["type"] == "problem"],
+                [(verdict, True)],
+                events,
+            )
+            self.assertEqual([e["type"] for e in events], ["problem"], "nothing else happened")
+            await self.receive(frames[then])
+            [opened] = [e for e in await self.events("frame") if e["type"] == "frame"]
+            self.assertEqual(unb64u(opened["data"]), b"%d" % then)
+        answer = await self.page.ask("link_events", name="l")
+        self.assertEqual((answer["events"], answer["state"]), ([], "secure"))
+        opened_up = await self.send(channel, b"still here\r")
+        self.assertEqual(opened_up.payload, b"still here\r")
+
+    async def test_a_gap_starts_a_new_channel(self) -> None:
+        """
+        A frame whose predecessor never arrived ("dropped") ends the channel: reported, not
+        delivered, later frames of that channel ignored, and a new offer (a new channel number)
+        that the bridge can answer. After a tampered frame, the gap it leaves is reported as
+        caused by it.
         """
         offer = await self.start()
         seen = set()
-        for verdict in ("tampered", "replayed", "dropped"):
+        for before in (None, "tampered"):
             channel = await self.secure(offer)
             seen.add(channel.channel)
             first, second = self.output(channel, b"one"), self.output(channel, b"two", 1)
-            if verdict == "tampered":
-                bad = [decode(flip(first.encode(), len(first.encode()) - 1))]
-            elif verdict == "replayed":
-                bad = [first, first]
-            else:
-                bad = [second]
-            for frame in bad:
-                await self.receive(frame)
+            if before == "tampered":
+                await self.receive(decode(flip(first.encode(), HEADER_SIZE + 20)))
+                await self.events("problem")
+            await self.receive(second)
             events = await self.events("problem")
             problems = [e for e in events if e["type"] == "problem"]
-            self.assertEqual([p.get("verdict") for p in problems], [verdict], events)
-            delivered = [unb64u(e["data"]) for e in events if e["type"] == "frame"]
-            self.assertEqual(delivered, [b"one"] if verdict == "replayed" else [])
+            self.assertEqual(
+                [(p.get("verdict"), p.get("kept"), p.get("after")) for p in problems],
+                [("dropped", False, before)],
+                events,
+            )
+            self.assertNotIn("frame", [e["type"] for e in events])
             self.assertIn({"type": "state", "state": "retrying"}, events)
-            await self.receive(second)  # genuine, but of the dropped channel
+            await self.receive(first)  # genuine, but of the channel that ended
             offer = await self.next_offer()
             self.assertNotIn(json.loads(offer.payload)["channel"], seen)
+        await self.secure(offer)
 
     async def test_forged_answer(self) -> None:
         """
@@ -546,11 +589,50 @@ class LinkTests(NodeTestCase):
         refusal["channel"] = channel
         await self.receive(control(Kind.KEY_ERROR, refusal, peer=PEER))
         events = await self.events("problem")
-        self.assertIn({"type": "problem", "reason": "bad-offer", "message": "not yours"}, events)
+        self.assertIn(
+            {"type": "problem", "reason": "bad-offer", "message": "not yours", "kept": False},
+            events,
+        )
         silent = await self.next_offer()  # after the backoff
         self.assertNotEqual(json.loads(silent.payload)["channel"], channel)
         again = await self.next_offer(wait=8.0)  # nobody answered: timeout, backoff, offer
         await self.secure(again)
+
+    async def test_key_error_verdicts(self) -> None:
+        """
+        The bridge's KEY_ERROR "tampered" or "replayed" (it refused a frame of this channel and
+        kept the channel) is reported and the channel goes on; "dropped" and "no-channel" (it
+        has no channel with this tab any more) make the link start a new one.
+        """
+        offer = await self.start()
+        channel = await self.secure(offer)
+        seen = {channel.channel}
+        for error in ("tampered", "replayed"):
+            refusal = {"channel": channel.channel, "error": error, "message": "refused"}
+            await self.receive(control(Kind.KEY_ERROR, refusal, peer=PEER))
+            events = await self.events("problem")
+            self.assertEqual(
+                events,
+                [{"type": "problem", "reason": error, "message": "refused", "kept": True}],
+            )
+        opened = await self.send(channel, b"on the same channel\r")
+        self.assertEqual(opened.payload, b"on the same channel\r")
+        for error in ("dropped", "no-channel"):
+            refusal = {"channel": channel.channel, "error": error, "message": "gone"}
+            await self.receive(control(Kind.KEY_ERROR, refusal, peer=PEER))
+            events = await self.events("problem")
+            self.assertIn(
+                {"type": "problem", "reason": error, "message": "gone", "kept": False}, events
+            )
+            self.assertIn({"type": "state", "state": "retrying"}, events)
+            unsent = await self.page.ask(
+                "link_send", name="l", kind=Kind.PTY_INPUT, stream=7, seq=0, data=b64u(b"x")
+            )
+            self.assertFalse(unsent["sealed"], "nothing is sealed on a channel the bridge forgot")
+            offer = await self.next_offer()
+            self.assertNotIn(json.loads(offer.payload)["channel"], seen)
+            channel = await self.secure(offer)
+            seen.add(channel.channel)
 
     async def test_bridge_too_old(self) -> None:
         """A bridge that answers KEY_OFFER as an unknown kind leaves the link "unsupported"."""
@@ -561,3 +643,46 @@ class LinkTests(NodeTestCase):
         self.assertIn({"type": "state", "state": "unsupported"}, events)
         answer = await self.page.ask("link_events", name="l", until="sent", wait=1.5)
         self.assertEqual((answer["events"], answer["state"]), ([], "unsupported"))
+
+
+class BacklogTests(NodeTestCase):
+    """
+    What a terminal keeps while its bridge has no secure channel (C{Backlog} in link.js):
+    input in order, at most 64 KiB, whole frames (one that does not fit is dropped, and
+    counted, so the terminal can say so), and only the latest size.
+    """
+
+    async def test_in_order_and_bounded(self) -> None:
+        made = await self.page.ask("backlog_new", name="b")
+        self.assertEqual(made["limit"], 64 * 1024)
+        self.assertEqual(made["default"], 64 * 1024)
+        kept = [b"ls\r", os.urandom(40000), b"\x1b[A", os.urandom(25529)]
+        for data in kept:
+            self.assertTrue(
+                (await self.page.ask("backlog_input", name="b", data=b64u(data)))["kept"]
+            )
+        self.assertEqual(sum(map(len, kept)), 64 * 1024 - 1)
+        too_much = await self.page.ask("backlog_input", name="b", data=b64u(b"ab"))
+        self.assertEqual((too_much["kept"], too_much["lost"]), (False, 2))
+        self.assertTrue((await self.page.ask("backlog_input", name="b", data=b64u(b"c")))["kept"])
+        lost = await self.page.ask("backlog_input", name="b", data=b64u(b"d" * 300))
+        self.assertEqual((lost["kept"], lost["lost"]), (False, 302))
+        for cols, rows in ((80, 24), (120, 40)):
+            await self.page.ask("backlog_resize", name="b", cols=cols, rows=rows)
+        taken = await self.page.ask("backlog_take", name="b")
+        self.assertEqual([unb64u(d) for d in taken["inputs"]], [*kept, b"c"])
+        self.assertEqual(taken["size"], {"cols": 120, "rows": 40})
+        self.assertEqual((taken["lost"], taken["empty"]), (302, True))
+        # Emptied: the next outage starts from nothing, with its own count.
+        again = await self.page.ask("backlog_input", name="b", data=b64u(b"x" * 1000))
+        self.assertEqual((again["kept"], again["lost"]), (True, 0))
+
+    async def test_a_frame_larger_than_the_limit(self) -> None:
+        """A paste larger than the limit is dropped whole, never cut, even into an empty backlog."""
+        await self.page.ask("backlog_new", name="b", limit=10)
+        big = await self.page.ask("backlog_input", name="b", data=b64u(b"0123456789a"))
+        self.assertEqual((big["kept"], big["lost"], big["empty"]), (False, 11, True))
+        resized = await self.page.ask("backlog_resize", name="b", cols=1, rows=1)
+        self.assertFalse(resized["empty"])
+        taken = await self.page.ask("backlog_take", name="b")
+        self.assertEqual((taken["inputs"], taken["lost"]), ([], 11))

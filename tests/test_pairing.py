@@ -72,7 +72,7 @@ class PairingTests(SynchronousTestCase):
         )
 
     def redeem(self, code: str, ip: str = "192.0.2.9") -> Deferred[Redemption]:
-        return Deferred.fromCoroutine(self.pairing.redeem(code, ip, "host", BRIDGE_KEY))
+        return Deferred.fromCoroutine(self.pairing.redeem(code, ip, "host"))
 
     def test_store_interface(self) -> None:
         """MemoryStore provides the whole store interface."""
@@ -85,21 +85,28 @@ class PairingTests(SynchronousTestCase):
         self.assertEqual(grant.expires_at, self.clock.seconds() + 300)
 
     def test_keys_cross_over(self) -> None:
-        """The bridge gets the browser's key; the bridge's key is kept for the browser."""
+        """The bridge gets the browser's key; its own key comes after, once, for the browser."""
         done = self.successResultOf(self.redeem(self.code().code))
-        self.assertEqual((done.browser_key, done.record.bridge_key), (BROWSER_KEY, BRIDGE_KEY))
+        self.assertEqual((done.browser_key, done.record.bridge_key), (BROWSER_KEY, ""))
+        record = self.successResultOf(
+            Deferred.fromCoroutine(self.pairing.present_key(done.claims, BRIDGE_KEY))
+        )
+        self.assertEqual((record.bridge_key, record.code), (BRIDGE_KEY, done.record.code))
+        listed = self.successResultOf(self.store.bridges("s1", self.clock.seconds()))
+        self.assertEqual((listed[0].bridge_key, listed[0].code), (BRIDGE_KEY, ""))
+        self.failureResultOf(
+            Deferred.fromCoroutine(self.pairing.present_key(done.claims, BROWSER_KEY)), ValueError
+        )
 
     def test_keys_checked(self) -> None:
         """Something that is not a base64url key is refused on both sides."""
+        done = self.successResultOf(self.redeem(self.code().code))
         for junk in ["", "short", "x" * 87 + "!", "é" * 87]:
             self.failureResultOf(
                 Deferred.fromCoroutine(self.pairing.new_code("s", "192.0.2.1", junk)), ValueError
             )
             self.failureResultOf(
-                Deferred.fromCoroutine(
-                    self.pairing.redeem(self.code().code, "192.0.2.1", "h", junk)
-                ),
-                ValueError,
+                Deferred.fromCoroutine(self.pairing.present_key(done.claims, junk)), ValueError
             )
 
     def test_redeem_binds_session(self) -> None:
@@ -202,9 +209,7 @@ class PairingTests(SynchronousTestCase):
         """A label with control characters is refused before the code is used."""
         code = self.code().code
         self.failureResultOf(
-            Deferred.fromCoroutine(
-                self.pairing.redeem(code, "192.0.2.1", "x\n\x1b[2J", BRIDGE_KEY)
-            ),
+            Deferred.fromCoroutine(self.pairing.redeem(code, "192.0.2.1", "x\n\x1b[2J")),
             ValueError,
         )
         self.successResultOf(self.redeem(code))

@@ -176,6 +176,13 @@ class RelayTestCase(TestCase):
             b"POST", "/api/pair", {"code": code, "label": label, "bridge_key": KEY}
         )
         self.assertEqual(status, 200, body)
+        status, answer, _ = await self.browser.request(
+            b"POST",
+            "/api/pair/key",
+            {"bridge_key": KEY},
+            headers={"Authorization": f"Bearer {body['token']}"},
+        )
+        self.assertEqual(status, 200, answer)
         return body
 
     def session_cookie(self) -> str:

@@ -5,9 +5,10 @@ import { Terminal } from "./vendor/xterm.mjs";
 import { FitAddon } from "./vendor/addon-fit.mjs";
 import { Kind, decode, encode, json } from "./wire.js";
 import { PinStore, RAW_KEY_SIZE, b64u, loadIdentity, sas, unb64u } from "./e2e.js";
-import { BridgeLink } from "./link.js";
+import { Backlog, BridgeLink } from "./link.js";
 
 const $ = (selector) => document.querySelector(selector);
+const utf8 = new TextEncoder();
 const HEARTBEAT_TIMEOUT_FACTOR = 3;
 const MAX_BACKOFF = 30;
 
@@ -106,6 +107,9 @@ class TerminalTab {
     this.stream = stream;
     this.seq = 0;
     this.state = "opening";
+    // Typed while the bridge has no secure channel: sent, in order, once it has one again.
+    this.backlog = new Backlog();
+    this.noticeShown = false; // the last line written is our "not sent" notice
     this.term = new Terminal({ cursorBlink: true, fontSize: 14, scrollback: 5000 });
     this.fit = new FitAddon();
     this.term.loadAddon(this.fit);
@@ -138,9 +142,9 @@ class TerminalTab {
     $("#new-terminal").before(this.tab);
 
     this.term.open(this.element);
-    this.term.onData((data) => this.send(Kind.PTY_INPUT, data));
-    this.term.onBinary((data) => this.send(Kind.PTY_INPUT, Uint8Array.from(data, (c) => c.charCodeAt(0))));
-    this.term.onResize(({ cols, rows }) => this.send(Kind.PTY_RESIZE, { cols, rows }));
+    this.term.onData((data) => this.input(utf8.encode(data)));
+    this.term.onBinary((data) => this.input(Uint8Array.from(data, (c) => c.charCodeAt(0))));
+    this.term.onResize(({ cols, rows }) => this.resized({ cols, rows }));
     this.resizer = new ResizeObserver(() => this.visible && this.fit.fit());
     this.resizer.observe(this.element);
   }
@@ -149,14 +153,58 @@ class TerminalTab {
     return this.element.getAttribute("aria-hidden") === "false";
   }
 
-  send(kind, payload = new Uint8Array()) {
+  /** Seal and send one frame now; false (and nothing sent) when the bridge has no channel. */
+  transmit(kind, payload = new Uint8Array()) {
+    if (!this.app.sendTo(this.peer, kind, { stream: this.stream, seq: this.seq }, payload)) return false;
+    this.seq += 1;
+    return true;
+  }
+
+  /** Keystrokes: sent now, or kept until the channel is secure (after what was kept before). */
+  input(bytes) {
     if (this.state === "exited") return;
-    this.app.sendTo(this.peer, kind, { stream: this.stream, seq: this.seq++ }, payload);
+    if (this.backlog.empty && this.transmit(Kind.PTY_INPUT, bytes)) return;
+    if (!this.backlog.input(bytes)) this.notice();
+  }
+
+  resized(size) {
+    if (this.state === "exited") return;
+    if (this.backlog.empty && this.transmit(Kind.PTY_RESIZE, size)) return;
+    this.backlog.resize(size);
+  }
+
+  /** The bridge's channel is secure again: send what was kept, the size first, then the input. */
+  flush() {
+    if (this.state === "exited" || this.backlog.empty) return;
+    const { size, inputs } = this.backlog.take();
+    const kept = [...(size ? [[Kind.PTY_RESIZE, size]] : []), ...inputs.map((b) => [Kind.PTY_INPUT, b])];
+    for (const [at, [kind, payload]] of kept.entries()) {
+      if (this.transmit(kind, payload)) continue;
+      // The channel went again while sending: keep the rest, in order.
+      for (const [later, body] of kept.slice(at)) {
+        if (later === Kind.PTY_RESIZE) this.backlog.resize(body);
+        else if (!this.backlog.input(body)) this.notice();
+      }
+      return;
+    }
+  }
+
+  /** Say how much typed input was not sent (one line, kept up to date while nothing else is written). */
+  notice() {
+    const text = `\x1b[2m[${this.backlog.lost} bytes of input were not sent: the connection to your`
+      + " machine was being re-secured]\x1b[0m\r\n";
+    this.term.write(this.noticeShown ? `\x1b[1A\r\x1b[2K${text}` : `\r\n${text}`);
+    this.noticeShown = true;
+  }
+
+  write(data) {
+    this.noticeShown = false;
+    this.term.write(data);
   }
 
   open() {
     this.fit.fit();
-    this.send(Kind.PTY_OPEN, { cols: this.term.cols, rows: this.term.rows });
+    this.transmit(Kind.PTY_OPEN, { cols: this.term.cols, rows: this.term.rows });
   }
 
   reattach(size) {
@@ -168,7 +216,7 @@ class TerminalTab {
   receive(frame) {
     switch (frame.kind) {
       case Kind.PTY_OUTPUT:
-        this.term.write(frame.payload.slice());
+        this.write(frame.payload.slice());
         break;
       case Kind.PTY_OPENED:
         this.state = "running";
@@ -189,14 +237,18 @@ class TerminalTab {
   }
 
   ended(message) {
-    this.term.write(`\r\n\x1b[2m${message}\x1b[0m\r\n`);
+    const { inputs } = this.backlog.take();
+    const unsent = inputs.reduce((n, bytes) => n + bytes.length, 0);
+    this.write(`\r\n\x1b[2m${message}\x1b[0m\r\n`);
+    if (unsent) this.write(`\x1b[2m[${unsent} bytes of input were not sent: the terminal ended first]\x1b[0m\r\n`);
     this.state = "exited";
     this.tab.dataset.state = "exited";
     this.element.dataset.state = "exited";
   }
 
   close() {
-    if (this.state !== "exited") this.send(Kind.PTY_CLOSE);
+    // Sent when the channel is secure again if it is not now, so the terminal does not live on.
+    if (this.state !== "exited" && !this.transmit(Kind.PTY_CLOSE)) this.app.closeLater(this);
     this.dispose();
   }
 
@@ -209,18 +261,25 @@ class TerminalTab {
   }
 }
 
-/** The pairing dialog: a code, its countdown and the command to run; then the SAS to compare. */
+/**
+ * The pairing dialog: a code, its countdown and the command to run; then the verification view,
+ * where the user compares the bridge's verification code with the one it prints. Only "They
+ * match" there lets the page use a bridge.
+ */
 class PairingDialog {
   constructor(app) {
     this.app = app;
     this.dialog = $("#pair-dialog");
-    this.pairedPeer = null;
+    this.comparing = null; // {peer, key}: the bridge and key whose code the verification view shows
     $("#bridge-button").addEventListener("click", () => this.show());
     $("#pair-new-code").addEventListener("click", () => this.newCode());
     $("#pair-close").addEventListener("click", () => this.close());
-    $("#pair-done").addEventListener("click", () => this.close());
+    $("#pair-done").addEventListener("click", () => this.match());
     $("#pair-mismatch").addEventListener("click", () => this.mismatch());
-    this.dialog.addEventListener("close", () => clearInterval(this.ticker));
+    this.dialog.addEventListener("close", () => {
+      clearInterval(this.ticker);
+      this.comparing = null;
+    });
   }
 
   show() {
@@ -234,10 +293,13 @@ class PairingDialog {
     this.dialog.dataset.view = name;
     $("#pair-code-view").hidden = name !== "code";
     $("#pair-paired-view").hidden = name !== "paired";
+    $("#pair-title").textContent = name === "paired" ? "Verify your machine" : "Pair your machine";
+    if (name !== "paired") this.comparing = null;
   }
 
   close() {
     clearInterval(this.ticker);
+    this.comparing = null;
     if (this.dialog.open) this.dialog.close();
   }
 
@@ -248,6 +310,12 @@ class PairingDialog {
   /** Whether the dialog shows a code a bridge can still redeem. */
   get waiting() {
     return this.dialog.open && this.dialog.dataset.view === "code" && $("#pair-code").dataset.state === "live";
+  }
+
+  /** Whether a PAIRED naming `peer` and `code` is for the code this dialog shows. */
+  expects(peer, code) {
+    return this.waiting && !this.app.knownPeers.has(peer) && code !== null
+      && code === $("#pair-code").dataset.code;
   }
 
   async newCode() {
@@ -309,13 +377,8 @@ class PairingDialog {
     this.ticker = setInterval(tick, 1000);
   }
 
-  /**
-   * A bridge redeemed a code of this session (PAIRED): if it is the one shown, compare codes.
-   * `code` is the code it redeemed, when the relay says (another tab's code is not ours).
-   */
-  paired(bridge, code) {
-    if (!this.waiting || this.app.knownPeers.has(bridge.peer)) return;
-    if (code !== null && code !== $("#pair-code").dataset.code) return;
+  /** A bridge redeemed the code shown (its key is pinned, unconfirmed): compare the codes. */
+  paired(bridge) {
     clearInterval(this.ticker);
     $("#pair-code").dataset.state = "used";
     if (bridge.trust === "key-changed") {
@@ -327,24 +390,47 @@ class PairingDialog {
         + " browser cannot encrypt for it. Update the relay, then pair again.");
       return;
     }
-    this.pairedPeer = bridge.peer;
+    this.compare(bridge);
+  }
+
+  /** The verification view for `bridge`: its code, to compare with the one it prints. */
+  compare(bridge) {
+    clearInterval(this.ticker);
+    this.message("");
+    this.view("paired");
+    this.comparing = { peer: bridge.peer, key: bridge.sasKey };
     $("#pair-label").textContent = bridge.label;
     $("#pair-sas").textContent = bridge.sas;
-    this.view("paired");
+    if (!this.dialog.open) this.dialog.showModal();
     $("#pair-done").focus();
+  }
+
+  /** "They match": the key whose code was shown is confirmed, and the page may use the bridge. */
+  match() {
+    const comparing = this.comparing;
+    this.close();
+    if (comparing) this.app.serially(() => this.app.confirm(comparing.peer, comparing.key));
   }
 
   /** The two verification codes differ: the pairing went through someone else's keys. */
   async mismatch() {
-    const peer = this.pairedPeer;
+    const comparing = this.comparing;
+    clearInterval(this.ticker);
     this.view("code");
+    const code = $("#pair-code");
+    code.textContent = "······";
+    code.dataset.state = "used";
+    $("#pair-command").textContent = "";
+    $("#pair-countdown").textContent = "";
+    if (!this.dialog.open) this.dialog.showModal();
     this.message("The codes differ: someone may be intercepting between this browser and your"
       + " machine. The bridge is revoked: run “coder1-bridge unpair” on it, then pair again.");
-    if (peer !== null) await this.app.revokeNow(peer);
+    if (comparing) await this.app.revokeNow(comparing.peer);
   }
 }
 
 const KEY_CHANGED = "This bridge's key changed: someone may be intercepting. Revoke it and pair again.";
+const UNVERIFIED = "Not verified: compare its verification code before this browser uses it.";
 
 /** What each verdict on a refused frame means, for people. */
 const VERDICTS = {
@@ -374,17 +460,25 @@ function publicKey(text) {
 
 class App {
   constructor() {
-    // peer -> {peer, label, version, since, connected, key, pin, trust, sas, armed}
-    // trust: "pinned" (the key to use is pinned), "key-changed" (the relay named another
-    // key: never used again), "unknown" (no key yet).
+    // peer -> {peer, label, version, since, connected, key, pin, trust, sasKey, sas, armed}
+    // key: the latest key the relay named for it; pin: its pin ({key, confirmed}) or null;
+    // sasKey: the key its verification code is made from (the pinned one, else the named one).
+    // trust: "verified" (a confirmed pin, and the relay names no other key): the only state in
+    // which the page uses a bridge; "unverified" (a key, not confirmed by the user);
+    // "unknown" (no key at all); "key-changed" (the relay named another key than the pinned
+    // one: never used again while the page stays open).
     this.bridges = new Map();
     this.live = new Set(); // connected peers, as of the latest PRESENCE
     this.knownPeers = new Set();
     this.terminals = new Map(); // `${peer}:${stream}` -> TerminalTab
+    this.closing = new Map(); // peer -> streams whose PTY_CLOSE waits for a secure channel
+    this.closed = new Set(); // `${peer}:${stream}` of tabs closed here: not re-attached
     this.links = new Map(); // peer -> BridgeLink, on the current IDE connection
     this.pins = new PinStore(location.origin);
-    this.pinned = new Map(); // peer -> b64u key, what this.pins holds
-    this.inbox = Promise.resolve(); // frames are handled one at a time, in order
+    // Other tabs of this browser say when they pin, confirm or delete a key.
+    this.pinNews = typeof BroadcastChannel === "function" ? new BroadcastChannel("coder1-pins") : null;
+    if (this.pinNews) this.pinNews.onmessage = (event) => this.serially(() => this.pinChanged(event.data?.peer));
+    this.inbox = Promise.resolve(); // frames and pin changes are handled one at a time, in order
     this.selectedPeer = null;
     this.current = null;
     this.identity = null;
@@ -431,15 +525,21 @@ class App {
     if (!this.bridges.has(peer)) {
       this.bridges.set(peer, {
         peer, label: `bridge ${peer}`, version: null, since: null, connected: this.live.has(peer),
-        key: null, pin: null, trust: "unknown", sas: null, armed: false,
+        key: null, pin: null, trust: "unknown", sasKey: null, sas: null, armed: false,
       });
     }
     return this.bridges.get(peer);
   }
 
+  /** Run `task` after everything queued before it (frames, pin changes), one at a time. */
+  serially(task) {
+    const done = this.inbox.then(task);
+    this.inbox = done.catch((error) => console.error("handling an event failed", error));
+    return done;
+  }
+
   receive(frame) {
-    this.inbox = this.inbox.then(() => this.handle(frame))
-      .catch((error) => console.error("handling a frame failed", error));
+    this.serially(() => this.handle(frame));
   }
 
   async handle(frame) {
@@ -483,43 +583,75 @@ class App {
     this.refreshBridges();
   }
 
-  /** PAIRED: a bridge redeemed one of this session's codes. */
+  /**
+   * PAIRED: a bridge redeemed one of this session's codes. If it is the code this tab shows,
+   * its key is pinned, unconfirmed, and the dialog asks the user to compare the codes; any
+   * other PAIRED only adds the bridge, unverified.
+   */
   async paired(body) {
     if (!Number.isInteger(body.peer)) return;
     const bridge = this.bridge(body.peer);
     if (typeof body.label === "string") bridge.label = body.label;
+    const ours = this.pairing.expects(bridge.peer, typeof body.code === "string" ? body.code : null);
+    const named = publicKey(body.bridge_key);
+    if (ours && named !== null) await this.pin(bridge.peer, named);
     await this.sighted(bridge, body.bridge_key);
-    this.pairing.paired(bridge, typeof body.code === "string" ? body.code : null);
+    if (ours) this.pairing.paired(bridge);
     this.secureLinks();
-    this.renderBridges();
   }
 
-  /** The relay names `key` as this bridge's: pin it if none is (trust on first sight), else compare. */
+  /** Pin `key` for `peer`, unconfirmed, unless a key is pinned already. */
+  async pin(peer, key) {
+    try {
+      await this.pins.pinIfAbsent(peer, key);
+      this.pinNews?.postMessage({ peer });
+    } catch (error) {
+      this.pinsUnavailable(error);
+    }
+  }
+
+  /** The relay names `key` as this bridge's (undefined: no new word): compare it with the pin. */
   async sighted(bridge, key) {
     const identity = await this.identityReady;
     const named = publicKey(key);
     if (key !== undefined && key !== null && named === null) console.warn("the relay sent a malformed bridge key");
+    if (named !== null) bridge.key = named;
     let pin;
     try {
-      pin = await this.pinOf(bridge.peer, named);
+      pin = await this.pins.get(bridge.peer);
     } catch (error) {
-      console.error("the pinned keys cannot be read", error);
-      this.showProblem("no-pins", "This browser cannot keep the keys of your bridges (its site"
-        + " storage is off, as in some private windows): nothing can be sent to them.");
+      this.pinsUnavailable(error);
       return;
     }
-    if (named !== null) bridge.key = named;
+    bridge.pin = pin;
     // Once seen with another key, a bridge stays refused until it is revoked.
-    if (pin !== null && (publicKey(pin) === null || (named !== null && named !== pin))) {
-      if (bridge.trust !== "key-changed") this.keyChanged(bridge);
-    } else if (bridge.trust !== "key-changed") {
-      bridge.trust = pin === null ? "unknown" : "pinned";
+    if (bridge.trust === "key-changed") return;
+    if (pin !== null && (publicKey(pin.key) === null || (bridge.key !== null && bridge.key !== pin.key))) {
+      this.keyChanged(bridge);
+      return;
     }
-    if (pin !== bridge.pin) {
-      bridge.pin = pin;
+    if (pin !== null && pin.confirmed) bridge.trust = "verified";
+    else bridge.trust = pin !== null || bridge.key !== null ? "unverified" : "unknown";
+    const sasKey = pin !== null ? pin.key : bridge.key;
+    if (sasKey !== bridge.sasKey) {
+      bridge.sasKey = sasKey;
       bridge.sas = null;
     }
-    if (bridge.trust === "pinned" && !bridge.sas && identity) bridge.sas = await sas(identity.raw, unb64u(pin));
+    if (sasKey !== null && !bridge.sas && identity) bridge.sas = await sas(identity.raw, unb64u(sasKey));
+  }
+
+  pinsUnavailable(error) {
+    console.error("the pinned keys cannot be read", error);
+    this.showProblem("no-pins", "This browser cannot keep the keys of your bridges (its site"
+      + " storage is off, as in some private windows): nothing can be sent to them.");
+  }
+
+  /** Another tab pinned, confirmed or deleted the key of `peer`. */
+  async pinChanged(peer) {
+    const bridge = this.bridges.get(peer);
+    if (!bridge) return;
+    await this.sighted(bridge);
+    this.secureLinks();
   }
 
   /** The relay named another key than the pinned one: nothing more goes to that bridge. */
@@ -530,27 +662,43 @@ class App {
     }
   }
 
-  /** The key pinned for `peer` (b64u) or null; `named` is pinned if none is yet. */
-  async pinOf(peer, named) {
-    let pin = this.pinned.has(peer) ? this.pinned.get(peer) : await this.pins.get(peer);
-    if (pin === null && named !== null) pin = await this.pins.pinIfAbsent(peer, named);
-    this.pinned.set(peer, pin);
-    return pin;
+  /** `.verify`: pin the key the relay names (unconfirmed) and ask the user to compare codes. */
+  async verify(peer) {
+    const bridge = this.bridges.get(peer);
+    if (!bridge || bridge.trust !== "unverified" || bridge.sasKey === null) return;
+    if (bridge.pin === null) await this.pin(peer, bridge.sasKey);
+    await this.sighted(bridge);
+    this.renderBridges();
+    if (bridge.trust === "unverified" && bridge.sas) this.pairing.compare(bridge);
   }
 
-  /** One channel to each connected bridge whose key is pinned and unchanged; none to others. */
+  /** "They match" for `key` of `peer`: from now on the page uses that bridge. */
+  async confirm(peer, key) {
+    try {
+      await this.pins.confirm(peer, key);
+      this.pinNews?.postMessage({ peer });
+    } catch (error) {
+      this.pinsUnavailable(error);
+      return;
+    }
+    const bridge = this.bridges.get(peer);
+    if (bridge) await this.sighted(bridge);
+    this.secureLinks();
+  }
+
+  /** One channel to each connected, verified bridge; none to any other. */
   secureLinks() {
     for (const [peer, link] of this.links) {
       const bridge = this.bridges.get(peer);
-      if (!this.connection.open || !bridge || !bridge.connected || bridge.trust !== "pinned"
-          || bridge.since !== link.since || bridge.pin !== link.pin) {
+      if (!this.connection.open || !bridge || !bridge.connected || bridge.trust !== "verified"
+          || bridge.since !== link.since || bridge.pin?.key !== link.pinKey) {
         link.stop();
         this.links.delete(peer);
       }
     }
     if (this.connection.open && this.identity) {
       for (const bridge of this.bridges.values()) {
-        if (bridge.connected && bridge.trust === "pinned" && !this.links.has(bridge.peer)) this.link(bridge);
+        if (bridge.connected && bridge.trust === "verified" && !this.links.has(bridge.peer)) this.link(bridge);
       }
     }
     this.renderBridges();
@@ -559,23 +707,41 @@ class App {
   link(bridge) {
     const link = new BridgeLink({
       peer: bridge.peer,
-      bridgeRaw: unb64u(bridge.pin),
+      bridgeRaw: unb64u(bridge.pin.key),
       identity: this.identity,
       since: bridge.since,
       sendRaw: (frame) => this.connection.sendRaw(frame),
       on: {
         state: () => this.renderBridges(),
-        secure: (secured) => secured.send(Kind.PTY_LIST), // re-attach to its running terminals
+        secure: (secured) => this.secured(secured),
         frame: (frame) => this.dispatch(frame),
         problem: (failed, problem) => this.e2eProblem(failed.peer, problem),
       },
     });
-    link.pin = bridge.pin;
+    link.pinKey = bridge.pin.key;
     this.links.set(bridge.peer, link);
     link.start().catch((error) => {
       console.error("the key offer failed", error);
       link.retry();
     });
+  }
+
+  /**
+   * A new channel to a bridge: close what was closed meanwhile, re-attach to its running
+   * terminals, and send what was typed while there was no channel, in order.
+   */
+  secured(link) {
+    const streams = this.closing.get(link.peer) || new Set();
+    this.closing.delete(link.peer);
+    for (const stream of streams) link.send(Kind.PTY_CLOSE, { stream, seq: 0 });
+    link.send(Kind.PTY_LIST);
+    for (const tab of this.terminals.values()) if (tab.peer === link.peer) tab.flush();
+  }
+
+  /** A tab closed while its bridge had no channel: its PTY_CLOSE goes with the next one. */
+  closeLater(tab) {
+    if (!this.closing.has(tab.peer)) this.closing.set(tab.peer, new Set());
+    this.closing.get(tab.peer).add(tab.stream);
   }
 
   stopLinks() {
@@ -590,21 +756,25 @@ class App {
     return link ? link.send(kind, fields, payload) : false;
   }
 
-  e2eProblem(peer, { verdict, reason, message }) {
+  e2eProblem(peer, { verdict, reason, message, kept, after }) {
     const label = this.bridgeLabel(peer);
-    if (verdict) {
+    const onward = kept ? "The secure channel goes on." : "Starting a new secure channel.";
+    if (verdict && after) {
+      // The frame refused before was the one missing: report that, the cause.
+      this.showProblem(after, `End-to-end check failed on ${label}: a frame was refused as`
+        + ` “${after}” (${VERDICTS[after]}), and the frames after it could not be opened without`
+        + ` it. Nothing in them was used. ${onward}`);
+    } else if (verdict) {
       this.showProblem(verdict, `End-to-end check failed on ${label}: a frame was refused as`
-        + ` “${verdict}” (${VERDICTS[verdict] || message}). Nothing in it was used; starting a new`
-        + " secure channel.");
+        + ` “${verdict}” (${VERDICTS[verdict] || message}). Nothing in it was used. ${onward}`);
     } else if (VERDICTS[reason]) {
       this.showProblem(reason, `${label} refused a frame from this page as “${reason}”`
-        + ` (${VERDICTS[reason]}). Nothing in it was used; starting a new secure channel.`);
+        + ` (${VERDICTS[reason]}): what it carried was not used. ${onward}`);
     } else if (reason === "bad-signature") {
       this.showProblem(reason, `An answer for ${label} was not signed by its paired key: someone`
         + " may be intercepting. It was ignored.");
     } else {
-      this.showProblem(reason, `${label} refused the secure channel (${reason}: ${message}).`
-        + " Starting a new one.");
+      this.showProblem(reason, `${label} refused the secure channel (${reason}: ${message}). ${onward}`);
     }
   }
 
@@ -622,8 +792,7 @@ class App {
       return;
     }
     const { bridges } = await response.json();
-    this.inbox = this.inbox.then(() => this.listed(bridges))
-      .catch((error) => console.error("reading the bridges failed", error));
+    this.serially(() => this.listed(bridges));
   }
 
   /** The paired bridges, from GET /api/bridges; PRESENCE alone says which are connected. */
@@ -644,12 +813,12 @@ class App {
   renderBridges() {
     const list = $("#bridges");
     list.replaceChildren();
-    const usable = (bridge) => bridge && bridge.connected && bridge.trust !== "key-changed";
+    const usable = (bridge) => bridge && bridge.connected && bridge.trust === "verified";
     if (this.selectedPeer !== null && !usable(this.bridges.get(this.selectedPeer))) this.selectedPeer = null;
     for (const [peer, bridge] of this.bridges) {
       if (this.selectedPeer === null && usable(bridge)) this.selectedPeer = peer;
-      list.append(this.bridgeItem(bridge));
     }
+    for (const bridge of this.bridges.values()) list.append(this.bridgeItem(bridge));
     $("#no-bridges").hidden = this.bridges.size > 0;
     this.updateControls();
   }
@@ -662,12 +831,26 @@ class App {
       element.textContent = text;
       return element;
     };
+    const button = (className, text, action) => {
+      const element = document.createElement("button");
+      element.type = "button";
+      element.className = className;
+      element.textContent = text;
+      element.addEventListener("click", (event) => {
+        event.stopPropagation();
+        action();
+      });
+      return element;
+    };
     const changed = bridge.trust === "key-changed";
+    const verified = bridge.trust === "verified";
     const link = this.links.get(peer);
     const item = document.createElement("li");
     item.className = "bridge";
     item.dataset.peer = peer;
-    item.dataset.state = changed ? "key-changed" : bridge.connected ? "connected" : "disconnected";
+    item.dataset.connected = String(bridge.connected);
+    item.dataset.state = changed ? "key-changed" : !verified ? "unverified"
+      : bridge.connected ? "connected" : "disconnected";
     item.dataset.e2e = changed ? "refused" : link ? link.state : "none";
     item.setAttribute("aria-selected", String(peer === this.selectedPeer));
     item.append(
@@ -681,24 +864,26 @@ class App {
       item.append(span("warning", KEY_CHANGED));
     } else if (bridge.sas) {
       const code = span("sas", bridge.sas);
-      code.title = "Verification code: check that “coder1-bridge pair” printed the same";
+      code.dataset.verified = String(verified);
+      code.title = verified
+        ? "Verification code, confirmed: “coder1-bridge status” prints the same"
+        : "Verification code: compare it with the one “coder1-bridge status” prints";
       item.append(code);
-    } else if (bridge.trust === "unknown") {
-      item.append(span("warning", "This bridge's key is unknown: pair it again."));
+    }
+    if (!changed && !verified) {
+      if (bridge.sas) {
+        item.append(span("warning", UNVERIFIED));
+        item.append(button("verify", "Verify…", () => this.serially(() => this.verify(peer))));
+      } else {
+        item.append(span("warning", "This bridge's key is unknown: pair it again."));
+      }
     }
     if (link && !changed) item.append(span("e2e", LINK_STATES[link.state] || ""));
-    const revoke = document.createElement("button");
-    revoke.type = "button";
-    revoke.className = "revoke";
+    const revoke = button("revoke", bridge.armed ? "Confirm revoke" : "Revoke", () => this.revoke(peer));
     revoke.dataset.armed = String(bridge.armed);
-    revoke.textContent = bridge.armed ? "Confirm revoke" : "Revoke";
-    revoke.addEventListener("click", (event) => {
-      event.stopPropagation();
-      this.revoke(peer);
-    });
     item.append(revoke);
     item.addEventListener("click", () => {
-      if (bridge.connected && !changed) {
+      if (bridge.connected && verified) {
         this.selectedPeer = peer;
         this.renderBridges();
       }
@@ -722,13 +907,16 @@ class App {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ peer }),
-    });
-    if (response.ok) {
+    }).catch(() => null);
+    if (response && response.ok) {
       this.bridges.delete(peer);
       this.links.get(peer)?.stop();
       this.links.delete(peer);
-      this.pinned.delete(peer);
-      await this.pins.delete(peer).catch((error) => console.warn("could not unpin", error));
+      this.closing.delete(peer);
+      await this.pins.delete(peer).then(
+        () => this.pinNews?.postMessage({ peer }),
+        (error) => console.warn("could not unpin", error),
+      );
       for (const tab of this.terminals.values()) {
         if (tab.peer === peer && tab.state !== "exited") tab.ended("[bridge revoked]");
       }
@@ -757,12 +945,14 @@ class App {
   }
 
   newTerminal() {
-    if (!this.links.get(this.selectedPeer)?.secure) return;
+    const bridge = this.bridges.get(this.selectedPeer);
+    if (!bridge || bridge.trust !== "verified" || !this.links.get(this.selectedPeer)?.secure) return;
     this.add(new TerminalTab(this, this.selectedPeer, this.newStream())).open();
   }
 
   reattach(peer, listed) {
-    if (this.terminals.has(`${peer}:${listed.stream}`)) return;
+    const id = `${peer}:${listed.stream}`;
+    if (this.terminals.has(id) || this.closed.has(id)) return;
     this.add(new TerminalTab(this, peer, listed.stream)).reattach(listed);
   }
 
@@ -778,6 +968,7 @@ class App {
 
   forget(tab) {
     this.terminals.delete(`${tab.peer}:${tab.stream}`);
+    this.closed.add(`${tab.peer}:${tab.stream}`);
     if (this.current === tab) {
       this.current = null;
       const next = [...this.terminals.values()].pop();

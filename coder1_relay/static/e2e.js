@@ -469,7 +469,12 @@ export async function loadIdentity() {
   }
 }
 
-/** Bridge keys pinned by this page: `"<origin> <peer>"` -> b64u(raw bridge key). */
+/**
+ * Bridge keys pinned by this page: `"<origin> <peer>"` -> `{key, confirmed}`, `key` the b64u
+ * raw bridge key and `confirmed` whether the user said its verification code matches the one
+ * the bridge prints. Only a confirmed pin is ever used. (A bare string, as pins were kept
+ * before confirmation existed, reads as an unconfirmed pin.)
+ */
 export class PinStore {
   constructor(origin) {
     this.origin = origin;
@@ -479,24 +484,60 @@ export class PinStore {
     return `${this.origin} ${peer}`;
   }
 
-  /** The pinned key of `peer` (b64u), or null. */
+  /** A stored value as a pin record, or null. */
+  static record(value) {
+    if (typeof value === "string") return { key: value, confirmed: false };
+    if (value && typeof value === "object" && typeof value.key === "string") {
+      return { key: value.key, confirmed: value.confirmed === true };
+    }
+    return null;
+  }
+
+  /** The pin of `peer` ({key, confirmed}), or null. */
   async get(peer) {
     const db = await openDatabase();
     const value = await transaction(db, PINS, "readonly", (store) => request(store.get(this.key(peer))));
-    return typeof value === "string" ? value : null;
+    return PinStore.record(value);
   }
 
-  /** Pin `key` for `peer` unless a key is pinned already; the key pinned afterwards. */
-  async pinIfAbsent(peer, key) {
+  /**
+   * Read and change the pin of `peer` in one transaction (so tabs cannot interleave):
+   * `change(current)` gives the record to store, or the current one to leave it. The pin after.
+   */
+  async update(peer, change) {
     const db = await openDatabase();
-    try {
-      await transaction(db, PINS, "readwrite", (store) => request(store.add(key, this.key(peer))));
-      return key;
-    } catch (error) {
-      const pinned = await this.get(peer);
-      if (pinned === null) throw error;
-      return pinned;
-    }
+    const id = this.key(peer);
+    return transaction(db, PINS, "readwrite", (store) => new Promise((resolve, reject) => {
+      const read = store.get(id);
+      read.onerror = () => reject(read.error);
+      read.onsuccess = () => {
+        const current = PinStore.record(read.result);
+        const next = change(current);
+        if (next === current || next === null) {
+          resolve(current);
+          return;
+        }
+        const record = { key: next.key, confirmed: next.confirmed === true };
+        const write = store.put(record, id);
+        write.onerror = () => reject(write.error);
+        write.onsuccess = () => resolve(record);
+      };
+    }));
+  }
+
+  /** Pin `key` for `peer`, unconfirmed, unless a key is pinned already; the pin afterwards. */
+  pinIfAbsent(peer, key) {
+    return this.update(peer, (current) => current || { key, confirmed: false });
+  }
+
+  /**
+   * The user compared `key`'s verification code and it matches: confirm it, if it is the key
+   * pinned (or none is). The pin afterwards: another key pinned stays as it was, unconfirmed
+   * or not.
+   */
+  confirm(peer, key) {
+    return this.update(peer, (current) => (
+      current === null || current.key === key ? { key, confirmed: true } : current));
   }
 
   async delete(peer) {

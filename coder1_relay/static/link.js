@@ -6,6 +6,14 @@ import { Kind, encode } from "./wire.js";
 
 /** Seconds to wait for a KEY_ANSWER before trying again with a new offer. */
 export const HANDSHAKE_TIMEOUT = 10;
+/** Bytes of typed input a terminal keeps while its bridge has no secure channel. */
+export const MAX_BACKLOG = 64 * 1024;
+/**
+ * Verdicts after which both ends keep the channel: the refused frame did not advance the
+ * counter, so the genuine next frame still opens (junk from a cookie holder cannot end a
+ * channel). "dropped" is a real gap: that channel is over.
+ */
+const KEPT_AFTER = new Set(["tampered", "replayed"]);
 const MAX_BACKOFF = 30;
 const decoder = new TextDecoder();
 
@@ -44,6 +52,7 @@ export class BridgeLink {
     this.generation = 0; // bumped by every start and stop: late async work checks it
     this.timer = null;
     this.outbox = Promise.resolve();
+    this.refusal = null; // the first frame of this channel refused here as tampered or replayed
   }
 
   setState(state) {
@@ -85,6 +94,7 @@ export class BridgeLink {
     this.timer = null;
     this.channel = null;
     this.initiator = null;
+    this.refusal = null;
   }
 
   get secure() {
@@ -149,11 +159,16 @@ export class BridgeLink {
     const body = parse(frame.payload);
     const ours = [this.initiator?.channel, this.channel?.id].filter((c) => c !== undefined);
     if (!body || !ours.includes(body.channel)) return;
-    // Plaintext the relay could have written: shown as a hint, and the only action is to retry.
+    // Plaintext the relay could have written: shown as a hint, and at most it makes a new channel.
     const text = typeof body.message === "string" ? body.message.slice(0, 200) : "";
     const code = typeof body.error === "string" ? body.error.slice(0, 40) : "refused";
-    this.on.problem(this, { reason: code, message: text || "the bridge refused the secure channel" });
-    this.retry();
+    const kept = KEPT_AFTER.has(code) && this.channel !== null && body.channel === this.channel.id;
+    this.on.problem(this, {
+      reason: code, message: text || "the bridge refused the secure channel", kept,
+    });
+    // The bridge keeps a channel after a tampered or replayed frame; anything else (dropped,
+    // no-channel, bad-offer, ...) means it has no channel with us: make a new one.
+    if (!kept) this.retry();
   }
 
   async open(frame) {
@@ -163,14 +178,67 @@ export class BridgeLink {
       plaintext = await channel.open(frame.raw);
     } catch (error) {
       if (!(error instanceof IntegrityError)) throw error;
-      if (this.channel === channel) {
-        this.channel = null; // nothing more is opened with it
-        this.on.problem(this, { verdict: error.verdict, message: error.message });
-        this.retry();
+      if (this.channel !== channel) return;
+      if (KEPT_AFTER.has(error.verdict)) {
+        // Not acted on, and the counter did not move: the genuine next frame still opens.
+        this.refusal = this.refusal || error.verdict;
+        this.on.problem(this, { verdict: error.verdict, message: error.message, kept: true });
+        return;
       }
+      // A gap: what is missing cannot be had again on this channel. Nothing more is opened
+      // with it; a new channel re-lists the terminals (PTY_LIST once secure).
+      const after = this.refusal;
+      this.channel = null;
+      this.on.problem(this, { verdict: error.verdict, message: error.message, kept: false, after });
+      this.retry();
       return;
     }
     if (this.channel !== channel) return;
     this.on.frame({ kind: frame.kind, peer: frame.peer, stream: frame.stream, seq: frame.seq, payload: plaintext });
+  }
+}
+
+/**
+ * What a terminal typed while its bridge had no secure channel (being made, or made again),
+ * to send in order once there is one. At most `limit` bytes of input: a frame that does not fit
+ * is dropped whole (half a paste reaching a shell is worse than none) and counted in `lost`,
+ * for the terminal to say so. Only the latest size is kept: it is sent first, as it is then.
+ */
+export class Backlog {
+  constructor(limit = MAX_BACKLOG) {
+    this.limit = limit;
+    this.inputs = []; // Uint8Array payloads of PTY_INPUT, in the order typed
+    this.bytes = 0;
+    this.size = null; // the latest {cols, rows} not sent
+    this.lost = 0; // bytes dropped since the last take()
+  }
+
+  get empty() {
+    return this.inputs.length === 0 && this.size === null;
+  }
+
+  /** Keep one frame's input; false (and counted in `lost`) when it does not fit. */
+  input(bytes) {
+    if (this.bytes + bytes.length > this.limit) {
+      this.lost += bytes.length;
+      return false;
+    }
+    this.inputs.push(bytes);
+    this.bytes += bytes.length;
+    return true;
+  }
+
+  resize(size) {
+    this.size = size;
+  }
+
+  /** Everything kept, emptying the backlog: {size, inputs, lost}. */
+  take() {
+    const taken = { size: this.size, inputs: this.inputs, lost: this.lost };
+    this.inputs = [];
+    this.bytes = 0;
+    this.size = null;
+    this.lost = 0;
+    return taken;
   }
 }

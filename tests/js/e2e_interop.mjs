@@ -23,13 +23,14 @@ if (!globalThis.crypto?.subtle) globalThis.crypto = (await import("node:crypto")
 const static_ = new URL("../../coder1_relay/static/", import.meta.url);
 const e2e = await import(new URL("e2e.js", static_).href);
 const wire = await import(new URL("wire.js", static_).href);
-const { BridgeLink } = await import(new URL("link.js", static_).href);
+const { Backlog, BridgeLink, MAX_BACKLOG } = await import(new URL("link.js", static_).href);
 const { b64u, unb64u } = e2e;
 
 let identity = null;
 const initiators = new Map(); // name -> Initiator
 const channels = new Map(); // name -> SecureChannel
 const links = new Map(); // name -> {link, events}: the page's BridgeLink and what it did
+const backlogs = new Map(); // name -> Backlog: what a terminal keeps while there is no channel
 
 function named(map, name, what) {
   const found = map.get(name);
@@ -96,7 +97,8 @@ const ops = {
 
   // The page's BridgeLink (link.js), its frames and callbacks recorded as events:
   // {type: "sent", frame}, {type: "state", state}, {type: "secure", channel},
-  // {type: "frame", kind, peer, stream, seq, data}, {type: "problem", verdict?, reason?}.
+  // {type: "frame", kind, peer, stream, seq, data},
+  // {type: "problem", verdict? | reason?, message, kept, after?}.
 
   async link_start({ name, bridge, peer, timeout }) {
     const events = [];
@@ -147,6 +149,30 @@ const ops = {
   async link_stop({ name }) {
     named(links, name, "link").link.stop();
     return {};
+  },
+
+  // A terminal's Backlog (link.js): inputs in base64url, sizes as {cols, rows}.
+
+  async backlog_new({ name, limit }) {
+    backlogs.set(name, limit === undefined ? new Backlog() : new Backlog(limit));
+    return { limit: named(backlogs, name, "backlog").limit, default: MAX_BACKLOG };
+  },
+
+  async backlog_input({ name, data }) {
+    const backlog = named(backlogs, name, "backlog");
+    return { kept: backlog.input(unb64u(data)), lost: backlog.lost, empty: backlog.empty };
+  },
+
+  async backlog_resize({ name, cols, rows }) {
+    const backlog = named(backlogs, name, "backlog");
+    backlog.resize({ cols, rows });
+    return { empty: backlog.empty };
+  },
+
+  async backlog_take({ name }) {
+    const backlog = named(backlogs, name, "backlog");
+    const { size, inputs, lost } = backlog.take();
+    return { size, inputs: inputs.map(b64u), lost, empty: backlog.empty };
   },
 };
 
