@@ -129,6 +129,9 @@ async def pair(
         token=token,
     )
     if status != 200:
+        # Do not leave a half-paired bridge behind: it would count against the session's
+        # limit and, having no key, never show up in the IDE to be revoked there.
+        await call_relay(reactor, relay, b"DELETE", "/api/token", token=token)
         raise CLIError(f"pairing refused: {answer.get('message', f'HTTP {status}')}")
     config = BridgeConfig(relay, token, int(body["peer"]), browser_key, identity)
     config.save(directory)
