@@ -4,6 +4,19 @@ The bridge's side of the relay connection.
 L{BridgeSession} holds the logic (dispatch, heartbeat, crash reports) with
 no network in it; L{BridgeClientProtocol} is the thin Autobahn adapter.  The
 session outlives connections, so commands keep running across a reconnect.
+
+Flow control: each connection registers a L{SendBuffer} on its transport (TLS
+over TCP), which pauses it once more than Twisted's high-water mark (64 KiB)
+waits to go to the relay and resumes it once all of that has gone into the
+kernel.  Meanwhile the session leaves every process's output unread
+(C{ProcessManager.pause_output}), so the processes block on write when their
+pipe or terminal is full, and nothing is dropped.  The relay stops reading a
+bridge whose browser tabs do not read (C{coder1_relay.routing}), so a slow tab
+pauses the processes, all the way back.  What the bridge holds past the mark
+is bounded: the TLS layer's batch of small writes (at most 64,000 bytes) and
+what was read in the same turn of the reactor, one read (8 KiB) per process,
+sealed once per channel.  A connection that is lost resumes the output (sent
+nowhere, as before: the session has no channel then).
 """
 
 from __future__ import annotations
@@ -14,8 +27,9 @@ from typing import Any, Protocol
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
 from coder1_bridge.terminals import TerminalManager
@@ -83,6 +97,11 @@ class BridgeSession:
     link: Link | None = None
     heartbeat: Heartbeat | None = None
     channels: dict[int, SecureChannel] = attrs.field(factory=dict)
+    #: The connections with more queued for the relay than they should (the
+    #: current one at most, but a lost one may say so late); output waits meanwhile.
+    full: list[Link] = attrs.field(factory=list)
+    #: Set once the bridge is stopping: output is read to its end from then on.
+    stopping: bool = False
     log: Logger = attrs.field(factory=Logger, init=False)
 
     def attach(self, link: Link) -> None:
@@ -104,8 +123,35 @@ class BridgeSession:
         )
         self.heartbeat.start()
 
+    def pause_output(self, link: Link) -> None:
+        """C{link} has too much queued for the relay: leave the processes' output unread."""
+        if self.stopping:
+            return
+        if any(f is link for f in self.full):
+            return
+        if not self.full:
+            self.runner.pause_output()
+            self.terminals.pause_output()
+        self.full.append(link)
+
+    def resume_output(self, link: Link) -> None:
+        """C{link} has sent what it had queued (or is gone): read output again."""
+        if not any(f is link for f in self.full):
+            return
+        self.full = [f for f in self.full if f is not link]
+        if not self.full:
+            self.runner.resume_output()
+            self.terminals.resume_output()
+
+    def stop_pausing(self) -> None:
+        """The bridge is stopping: read the output to its end, so that processes can end."""
+        self.stopping = True
+        for link in list(self.full):
+            self.resume_output(link)
+
     def detach(self, link: Link) -> None:
         """That connection closed; its channels went with it."""
+        self.resume_output(link)
         if self.link is link:
             self.link = None
             self.channels.clear()
@@ -242,6 +288,27 @@ def _error_code(envelope: Envelope) -> str:
     return code if isinstance(code, str) and code.isascii() and len(code) < 40 else "unknown"
 
 
+@implementer(IPushProducer)
+@attrs.define(eq=False)
+class SendBuffer:
+    """
+    The push producer registered on a connection's transport: told when more
+    than the high-water mark waits to go to the relay, and when it has gone.
+    """
+
+    session: BridgeSession
+    link: Link
+
+    def pauseProducing(self) -> None:
+        self.session.pause_output(self.link)
+
+    def resumeProducing(self) -> None:
+        self.session.resume_output(self.link)
+
+    def stopProducing(self) -> None:
+        self.session.resume_output(self.link)
+
+
 #: Not C{log} on the protocol: that would replace Autobahn's own logger, whose
 #: debug messages (dropped by default) include the handshake's token.
 _log = Logger()
@@ -261,6 +328,10 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         self.dropConnection(abort=True)
 
     def onOpen(self) -> None:
+        # Unregistered by Autobahn as it drops the connection, and by the service
+        # as it stops: a TLS transport with a producer waits for it to go to close.
+        transport: Any = self.transport  # TLS, which passes pauses on from TCP
+        transport.registerProducer(SendBuffer(self.factory.session, self), True)
         self.factory.session.attach(self)
         self.factory.connected(self)
 

@@ -11,8 +11,9 @@ L{coder1_bridge.terminals} (interactive terminals) have in common:
   - L{Refused}, a start request that will not run, with the code and message
     of the error frame that answers it;
   - L{ProcessManager}, the base of both managers: one process per stream id,
-    frames numbered per stream, refusals, and stopping a process group with a
-    first signal then SIGKILL after a grace.
+    frames numbered per stream, refusals, stopping a process group with a
+    first signal then SIGKILL after a grace, and pausing every process's
+    output while the connection to the relay is full (flow control).
 
 Every process runs in a session of its own, so its pid is also its process
 group id, and stopping it signals its whole group, grandchildren included.
@@ -25,7 +26,7 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, Protocol, TypeGuard, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeGuard, TypeVar, runtime_checkable
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -51,6 +52,19 @@ class ChildHandle(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def signalProcess(self, signalID: str | int) -> None: ...
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """
+    What Twisted's process transports (pipes and pseudo-terminals alike) have
+    to stop and start reading a child's output.  A fake handle without them is
+    simply never paused.
+    """
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
 
 
 _Handle = TypeVar("_Handle", bound=ChildHandle)
@@ -253,11 +267,38 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
         self._settings = settings if settings is not None else self.settings_type()
         self._kill = kill
         self._processes: dict[int, _Process] = {}
+        self._output_paused = False
 
     @property
     def running(self) -> int:
         """How many processes run now."""
         return len(self._processes)
+
+    @property
+    def output_paused(self) -> bool:
+        """Whether what the processes write is left unread now."""
+        return self._output_paused
+
+    def pause_output(self) -> None:
+        """
+        Stop reading what every process writes, and what those started from
+        now on will write, until L{resume_output}: the connection to the relay
+        has more queued than it should.  A process then blocks in its next
+        write once its pipe or terminal is full; nothing is dropped.
+        """
+        if self._output_paused:
+            return
+        self._output_paused = True
+        for process in self._processes.values():
+            _pause(process.process)
+
+    def resume_output(self) -> None:
+        """Read what the processes write again."""
+        if not self._output_paused:
+            return
+        self._output_paused = False
+        for process in list(self._processes.values()):
+            _resume(process.process)
 
     def handle(self, envelope: Envelope) -> None:
         """Act on a frame from the browser; one of a kind not taken here is logged."""
@@ -275,7 +316,11 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
         act_on(process, envelope)
 
     def stop_all(self) -> Deferred[None]:
-        """Stop every process, as the IDE would; fires once all have ended."""
+        """
+        Stop every process, as the IDE would; fires once all have ended, which
+        takes reading their output to its end, paused or not.
+        """
+        self.resume_output()
         processes = list(self._processes.values())
         for process in processes:
             self._stop(process)
@@ -332,6 +377,8 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
             )
             return
         self._processes[process.stream] = process
+        if self._output_paused:
+            _pause(process.process)
         self._started(process)
 
     def _check_room(self, limit: int, message: str) -> None:
@@ -386,6 +433,16 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
         """Send C{frame}, numbered after what went out on its stream if a process runs there."""
         live = self._processes.get(frame.stream)
         self._send(attrs.evolve(frame, seq=0 if live is None else live.next_seq()))
+
+
+def _pause(handle: object) -> None:
+    if isinstance(handle, Pausable):
+        handle.pauseProducing()
+
+
+def _resume(handle: object) -> None:
+    if isinstance(handle, Pausable):
+        handle.resumeProducing()
 
 
 class ChildProtocol(ProcessProtocol, Generic[_Process]):

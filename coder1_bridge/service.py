@@ -10,6 +10,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from coder1_bridge.commands import CommandRunner
@@ -21,6 +22,8 @@ from coder1_wire.e2e import unb64u
 from coder1_wire.tls import client_tls_options
 
 _NOT_LABEL = re.compile(r"[^\w.@:+-]+", re.ASCII)
+#: Seconds a stopping bridge waits for its connection to close before it aborts it.
+CLOSE_TIMEOUT = 5.0
 
 
 def default_label() -> str:
@@ -107,12 +110,33 @@ class BridgeService(MultiService):
         if self.refused.called:
             return
         self.log.error("the relay refused this bridge: {reason}", reason=reason)
+        self._let_go()
         self.client.stopService()
         self.refused.callback(reason)
 
+    def _let_go(self, abort_after: float | None = None) -> IDelayedCall | None:
+        """
+        Unregister the connection's producer: ClientService closes it with
+        loseConnection, and a TLS transport with a producer waits for it to go
+        before it closes.  With C{abort_after}, abort the connection if it has
+        not closed by then: a relay that holds this bridge (its tabs do not
+        read) takes nothing of what is queued, the close included.
+        """
+        transport: Any = self.protocol.transport if self.protocol is not None else None
+        if transport is None:
+            return None
+        transport.unregisterProducer()
+        if abort_after is None:
+            return None
+        return self.reactor.callLater(abort_after, transport.abortConnection)
+
     async def _stop(self) -> None:
+        self.session.stop_pausing()
         await gatherResults([self.runner.stop_all(), self.terminals.stop_all()])
+        abort = self._let_go(abort_after=CLOSE_TIMEOUT)
         await super().stopService()
+        if abort is not None and abort.active():
+            abort.cancel()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -17,7 +17,9 @@ does when its window closes, and SIGKILL if the group is still there
 C{kill_grace} seconds later.  Once the program has ended, the terminal stays open
 at most C{linger} seconds for the rest of its output: a process that left the
 group (a job of an interactive shell, a C{setsid} or C{nohup} child) and still
-holds the terminal then gets it hung up, and PTY_EXIT follows.
+holds the terminal then gets it hung up, and PTY_EXIT follows.  While output is
+paused (flow control) the rest of it is not being read, so the linger starts
+over until it is: pausing loses nothing.
 """
 
 from __future__ import annotations
@@ -279,6 +281,10 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
         terminal.timer = self._reactor.callLater(self._settings.linger, self._hang_up, terminal)
 
     def _hang_up(self, terminal: _Terminal) -> None:
+        if self.output_paused and not terminal.closing:
+            # What is left of its output is waiting to be read, not gone.
+            terminal.timer = self._reactor.callLater(self._settings.linger, self._hang_up, terminal)
+            return
         self.log.info("terminal {stream}: hanging up", stream=terminal.stream)
         terminal.process.loseConnection()
 

@@ -6,6 +6,49 @@ else: end-to-end payloads are forwarded as the very bytes that arrived.  A
 frame goes only to connections of the session it came from; there is no
 fallback route, so a frame for a bridge that is not connected is answered
 with an error, never sent elsewhere.
+
+Flow control: a reader that stops reading holds up what feeds it, all the
+way back, and nothing is dropped.  Each connection's L{Endpoint} is the
+push producer registered on its transport (TLS over TCP), which calls
+C{pauseProducing} when more than C{HubSettings.send_buffer} bytes wait to go
+out to it and C{resumeProducing} once they have all gone into the kernel.
+While an endpoint is I{congested} the hub stops reading (L{Endpoint.hold})
+the connections whose frames go to it -- every bridge of its session for a
+browser tab, every tab of its session for a bridge -- and the congested
+connection itself, whose own frames (pings) would be answered on it.  Holds
+are counted by reason (each congested endpoint, and the bridge rate limit of
+C{coder1_relay.websocket}), so a connection is read again only once every
+reason is gone: with several tabs, a bridge is read while no tab is
+congested.  Held, a bridge stops sending; the bridge then stops reading its
+processes' output (C{coder1_bridge.connection}), and they block on write.
+
+The bound: what the relay holds for a session is, for each of its
+connections (at most C{Limits.ide_connections_per_session} tabs and
+C{Limits.bridges_per_session} bridges),
+
+  - on the way out, C{send_buffer} (64 KiB) in the TCP transport, plus what
+    was under way when that mark was passed: the TLS layer's batch of small
+    writes (at most 64,000 bytes) and the message being forwarded (at most
+    C{Limits.max_message_size}, 1 MiB; a bridge's output frames are about
+    8 KiB), as everything that feeds the connection is held at once;
+  - on the way in, what was read before the connection was held: one socket
+    read (Twisted reads C{send_buffer} at a time) and the message being
+    assembled (at most C{Limits.max_message_size}), in Autobahn's buffer;
+  - and the relay's own small frames (a ping every C{heartbeat_interval},
+    presence when a bridge comes or goes), which are never held.
+
+With one tab and one bridge sending output that is 64 + 62.5 + 8 (out to the
+tab) + 64 + 8 (in from the bridge), about 210 KiB; at worst, 16 tabs and 16
+bridges sending 1 MiB messages, about 70 MiB.  The kernel's socket buffers
+behind it (a few MiB each, autotuned) are not the relay's memory.
+tests/test_flow.py measures it: a tab that stops reading a 200 MB output
+grows the relay by a few hundred KiB.
+
+The relay does not hear a held connection, so its heartbeat waits while
+others hold it; a congested connection's waits only until it drains, which
+counts as hearing from it.  So only a connection that stays congested for
+C{heartbeat_timeout} (a tab that stopped reading altogether) is closed for
+silence, and the rest of its session goes on.
 """
 
 from __future__ import annotations
@@ -13,8 +56,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from coder1_relay.store import BridgeRecord, IRelayStore, Presence
 from coder1_relay.telemetry import Telemetry
@@ -44,17 +88,42 @@ class Link(Protocol):
         """Drop the connection at once, without a closing handshake."""
 
 
+class Reader(Protocol):
+    """A connection whose reading the hub can stop and start again (flow control)."""
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket, and handling what was read of it already."""
+
+    def resume_reading(self) -> None:
+        """Read it again."""
+
+
 @attrs.frozen
 class HubSettings:
-    """Heartbeat timing; parties are told the interval in WELCOME."""
+    """
+    Heartbeat timing (parties are told the interval in WELCOME), and the
+    high-water mark of every connection's send buffer (see Flow control).
+    """
 
     heartbeat_interval: float = 15.0
     heartbeat_timeout: float = 45.0
+    #: Bytes waiting to go out to a connection past which the hub stops reading
+    #: what feeds it (Twisted's own default for a TCP transport).
+    send_buffer: int = attrs.field(default=64 * 1024, validator=attrs.validators.gt(0))
 
 
+#: The reason a bridge past its message rate is held (C{coder1_relay.websocket}).
+RATE = "rate"
+
+
+@implementer(IPushProducer)
 @attrs.define(eq=False)
 class Endpoint:
-    """One party's connection: an IDE tab or a bridge."""
+    """
+    One party's connection: an IDE tab or a bridge.  It is the push producer
+    registered on its connection's transport: that tells it when the
+    connection is congested, and it tells the hub.
+    """
 
     hub: Hub
     link: Link
@@ -65,10 +134,51 @@ class Endpoint:
     heartbeat: Heartbeat | None = None
     expiry: IDelayedCall | None = None
     last_exit: int | None = None
+    #: Stops and starts reading its connection; without one, holds are only counted.
+    reader: Reader | None = None
+    #: Whether more than C{HubSettings.send_buffer} bytes wait to go out to it.
+    congested: bool = False
+    #: Why its connection is not read now: the congested endpoints it would
+    #: send to (itself included), and L{RATE}.
+    holds: set[object] = attrs.field(factory=set)
 
     @property
     def is_bridge(self) -> bool:
         return self.peer != 0
+
+    @property
+    def held(self) -> bool:
+        """Whether its connection is not read now."""
+        return bool(self.holds)
+
+    def hold(self, reason: object) -> None:
+        """Stop reading its connection until C{reason}, and every other, is released."""
+        if not self.holds and self.reader is not None:
+            self.reader.pause_reading()
+        self.holds.add(reason)
+
+    def release(self, reason: object) -> None:
+        """C{reason} no longer holds it; with no other, its connection is read again."""
+        if reason not in self.holds:
+            return
+        self.holds.discard(reason)
+        if not self.holds:
+            # Unheard only because unread: its silence starts now.
+            if self.heartbeat is not None:
+                self.heartbeat.feed()
+            if self.reader is not None:
+                self.reader.resume_reading()
+
+    # IPushProducer, for its transport.
+
+    def pauseProducing(self) -> None:
+        self.hub.congested(self)
+
+    def resumeProducing(self) -> None:
+        self.hub.drained(self)
+
+    def stopProducing(self) -> None:
+        self.hub.drained(self)
 
     def receive(self, frame: bytes) -> None:
         """A binary message arrived on this connection."""
@@ -92,7 +202,7 @@ class Hub:
     clock: IReactorTime
     settings: HubSettings = HubSettings()
     _ides: dict[str, set[Endpoint]] = attrs.field(factory=dict)
-    _bridges: dict[tuple[str, int], Endpoint] = attrs.field(factory=dict)
+    _bridges: dict[str, dict[int, Endpoint]] = attrs.field(factory=dict)
     log: Logger = attrs.field(factory=Logger, init=False)
 
     def _start(self, endpoint: Endpoint) -> None:
@@ -101,11 +211,12 @@ class Hub:
             self.settings.heartbeat_interval,
             self.settings.heartbeat_timeout,
             ping=lambda: endpoint.send(Envelope(Kind.PING)),
-            on_timeout=lambda: endpoint.close(
-                closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you"
-            ),
+            on_timeout=lambda: self._silent(endpoint),
         )
         endpoint.heartbeat.start()
+        for other in self._facing(endpoint):
+            if other.congested:
+                endpoint.hold(other)
         if endpoint.counted:
             self.telemetry.connection_opened(
                 "bridge" if endpoint.is_bridge else "ide", endpoint.connection_id
@@ -117,9 +228,11 @@ class Hub:
             )
         )
 
-    def attach_ide(self, session: str, link: Link, connection_id: str) -> Endpoint:
+    def attach_ide(
+        self, session: str, link: Link, connection_id: str, *, reader: Reader | None = None
+    ) -> Endpoint:
         """A browser tab of C{session} connected."""
-        endpoint = Endpoint(self, link, session, 0, True, connection_id)
+        endpoint = Endpoint(self, link, session, 0, True, connection_id, reader=reader)
         self._ides.setdefault(session, set()).add(endpoint)
         self._start(endpoint)
         self._send_presence(session, [endpoint])
@@ -137,17 +250,18 @@ class Hub:
         telemetry: bool,
         expires_at: float,
         bridge_key: str,
+        reader: Reader | None = None,
     ) -> Endpoint:
         """
         Bridge C{peer} of C{session} connected; an older connection of it is
         replaced.  It is closed when its token expires.
         """
-        old = self._bridges.get((session, peer))
+        old = self._bridges.get(session, {}).get(peer)
         if old is not None:
             self.detach(old)
             old.close(closecodes.REPLACED, "this bridge connected again elsewhere")
-        endpoint = Endpoint(self, link, session, peer, telemetry, connection_id)
-        self._bridges[(session, peer)] = endpoint
+        endpoint = Endpoint(self, link, session, peer, telemetry, connection_id, reader=reader)
+        self._bridges.setdefault(session, {})[peer] = endpoint
         self._start(endpoint)
         endpoint.expiry = self.clock.callLater(
             max(0.0, expires_at - self.clock.seconds()),
@@ -173,18 +287,66 @@ class Hub:
             endpoint.expiry.cancel()
         if endpoint.counted:
             self.telemetry.connection_closed(endpoint.connection_id)
+        # What it held is read again, and so is it, so that it can finish closing.
+        self.drained(endpoint)
+        if endpoint.holds:
+            endpoint.holds.clear()
+            if endpoint.reader is not None:
+                endpoint.reader.resume_reading()
         if not endpoint.is_bridge:
             ides = self._ides.get(endpoint.session, set())
             ides.discard(endpoint)
             if not ides:
                 self._ides.pop(endpoint.session, None)
             return
-        key = (endpoint.session, endpoint.peer)
-        if self._bridges.get(key) is endpoint:
-            del self._bridges[key]
-            self.store.clear_presence(*key).addCallback(
+        bridges = self._bridges.get(endpoint.session, {})
+        if bridges.get(endpoint.peer) is endpoint:
+            del bridges[endpoint.peer]
+            if not bridges:
+                del self._bridges[endpoint.session]
+            self.store.clear_presence(endpoint.session, endpoint.peer).addCallback(
                 lambda _: self._send_presence(endpoint.session)
             )
+
+    def congested(self, endpoint: Endpoint) -> None:
+        """
+        More than C{send_buffer} bytes wait to go out to C{endpoint}: stop
+        reading it and the other side of its session until they have gone.
+        """
+        if endpoint.congested or endpoint.heartbeat is None:  # or it is detached
+            return
+        endpoint.congested = True
+        endpoint.hold(endpoint)
+        for other in self._facing(endpoint):
+            other.hold(endpoint)
+
+    def drained(self, endpoint: Endpoint) -> None:
+        """What waited to go out to C{endpoint} has gone (or it has): release its holds."""
+        if not endpoint.congested:
+            return
+        endpoint.congested = False
+        endpoint.release(endpoint)
+        for other in self._facing(endpoint):
+            other.release(endpoint)
+
+    def _facing(self, endpoint: Endpoint) -> list[Endpoint]:
+        """The other side of its session: its bridges for a tab, its tabs for a bridge."""
+        if endpoint.is_bridge:
+            return list(self._ides.get(endpoint.session, ()))
+        return list(self._bridges.get(endpoint.session, {}).values())
+
+    def _silent(self, endpoint: Endpoint) -> None:
+        """
+        Nothing heard from C{endpoint} for C{heartbeat_timeout}: close it,
+        unless the relay has not been reading it for another's sake (or its
+        rate); then it is given another C{heartbeat_timeout}.
+        """
+        if endpoint.heartbeat is None:
+            return
+        if endpoint.holds - {endpoint}:
+            endpoint.heartbeat.start()
+            return
+        endpoint.close(closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
 
     def paired(self, session: str, record: BridgeRecord) -> None:
         """
@@ -202,7 +364,7 @@ class Hub:
 
     def disconnect_bridge(self, session: str, peer: int, code: int, reason: str) -> None:
         """Close bridge C{peer} of C{session} if it is connected here (it was revoked)."""
-        endpoint = self._bridges.get((session, peer))
+        endpoint = self._bridges.get(session, {}).get(peer)
         if endpoint is not None:
             self.detach(endpoint)
             endpoint.close(code, reason)
@@ -213,7 +375,10 @@ class Hub:
 
     def endpoints(self) -> list[Endpoint]:
         """Every connection attached now."""
-        return [*self._bridges.values(), *(e for ides in self._ides.values() for e in ides)]
+        return [
+            *(b for bridges in self._bridges.values() for b in bridges.values()),
+            *(e for ides in self._ides.values() for e in ides),
+        ]
 
     def route(self, source: Endpoint, frame: bytes) -> None:
         """Check a frame's envelope and forward it, untouched, to where it belongs."""
@@ -232,7 +397,7 @@ class Hub:
             self._from_ide(source, envelope, frame)
 
     def _from_ide(self, source: Endpoint, envelope: Envelope, frame: bytes) -> None:
-        bridge = self._bridges.get((source.session, envelope.peer))
+        bridge = self._bridges.get(source.session, {}).get(envelope.peer)
         if bridge is None:
             source.send(
                 control(

@@ -126,6 +126,14 @@ class Options(usage.Options):
             "The URL users reach this relay at (default https://localhost:PORT).",
         ],
         ["token-days", None, 30.0, "Lifetime of bridge tokens, in days.", float],
+        [
+            "send-buffer-size",
+            None,
+            HubSettings().send_buffer,
+            "Bytes queued for a connection that reads too slowly before the relay stops "
+            "reading what would go to it (flow control).",
+            int,
+        ],
         *(
             [option, None, getattr(_DEFAULT, field), doc, kind]
             for option, field, kind, doc in LIMIT_OPTIONS
@@ -155,6 +163,8 @@ class Options(usage.Options):
             raise usage.UsageError("--public-url must be an https:// URL")
         if self["idle-timeout"] < MIN_IDLE_TIMEOUT:
             raise usage.UsageError(f"--idle-timeout must be at least {MIN_IDLE_TIMEOUT:g}")
+        if self["send-buffer-size"] <= 0:
+            raise usage.UsageError("--send-buffer-size must be positive")
         try:
             self.limits()
         except ValueError as e:  # "<field> must be positive, not 0"
@@ -178,7 +188,11 @@ class Options(usage.Options):
             token_lifetime=self["token-days"] * 86400.0,
             limits=self.limits(),
             # WebSockets go idle by the heartbeat: one idle timeout for both.
-            hub=attrs.evolve(HubSettings(), heartbeat_timeout=self["idle-timeout"]),
+            hub=attrs.evolve(
+                HubSettings(),
+                heartbeat_timeout=self["idle-timeout"],
+                send_buffer=self["send-buffer-size"],
+            ),
         )
 
 

@@ -4,6 +4,13 @@ The relay's two WebSocket endpoints, as thin Autobahn adapters over the hub.
 C{/ws/ide} admits a browser with a valid session cookie from an allowed
 Origin; C{/ws/bridge} admits a bridge with a valid, unrevoked token.  Refusals
 happen in the opening handshake with an HTTP status and a short reason.
+
+Flow control (C{coder1_relay.routing} says why and how much): once open, a
+connection's L{Endpoint} replaces twisted.web's HTTP channel as the producer
+registered on its transport, and the transport's high-water mark becomes
+C{HubSettings.send_buffer}.  A held connection is not read: its transport
+stops reading the socket, and the frames already read wait in Autobahn's
+buffer (L{_RelayProtocol.processData} says no) until it is released.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
@@ -22,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
-from coder1_relay.routing import Endpoint
+from coder1_relay.routing import RATE, Endpoint
 from coder1_relay.tokens import TokenError
 from coder1_wire import closecodes
 
@@ -36,11 +44,16 @@ _log = Logger()
 
 
 class _RelayProtocol(WebSocketServerProtocol):
-    """What both endpoints share: the link the hub sends through, and the message rate."""
+    """
+    What both endpoints share: the link the hub sends through, the reader it
+    holds and releases, and the message rate.
+    """
 
     factory: RelayWebSocketFactory
     endpoint: Endpoint | None = None
     _bucket: TokenBucket | None = None
+    #: Handles the frames held while the connection was not read, once released.
+    _read_held: IDelayedCall | None = None
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""
@@ -60,11 +73,57 @@ class _RelayProtocol(WebSocketServerProtocol):
     def abort(self) -> None:
         self.dropConnection(abort=True)
 
+    def pause_reading(self) -> None:
+        transport: Any = self.transport  # TLS, which passes this on to TCP
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """
+        Read the socket again, and the frames held in Autobahn's buffer in a
+        moment: not from inside the hub, which is releasing holds.
+        """
+        if self.state not in (
+            WebSocketServerProtocol.STATE_OPEN,
+            WebSocketServerProtocol.STATE_CLOSING,
+        ):
+            return
+        transport: Any = self.transport
+        transport.resumeProducing()
+        if self._read_held is None:
+            self._read_held = self.factory.context.clock.callLater(0, self._handle_held)
+
+    def _handle_held(self) -> None:
+        self._read_held = None
+        if self.state in (
+            WebSocketServerProtocol.STATE_OPEN,
+            WebSocketServerProtocol.STATE_CLOSING,
+        ):
+            self.consumeData()
+
+    def processData(self) -> bool:
+        # Autobahn handles the frames it has buffered one per call, until this says no.
+        if self.endpoint is not None and self.endpoint.held:
+            return False
+        return bool(super().processData())
+
+    def _attached(self, endpoint: Endpoint) -> None:
+        """The hub took this connection: its endpoint now hears about the send buffer."""
+        self.endpoint = endpoint
+        transport: Any = self.transport
+        # twisted.web's HTTP channel, still registered, has had no say since the upgrade.
+        transport.unregisterProducer()
+        transport.registerProducer(endpoint, True)
+
     def connectionMade(self) -> None:
         super().connectionMade()
         context = self.factory.context
         context.connections.add(self)
         self._bucket = self._make_bucket(context.limits)
+        # The high-water mark of the send buffer is the TCP transport's, under TLS.
+        tcp = getattr(self.transport, "transport", None)
+        if isinstance(tcp, FileDescriptor):
+            tcp.bufferSize = context.hub.settings.send_buffer
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Autobahn leaves its closing-handshake timer running when the other end
@@ -72,6 +131,9 @@ class _RelayProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        if self._read_held is not None and self._read_held.active():
+            self._read_held.cancel()
+        self._read_held = None
         super().connectionLost(reason)
         self.factory.context.connections.remove(self)
 
@@ -148,8 +210,10 @@ class IDEProtocol(_RelayProtocol):
             raise ConnectionDeny(429, "too many connections for this browser session")
 
     def onOpen(self) -> None:
-        self.endpoint = self.factory.context.hub.attach_ide(
-            self.session, self, secrets.token_hex(8)
+        self._attached(
+            self.factory.context.hub.attach_ide(
+                self.session, self, secrets.token_hex(8), reader=self
+            )
         )
 
 
@@ -157,7 +221,8 @@ class BridgeProtocol(_RelayProtocol):
     """A paired bridge."""
 
     _attach: dict[str, Any] | None = None
-    _resume: IDelayedCall | None = None
+    #: Ends the hold for the rate, once its debt is paid.
+    _paid: IDelayedCall | None = None
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         return TokenBucket(
@@ -169,40 +234,30 @@ class BridgeProtocol(_RelayProtocol):
     def _spend(self) -> None:
         """
         A bridge past its rate is slowed down, never closed: its frames are a
-        command's output, and dropping them would lose it.  The relay stops
-        reading its socket, and leaves the frames it has read but not yet
-        handled in their buffer, until the debt is paid and a tenth of a
-        second's worth is back; TCP then holds the bridge back.
+        command's output, and dropping them would lose it.  The relay holds it
+        (stops reading its socket, and leaves the frames it has read but not
+        yet handled in their buffer) until the debt is paid and a tenth of a
+        second's worth is back; TCP then holds the bridge back.  This hold is
+        counted with the others (routing's Flow control): whichever ends first
+        does not end the other.
         """
         assert self._bucket is not None
         wait = self._bucket.borrow(headroom=self._bucket.rate / 10)
-        transport: Any = self.transport  # TLS, which passes this on to TCP
-        if wait > 0 and self._resume is None and transport is not None:
+        if wait > 0 and self._paid is None and self.endpoint is not None:
             context = self.factory.context
             context.telemetry.throttled("rate")
-            transport.pauseProducing()
-            self._resume = context.clock.callLater(wait, self._read_again)
+            self.endpoint.hold(RATE)
+            self._paid = context.clock.callLater(wait, self._rate_paid)
 
-    def processData(self) -> bool:
-        # Autobahn handles the frames it has buffered one per call, until this says no.
-        if self._resume is not None:
-            return False
-        return bool(super().processData())
-
-    def _read_again(self) -> None:
-        self._resume = None
-        if self.state in (
-            WebSocketServerProtocol.STATE_OPEN,
-            WebSocketServerProtocol.STATE_CLOSING,
-        ):
-            transport: Any = self.transport
-            transport.resumeProducing()
-            self.consumeData()
+    def _rate_paid(self) -> None:
+        self._paid = None
+        if self.endpoint is not None:
+            self.endpoint.release(RATE)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._resume is not None and self._resume.active():
-            self._resume.cancel()
-        self._resume = None
+        if self._paid is not None and self._paid.active():
+            self._paid.cancel()
+        self._paid = None
         super().connectionLost(reason)
 
     def onConnect(self, request: ConnectionRequest) -> Any:
@@ -241,8 +296,10 @@ class BridgeProtocol(_RelayProtocol):
 
     def onOpen(self) -> None:
         assert self._attach is not None
-        self.endpoint = self.factory.context.hub.attach_bridge(
-            link=self, connection_id=secrets.token_hex(8), **self._attach
+        self._attached(
+            self.factory.context.hub.attach_bridge(
+                link=self, connection_id=secrets.token_hex(8), reader=self, **self._attach
+            )
         )
 
 

@@ -10,17 +10,22 @@ C{coder1-bridge start} runs, and L{Browser} does what the IDE page does
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
 from collections.abc import Callable
 from http.cookiejar import CookieJar
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, CookieAgent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -28,6 +33,7 @@ from twisted.web.http_headers import Headers
 from coder1_bridge.cli import _RelayTrust, pair
 from coder1_bridge.config import BridgeConfig, RelayAddress
 from coder1_bridge.service import BridgeService
+from coder1_relay.certs import DEV_CERT_NAME
 from coder1_relay.service import RelayService, RelaySettings
 from coder1_wire.e2e import (
     Identity,
@@ -347,3 +353,220 @@ async def settle(limit: float = 3.0) -> None:
         "_notify_bucket" in repr(call.func) for call in reactor.getDelayedCalls()
     ):
         await deferLater(reactor, 0.05)
+
+
+# --- a relay and a bridge in processes of their own, for measuring them ---------------------
+
+#: The repository, which the children import from.
+SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: What C{twistd coder1-relay} runs (the same options and service), logging to stdout.
+RELAY_MAIN = """
+import sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from coder1_relay.tap import Options, makeService
+options = Options()
+options.parseOptions(sys.argv[1:])
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+service = makeService(options)
+reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+service.startService()
+reactor.run()
+"""
+
+#: What C{coder1-bridge start} runs (the same service) from a saved pairing, as root too.
+BRIDGE_MAIN = """
+import sys
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+from twisted.python.filepath import FilePath
+from coder1_bridge.config import BridgeConfig
+from coder1_bridge.service import BridgeService
+
+async def main(reactor):
+    config = BridgeConfig.load(FilePath(sys.argv[1]))
+    bridge = BridgeService(reactor, config, telemetry=False, label="child")
+    reactor.addSystemEventTrigger("before", "shutdown", bridge.stopService)
+    bridge.startService()
+    await bridge.when_connected()
+    print("bridge connected", flush=True)
+    await Deferred()
+
+react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+"""
+
+
+class Child(ProcessProtocol):
+    """A C{python -c} child: what it prints, a wait for a line of it, its end."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[None] = Deferred()
+        self._waiting: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
+
+    @property
+    def pid(self) -> int:
+        pid: int = self.transport.pid  # type: ignore[union-attr]
+        return pid
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        for waiter in list(self._waiting):
+            found = waiter[0].search(self.output)
+            if found:
+                self._waiting.remove(waiter)
+                waiter[1].callback(found)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"child ended: {self.output[-2000:]!r}"))
+        self._waiting = []
+        self.ended.callback(None)
+
+    def wait_for(self, pattern: bytes, timeout: float = 30) -> Deferred[re.Match[bytes]]:
+        """The first match of C{pattern} in what it printed, already or to come."""
+        d: Deferred[re.Match[bytes]] = Deferred()
+        found = re.search(pattern, self.output)
+        if found:
+            d.callback(found)
+            return d
+        self._waiting.append((re.compile(pattern), d))
+        return d.addTimeout(timeout, reactor)
+
+    async def stop(self) -> None:
+        """TERM it (its services stop cleanly), KILL it after 10 seconds, wait for its end."""
+        if self.ended.called:
+            return
+        self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+        kill = reactor.callLater(10, self.transport.signalProcess, "KILL")  # type: ignore[union-attr]
+        await self.ended
+        if kill.active():
+            kill.cancel()
+
+
+def spawn_python(code: str, *args: str) -> Child:
+    """Run C{python -c code args} with this repository on its path."""
+    child = Child()
+    env = {**os.environ, "PYTHONPATH": SOURCE}
+    reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code, *args], env)
+    return child
+
+
+def memory(pid: int) -> dict[str, int]:
+    """The resident set (VmRSS) and its peak (VmHWM) of C{pid}, in bytes."""
+    sizes: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                sizes[name] = int(value.split()[0]) * 1024
+    return sizes
+
+
+@attrs.frozen
+class _Host:
+    port: int
+
+
+@attrs.frozen
+class _Port:
+    port: int
+
+    def getHost(self) -> _Host:
+        return _Host(self.port)
+
+
+@attrs.define
+class _Context:
+    public_url: str
+
+
+@attrs.frozen
+class _Keys:
+    tls_cert_pem: bytes
+
+
+@attrs.define
+class ChildRelay:
+    """
+    A relay in a process of its own (the service C{twistd coder1-relay} runs),
+    with the attributes L{Browser}, L{pair_bridge} and L{relay_address} read of
+    a L{RelayService}: C{context.public_url}, C{keys.tls_cert_pem}, C{port}.
+    """
+
+    child: Child
+    context: _Context
+    keys: _Keys
+    port: _Port
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def as_service(self) -> RelayService:
+        """This relay, typed as what L{Browser} and L{pair_bridge} expect (they only read)."""
+        return cast(RelayService, self)
+
+
+async def start_child_relay(state_dir: FilePath[str], *options: str) -> ChildRelay:
+    """C{twistd coder1-relay}'s service on a free loopback port, in a process of its own."""
+    state_dir.makedirs(ignoreExistingDirectory=True)
+    child = spawn_python(
+        RELAY_MAIN,
+        "--listen=tcp:0:interface=127.0.0.1",
+        f"--state-dir={state_dir.path}",
+        *options,
+    )
+    found = await child.wait_for(rb"coder1 relay at (https://localhost:(\d+))")
+    return ChildRelay(
+        child,
+        _Context(found.group(1).decode()),
+        _Keys(state_dir.child(DEV_CERT_NAME).getContent()),
+        _Port(int(found.group(2))),
+    )
+
+
+async def start_child_bridge(config_dir: FilePath[str]) -> Child:
+    """The bridge service of the pairing in C{config_dir}, in a process of its own, connected."""
+    child = spawn_python(BRIDGE_MAIN, config_dir.path)
+    await child.wait_for(rb"bridge connected")
+    return child
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under C{pid}, children first."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def process_name(pid: int) -> str:
+    """The command name of C{pid} ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def bytes_written(pid: int) -> int:
+    """How many bytes C{pid} has written so far (C{wchar} of /proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    raise LookupError(pid)
