@@ -206,7 +206,10 @@ class BridgeSession:
             answer, channel = Responder.answer(self.identity, self.browser_key, self.peer, offer)
         except E2EError as e:
             self.log.warn("refused a key offer: {reason}", reason=str(e))
-            self._key_error(_offered_channel(offer), "bad-offer", str(e))
+            # Never name a live channel: anyone with the session cookie could then
+            # make its tab start over with a forged offer.
+            named = _offered_channel(offer)
+            self._key_error(0 if named in self.channels else named, "bad-offer", str(e))
             return
         # A replayed offer replaces its channel; past the cap the oldest goes, so
         # a relay replaying offers cannot multiply what the bridge sends.

@@ -148,5 +148,7 @@ class Pairing:
         check_public_key(bridge_key)
         record = await self.store.set_bridge_key(claims.session, claims.peer, bridge_key)
         if record is None:
-            raise ValueError("this bridge has presented its key already; pair again")
+            raise ValueError(
+                "this bridge has presented its key already, or its pairing is gone; pair again"
+            )
         return record

@@ -154,6 +154,16 @@ class BridgeSessionTests(SynchronousTestCase):
         self.assertEqual(link.sent[-1].json()["error"], "dropped")
         self.assertEqual(session.channels, {})
 
+    def test_forged_offer_does_not_name_a_live_channel(self) -> None:
+        """A badly signed offer reusing a live channel's number is refused without naming it."""
+        session, link, _, _ = self.make()
+        live = self.channel(session, link)
+        forged = Initiator(Identity.generate(), session.identity.public_raw, 1, live.channel)
+        session.receive(forged.offer().encode())
+        refusal = link.sent[-1].json()
+        self.assertEqual((refusal["error"], refusal["channel"]), ("bad-offer", 0))
+        self.assertIn(live.channel, session.channels)
+
     def test_channels_capped(self) -> None:
         """Replayed or endless offers cannot grow the channels (and the traffic) without bound."""
         session, link, _, _ = self.make()
