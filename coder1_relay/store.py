@@ -120,6 +120,10 @@ class IRelayStore(Interface):
         """The bridges of C{session} connected right now."""
 
 
+#: How many rate-limit hits between sweeps of empty windows.
+SWEEP_EVERY = 1024
+
+
 @implementer(IRelayStore)
 @attrs.define
 class MemoryStore:
@@ -132,7 +136,9 @@ class MemoryStore:
 
     path: FilePath[str] | None = None
     _codes: dict[str, PendingCode] = attrs.field(factory=dict)
-    _windows: dict[str, deque[float]] = attrs.field(factory=dict)
+    #: Per key: the window's length and its events, oldest first.
+    _windows: dict[str, tuple[float, deque[float]]] = attrs.field(factory=dict)
+    _hits: int = 0
     _revoked: dict[str, float] = attrs.field(factory=dict)
     _peers: dict[str, int] = attrs.field(factory=dict)
     _bridges: dict[str, dict[int, BridgeRecord]] = attrs.field(factory=dict)
@@ -189,16 +195,28 @@ class MemoryStore:
             del self._codes[code]
 
     def _window(self, key: str, now: float, window: float) -> deque[float]:
-        events = self._windows.setdefault(key, deque())
+        events = self._windows.get(key, (window, deque()))[1]
         while events and events[0] <= now - window:
             events.popleft()
         return events
 
+    def _sweep(self, now: float) -> None:
+        """Forget windows with nothing left in them: keys name every session and address."""
+        self._windows = {
+            key: (window, events)
+            for key, (window, events) in self._windows.items()
+            if events and events[-1] > now - window
+        }
+
     def hit(self, key: str, now: float, window: float, limit: int) -> Deferred[float | None]:
+        self._hits += 1
+        if self._hits % SWEEP_EVERY == 0:
+            self._sweep(now)
         events = self._window(key, now, window)
         if len(events) >= limit:
             return succeed(events[len(events) - limit] + window - now)
         events.append(now)
+        self._windows[key] = (window, events)
         return succeed(None)
 
     def count(self, key: str, now: float, window: float) -> Deferred[int]:

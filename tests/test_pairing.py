@@ -19,7 +19,7 @@ from coder1_relay.pairing import (
     RedeemRefused,
     Redemption,
 )
-from coder1_relay.store import BridgeRecord, IRelayStore, MemoryStore
+from coder1_relay.store import SWEEP_EVERY, BridgeRecord, IRelayStore, MemoryStore
 from coder1_relay.tokens import TokenAuthority
 
 T = TypeVar("T")
@@ -213,6 +213,21 @@ class PairingTests(SynchronousTestCase):
             ValueError,
         )
         self.successResultOf(self.redeem(code))
+
+
+class RateWindowTests(SynchronousTestCase):
+    """Rate-limit windows do not grow with every session and address ever seen."""
+
+    def test_empty_windows_forgotten(self) -> None:
+        """After their window passes, thousands of one-off keys are swept away."""
+        store = MemoryStore()
+        for i in range(SWEEP_EVERY):
+            store.hit(f"code:ip:{i}", 0.0, 60.0, 5)
+        self.assertEqual(len(store._windows), SWEEP_EVERY)
+        for i in range(SWEEP_EVERY):
+            store.hit(f"code:ip:late-{i}", 120.0, 60.0, 5)
+        self.assertLessEqual(len(store._windows), SWEEP_EVERY)
+        self.assertEqual(self.successResultOf(store.count("code:ip:late-1", 120.0, 60.0)), 1)
 
 
 class PersistenceTests(SynchronousTestCase):
