@@ -330,6 +330,14 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         _log.warn("no heartbeat from the relay; reconnecting")
         self.dropConnection(abort=True)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn's own tcpNoDelay is tried before the factory's options are copied, and
+        # fails silently under TLS: keystrokes and exits must not wait for delayed ACKs.
+        tcp: Any = getattr(self.transport, "transport", self.transport)
+        if hasattr(tcp, "setTcpNoDelay"):
+            tcp.setTcpNoDelay(True)
+
     def onOpen(self) -> None:
         # Unregistered by Autobahn as it drops the connection, and by the service
         # as it stops: a TLS transport with a producer waits for it to go to close.

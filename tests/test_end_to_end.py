@@ -194,6 +194,14 @@ class RoutingTests(LoopbackTestCase):
         await ide.lost
         self.assertEqual(ide.close_code, 1009)
 
+    async def test_no_delay_on_the_bridge_socket(self) -> None:
+        """The bridge's socket to the relay sends small frames at once (TCP_NODELAY)."""
+        await self.start()
+        assert self.bridge.protocol is not None
+        tls: Any = self.bridge.protocol.transport
+        tcp: Any = tls.transport  # TLS over TCP
+        self.assertTrue(tcp.getTcpNoDelay())
+
     async def test_presence(self) -> None:
         """The browser is told the bridge's number, label and version, and when it leaves."""
         await self.start()

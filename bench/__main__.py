@@ -1,0 +1,88 @@
+"""
+Run the benchmarks by hand:
+
+    python -m bench keystroke|bulk|forward|capacity|startup|all [--quick] [--rounds N]
+
+Each prints a Markdown table: per system the median over the rounds with the minimum
+and maximum, and the ratio to the baseline measured in the same invocation.
+docs/performance.md says what each one measures and records the latest results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+
+from bench import harness as h
+from bench.stats import emit
+
+BENCHMARKS = ["keystroke", "bulk", "forward", "capacity", "startup"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    p.add_argument("--quick", action="store_true", help="small sizes, for a first look")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per system (default 5)")
+    p.add_argument(
+        "--systems",
+        type=lambda s: s.split(","),
+        help="keystroke, bulk: comma-separated subset of "
+        "coder1,coder1-command,naive,naive-pty,termpair,terminado",
+    )
+    p.add_argument("--count", type=int, help="keystroke: keystrokes per round")
+    p.add_argument("--size", help="bulk: bytes of zeros before base64 (e.g. 200M)")
+    p.add_argument("--messages", type=int, help="forward: messages per round and size")
+    p.add_argument(
+        "--sessions",
+        type=lambda s: [int(n) for n in s.split(",")],
+        help="capacity: session counts to measure at (default 1000,10000)",
+    )
+    p.add_argument("--json", help="also append each table as one JSON line to this file")
+    p.add_argument("--profile", help="write a cProfile of the relay (forward) to this file")
+    return p
+
+
+async def _main(reactor: Any, options: argparse.Namespace) -> None:
+    from bench import bulk, capacity, forward, keystroke, startup
+
+    modules = {
+        "keystroke": keystroke,
+        "bulk": bulk,
+        "forward": forward,
+        "capacity": capacity,
+        "startup": startup,
+    }
+    chosen = BENCHMARKS if options.benchmark == "all" else [options.benchmark]
+    json_out = open(options.json, "a") if options.json else None  # noqa: SIM115
+    try:
+        sys.stdout.write("## Machine\n\n")
+        for key, value in h.machine().items():
+            sys.stdout.write(f"- {key}: {value}\n")
+        sys.stdout.write("\n")
+        if json_out is not None:
+            json_out.write(json.dumps({"machine": h.machine()}) + "\n")
+        for name in chosen:
+            table = await modules[name].run(options)
+            emit(table, sys.stdout, json_out)
+    finally:
+        await h.stop_all()
+        if json_out is not None:
+            json_out.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parser().parse_args(argv)
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(_main(reactor, options)))
+    finally:
+        h.kill_all_now()
+
+
+if __name__ == "__main__":
+    main()

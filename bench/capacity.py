@@ -1,0 +1,170 @@
+"""
+4. Capacity: idle paired sessions held by one relay process, and pairings per second.
+
+A session is what one user has once paired: a browser session (cookie), a pairing code
+redeemed for a bridge token, the bridge's WebSocket and the IDE's WebSocket, both open
+and idle (answering the relay's PINGs).  Client processes (L{bench.capacity_worker},
+each session from its own loopback address) pair sessions until the relay holds each
+target count; then, after a pause, the relay's RSS is read.  RSS per session is
+(RSS at N - RSS after 10 warm-up sessions) / (N - 10).
+
+A pairing here is everything between "I want a bridge" and both sockets open: POST
+/api/session (cookie JWT), POST /api/pairing-codes, POST /api/pair (code redeemed,
+bridge JWT signed, pairings.json written), the bridge WebSocket (token verified) and the
+IDE WebSocket: four TLS handshakes.  Pairings per second is observed with the clients
+on the same two cores as the relay; the relay's CPU time per pairing gives the rate one
+relay process could sustain with its own core (1 / CPU per pairing).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import harness as h
+from bench.stats import Metric, Table, percentile
+
+WARMUP = 10
+#: At most this long for one step's pairings (each worker stops starting new ones).
+STEP_SECONDS = 240.0
+#: File descriptors a relay needs beside its sockets (stdio, epoll, waker, listener, files).
+SPARE_FDS = 40
+
+
+def fd_capacity() -> int:
+    """How many sessions (two sockets each) one process can hold under this machine's limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return 10**9
+    return (hard - SPARE_FDS) // 2
+
+
+async def run(options: Any) -> Table:
+    targets = options.sessions or ([200, 1000] if options.quick else [1000, 10000])
+    limit = fd_capacity()
+    notes = []
+    capped = [min(t, limit) for t in targets]
+    if capped != targets:
+        notes.append(
+            f"targets capped at {limit} sessions: this machine's hard RLIMIT_NOFILE is "
+            f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]} and cannot be raised here "
+            "(no CAP_SYS_RESOURCE); one relay needs two sockets per session"
+        )
+    table = Table(
+        "Capacity: idle paired sessions (browser + bridge connection each) in one relay process",
+        [
+            Metric("rss", "relay RSS", "MiB", digits=0),
+            Metric("per", "RSS per session", "KiB", digits=1),
+            Metric("rate", "pairings/s observed", "", False, digits=0),
+            Metric("end", "pairings/s in the step's last 30 s", "", False, digits=0),
+            Metric("cpu", "relay CPU per pairing", "ms", digits=2),
+            Metric("cap", "pairings/s, relay CPU-bound", "", False, digits=0),
+            Metric("p50", "pairing p50", "ms", digits=0),
+            Metric("p99", "pairing p99", "ms", digits=0),
+        ],
+        "",
+        notes=notes,
+    )
+    for _ in range(options.rounds if options.rounds <= 1 or options.quick else 1):
+        await _round(table, capped, options)
+    return table
+
+
+async def _round(table: Table, targets: list[int], options: Any) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    relay = await h.start_relay()
+    workers: list[h.Process] = []
+    count = 4 if max(targets) > 2000 else 2
+    concurrency = 4
+    try:
+        await h.sleep(1.0)
+        for i in range(count):
+            argv = [sys.executable, "-m", "bench.capacity_worker", str(relay.port)]
+            argv += [str(Path(relay.state_dir, "dev-cert.pem")), str(i * 1_000_000)]
+            argv += [str(concurrency)]
+            worker = h.Process(f"worker{i}", argv, cwd=str(h.ROOT))
+            await worker.wait_for("worker ready", timeout=60)
+            workers.append(worker)
+        base = await _grow(relay, workers, [WARMUP] + [0] * (count - 1), table, "warm-up")
+        for target in targets:
+            share = [target // count + (1 if i < target % count else 0) for i in range(count)]
+            try:
+                await _grow(relay, workers, share, table, f"{target} sessions", base)
+            except h.Timeout as e:
+                table.notes.append(f"{target} sessions: gave up: {e}")
+                break
+    finally:
+        for worker in workers:
+            if worker.running:
+                worker.write(b"quit\n")
+        for worker in workers:
+            await worker.stop(grace=30)
+        await relay.process.stop(grace=30)
+
+
+_grown: dict[int, int] = {}
+
+
+async def _grow(
+    relay: h.Relay,
+    workers: list[h.Process],
+    share: list[int],
+    table: Table,
+    name: str,
+    base: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Grow each worker to its share; record the row.  Returns (sessions, RSS) after."""
+    cpu = h.cpu_seconds(relay.process.pid)
+    start = time.perf_counter()
+    marks = []
+    for worker, target in zip(workers, share, strict=True):
+        if target == 0:
+            continue
+        marks.append(worker)
+        worker.write(f"grow {target} {STEP_SECONDS}\n".encode())
+    latencies: list[float] = []
+    report_held: list[int] = []
+    paired = failed = last30 = 0
+    failures: list[str] = []
+    for worker in marks:
+        deadline = STEP_SECONDS + 180.0
+        match = await worker.wait_for(r"held (\d+) (\{.*\})\n", timeout=deadline)
+        report_held.append(int(match.group(1)))
+        report = json.loads(match.group(2))
+        del worker.output[: match.end()]  # each report is read once
+        latencies += report["latencies"]
+        paired += report["paired"]
+        last30 += report["last30"]
+        failed += report["failed"]
+        failures += report["failures"]
+    seconds = time.perf_counter() - start
+    cpu = h.cpu_seconds(relay.process.pid) - cpu
+    await h.sleep(3.0)
+    rss = h.memory(relay.process.pid)["rss"]
+    held = sum(report_held)
+    if base is not None and held < sum(share):
+        name = f"{held} sessions (of {sum(share)} in {STEP_SECONDS:.0f} s)"
+        table.notes.append(
+            f"{name}: the step stopped at its time limit; pairing slows as sessions grow "
+            f"({last30 / 30:.0f} pairings/s in its last 30 s)"
+        )
+    row = table.row(name)
+    row.add("rss", rss / 2**20)
+    if base is not None and held > base[0]:
+        row.add("per", (rss - base[1]) / (held - base[0]) / 1024)
+    if paired:
+        row.add("rate", paired / seconds)
+        row.add("cpu", cpu / paired * 1000)
+        row.add("cap", paired / cpu if cpu else float("nan"))
+        row.add("p50", percentile(latencies, 50) * 1000)
+        row.add("p99", percentile(latencies, 99) * 1000)
+        if seconds > 60:
+            row.add("end", last30 / 30)
+    if failed:
+        table.notes.append(f"{name}: {failed} pairings failed, e.g. {failures[:2]}")
+    return held, rss

@@ -1,0 +1,124 @@
+"""
+Smoke runs of every benchmark in bench/ at tiny sizes, so that they keep working.
+
+These check that each benchmark runs end to end and fills its table, not how fast
+anything is: the numbers come from ``python -m bench`` (docs/performance.md).  The
+peer baselines (termpair, terminado) run only where they are installed, in the
+interpreter named by CODER1_BENCH_PEER_PYTHON or in this one; elsewhere those tests skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, TestCase
+
+from bench import bulk, capacity, forward, harness, keystroke, startup
+from bench.__main__ import parser
+from bench.stats import Spread, Table, percentile
+
+
+def options(**given: Any) -> argparse.Namespace:
+    """The options `python -m bench` would parse, with tiny sizes."""
+    defaults = parser().parse_args(["all", "--quick", "--rounds", "1"])
+    for key, value in given.items():
+        setattr(defaults, key, value)
+    return defaults
+
+
+class BenchTestCase(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.addCleanup(lambda: Deferred.fromCoroutine(harness.settle()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(harness.stop_all()))
+
+    def assertFilled(self, table: Table, rows: list[str], metric: str) -> None:
+        """Each named row has a finite, positive value for C{metric}."""
+        names = [r.name for r in table.rows]
+        for name in rows:
+            self.assertIn(name, names)
+            value = table.median(name, metric)
+            self.assertTrue(math.isfinite(value) and value > 0, (name, metric, value))
+        self.assertIn("|", table.render())
+
+    def needs(self, module: str) -> None:
+        if not harness.peer_available(module):
+            raise SkipTest(f"{module} is not installed in {harness.peer_python()}")
+
+
+class StatsTests(TestCase):
+    def test_percentile_and_spread(self) -> None:
+        """Percentiles interpolate between ranks; a spread is median, min and max."""
+        self.assertEqual(percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50), 3.0)
+        self.assertEqual(percentile([0.0, 10.0], 99), 9.9)
+        self.assertEqual(Spread.of([3.0, 1.0, 2.0]), Spread(2.0, 1.0, 3.0, 3))
+
+    def test_ratio_against_baseline(self) -> None:
+        """The ratio column divides each row's median by the baseline row's."""
+        table = Table("t", [forward.Metric("m", "m")], "base")
+        table.row("base").add("m", 2.0)
+        table.row("other").add("m", 3.0)
+        self.assertIn("1.50x", table.render())
+
+
+class KeystrokeTests(BenchTestCase):
+    async def test_coder1_and_naive(self) -> None:
+        """A few keystrokes through the full system and through the naive relay."""
+        table = await keystroke.run(options(count=5, systems=["naive", "coder1"]))
+        self.assertFilled(table, [keystroke.BASELINE, "coder1"], "p99")
+
+    async def test_peers(self) -> None:
+        """A few keystrokes through termpair and terminado, where installed."""
+        self.needs("termpair")
+        self.needs("terminado")
+        table = await keystroke.run(options(count=5, systems=["termpair", "terminado"]))
+        self.assertFilled(table, ["termpair", "terminado"], "p50")
+
+
+class BulkTests(BenchTestCase):
+    async def test_coder1_and_naive(self) -> None:
+        """A little output through the full system (terminal, command) and the naive relay."""
+        table = await bulk.run(
+            options(size="64K", systems=["naive-pty", "coder1", "coder1-command"])
+        )
+        self.assertFilled(table, [bulk.BASELINE, "coder1", "coder1 command"], "mbps")
+
+    async def test_peers(self) -> None:
+        """A little output through termpair and terminado, where installed."""
+        self.needs("termpair")
+        self.needs("terminado")
+        table = await bulk.run(options(size="64K", systems=["termpair", "terminado"]))
+        self.assertFilled(table, ["termpair", "terminado"], "mbps")
+
+
+class ForwardTests(BenchTestCase):
+    async def test_forward(self) -> None:
+        """Frames of both sizes through our relay and the naive one, ws and wss."""
+        table = await forward.run(options(messages=64))
+        rows = [f"{r} relay ({s})" for s in ("ws", "wss") for r in ("naive", "coder1")]
+        self.assertFilled(table, rows, "cpu 100")
+        self.assertFilled(table, rows, "rate 65536")
+
+
+class CapacityTests(BenchTestCase):
+    async def test_capacity(self) -> None:
+        """A few sessions paired and held through client processes; RSS and rates filled."""
+        table = await capacity.run(options(sessions=[16]))
+        self.assertFilled(table, ["16 sessions"], "per")
+        self.assertFilled(table, ["16 sessions"], "rate")
+
+
+class StartupTests(BenchTestCase):
+    async def test_startup(self) -> None:
+        """One round of relay and bridge start-up and a one-shot echo."""
+        table = await startup.run(options())
+        self.assertFilled(
+            table,
+            [startup.BASELINE, "bridge: start to connected (its own ready)"],
+            "ms",
+        )
+        self.assertFilled(table, ["echo, warm: CMD_START to first byte"], "ms")
