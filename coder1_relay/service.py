@@ -127,7 +127,13 @@ class RelayService(MultiService):
             store=store,
             tokens=tokens,
             pairing=Pairing(store, tokens, reactor, settings.pairing),
-            hub=Hub(store, self.telemetry, reactor, settings.hub),
+            # WebSockets go idle by the heartbeat: one idle timeout for HTTP and WebSockets.
+            hub=Hub(
+                store,
+                self.telemetry,
+                reactor,
+                attrs.evolve(settings.hub, heartbeat_timeout=settings.limits.idle_timeout),
+            ),
             telemetry=self.telemetry,
             public_url=settings.public_url or "",
             extra_origins=settings.allowed_origins,
