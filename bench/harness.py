@@ -416,6 +416,8 @@ async def start_relay(*, tls: bool = True) -> Relay:
         argv = [sys.executable, "-m", "bench.relay_main", "--plain"]
     argv = profiled("relay", argv)
     argv += ["--listen", "tcp:0:interface=127.0.0.1", "--state-dir", state_dir]
+    if relay_supports("--messages-per-second"):
+        argv += UNLIMITED
     process = Process("relay", argv, cwd=str(TREE))
     match = await process.wait_for(r"coder1 relay at https://localhost:(\d+)", timeout=60)
     cert = Path(state_dir, "dev-cert.pem").read_bytes()
@@ -659,6 +661,11 @@ class RelayLink:
     def send(self, frame: bytes) -> None:
         assert self.protocol is not None
         self.protocol.sendMessage(frame, isBinary=True)
+
+    def closed(self) -> Deferred[tuple[int | None, str | None]]:
+        """Fires with the close code and reason when this connection ends."""
+        assert self.protocol is not None
+        return self.protocol.factory.closed
 
     def close(self) -> Deferred[Any]:
         if self.protocol is None:

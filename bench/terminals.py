@@ -65,6 +65,12 @@ class Output:
         self._waiter = Deferred()
         return self._waiter
 
+    def lost(self, why: str) -> None:
+        """The connection ended: a keystroke waiting for its echo fails at once, saying why."""
+        waiter, self._waiter, self._want = self._waiter, None, None
+        if waiter is not None:
+            waiter.errback(ConnectionError(why))
+
 
 class System:
     """A web terminal under test."""
@@ -107,6 +113,9 @@ class Coder1(System):
         self.command = command
         self.system = await h.full_system()
         self.system.ide.on_frame = self._frame
+        self.system.ide.link.closed().addCallback(
+            lambda close: self.output.lost(f"the relay closed the IDE connection: {close}")
+        )
         self.stream = 0
         self._opened: Deferred[None] | None = None
         self._exited: Deferred[None] | None = None

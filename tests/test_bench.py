@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, TestCase
 
-from bench import bulk, capacity, forward, harness, keystroke, startup
+from bench import bulk, capacity, forward, harness, keystroke, startup, terminals
 from bench.__main__ import parser
 from bench.stats import Spread, Table, percentile
 
@@ -70,6 +70,24 @@ class KeystrokeTests(BenchTestCase):
         """A few keystrokes through the full system and through the naive relay."""
         table = await keystroke.run(options(count=5, systems=["naive", "coder1"]))
         self.assertFilled(table, [keystroke.BASELINE, "coder1"], "p99")
+
+    async def test_faster_than_a_person(self) -> None:
+        """
+        A thousand keystrokes sent back to back, more than the relay's default
+        message burst (400): the benchmark's relay has its limits raised, or it
+        would close the IDE (4029) part way, as it did before those options
+        were passed, and the benchmark would time out.
+        """
+        system = terminals.Coder1()
+        await system.setup(keystroke.COMMAND)
+        self.addCleanup(lambda: Deferred.fromCoroutine(system.teardown()))
+        await system.open()
+        arrived = system.output.expect(b"z")
+        for _ in range(999):
+            system.send(b"a")
+        system.send(b"z")
+        await harness.with_timeout(arrived, 30, "the last keystroke's echo")
+        self.assertEqual(system.output.total, 1000)
 
     async def test_peers(self) -> None:
         """A few keystrokes through termpair and terminado, where installed."""
