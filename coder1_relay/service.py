@@ -25,7 +25,7 @@ from coder1_relay import certs
 from coder1_relay.context import Limits, PerAddress, RelayContext
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.routing import Hub, HubSettings
-from coder1_relay.store import IRelayStore, MemoryStore
+from coder1_relay.store import IRelayStore, MemoryStore, write_in_thread
 from coder1_relay.telemetry import Telemetry
 from coder1_relay.tokens import TokenAuthority
 from coder1_relay.web import STATIC, make_site
@@ -113,7 +113,13 @@ class RelayService(MultiService):
         )
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
         if store is None:
-            store = MemoryStore(path=settings.state_dir.child("pairings.json"))
+            # Group commit: pairings and revocations arriving together share one
+            # write, made in a thread; each is answered once it is on disk.
+            store = MemoryStore(
+                path=settings.state_dir.child("pairings.json"),
+                clock=reactor,
+                writer=write_in_thread(reactor),
+            )
         self.telemetry = Telemetry(settings.state_dir.child("telemetry.sqlite").path, reactor)
         self.telemetry.setServiceParent(self)
         tokens = TokenAuthority(
@@ -182,6 +188,9 @@ class RelayService(MultiService):
         await idle
         if timer.active():
             timer.cancel()
+        store = self.context.store
+        if isinstance(store, MemoryStore):
+            await store.flushed()
         await super().stopService()
 
     def stopService(self) -> Deferred[None]:

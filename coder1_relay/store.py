@@ -6,16 +6,31 @@ are all the state a relay keeps (besides telemetry).  Nothing else reaches
 into it, so a shared implementation (several relay processes, one
 deployment) can replace L{MemoryStore} without touching the callers.  Every
 method returns a Deferred, as a networked store would.
+
+Durability (group commit): a change that must outlive a restart (a
+revocation, a paired bridge, its key) is made in memory at once, so every
+later read sees it, and its Deferred fires only once the file that holds it
+has been written and synced.  Changes made while a write is waiting for the
+next reactor turn, or while one is under way, share the next write: however
+many pairings or revocations arrive together, the file is rewritten once for
+them, not once each.  So a revocation is on disk before the API says it is
+done, and a busy relay writes at most one file at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
@@ -124,6 +139,28 @@ class IRelayStore(Interface):
 SWEEP_EVERY = 1024
 
 
+#: Writes the whole state durably (atomically, mode 0600) and fires when it is on disk.
+Writer = Callable[[FilePath[str], bytes], "Deferred[None]"]
+
+
+def write_in_place(path: FilePath[str], data: bytes) -> Deferred[None]:
+    """The default L{Writer}: C{write_secret} in the calling thread."""
+    return maybeDeferred(write_secret, path, data)
+
+
+def write_in_thread(reactor: IReactorThreads) -> Writer:
+    """
+    A L{Writer} that runs C{write_secret} in C{reactor}'s thread pool, so that
+    the event loop goes on while the disk syncs (the store never has two
+    writes under way, so they cannot overtake each other).
+    """
+
+    def write(path: FilePath[str], data: bytes) -> Deferred[None]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), write_secret, path, data)
+
+    return write
+
+
 @implementer(IRelayStore)
 @attrs.define
 class MemoryStore:
@@ -132,9 +169,18 @@ class MemoryStore:
     outlive a restart (revocations, paired bridges, bridge numbers: no content)
     is also kept in that file, mode 0600, so a restarted relay still lists and
     can revoke the bridges whose tokens it issued, and never reuses a number.
+
+    With a C{clock}, changes share writes (group commit, see the module's
+    docstring): the write happens one reactor turn after the first change
+    that needs it, or as soon as the write under way is done.  Without one,
+    each change is written before its method returns (tests, tools).
+    C{writer} does the writing (the relay's service passes one that runs in a
+    thread, so that the event loop does not wait for the disk).
     """
 
     path: FilePath[str] | None = None
+    clock: IReactorTime | None = None
+    writer: Writer = write_in_place
     _codes: dict[str, PendingCode] = attrs.field(factory=dict)
     #: Per key: the window's length and its events, oldest first.
     _windows: dict[str, tuple[float, deque[float]]] = attrs.field(factory=dict)
@@ -143,6 +189,17 @@ class MemoryStore:
     _peers: dict[str, int] = attrs.field(factory=dict)
     _bridges: dict[str, dict[int, BridgeRecord]] = attrs.field(factory=dict)
     _presence: dict[str, dict[int, Presence]] = attrs.field(factory=dict)
+    #: The earliest expiry of a revocation or bridge record: nothing to prune before it.
+    _next_expiry: float = math.inf
+    #: Per session, its part of the file (C{"session":[records]}), until its records change.
+    _fragments: dict[str, str] = attrs.field(factory=dict)
+    #: Callers whose changes are made but not yet written; the next write is theirs.
+    _waiting: list[Deferred[None]] = attrs.field(factory=list)
+    #: The next write, scheduled for the next reactor turn.
+    _flush_call: IDelayedCall | None = None
+    #: The callers of the write under way (None when none is).
+    _writing: list[Deferred[None]] | None = None
+    log: Logger = attrs.field(factory=Logger, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.path is None or not self.path.exists():
@@ -157,24 +214,102 @@ class MemoryStore:
             }
             for session, records in saved["bridges"].items()
         }
+        self._next_expiry = self._earliest_expiry()
 
-    def _save(self, now: float) -> None:
-        """Drop what expired (its tokens are dead anyway), then write the durable part."""
-        self._revoked = {j: exp for j, exp in self._revoked.items() if exp > now}
-        for session, records in self._bridges.items():
-            self._bridges[session] = {p: r for p, r in records.items() if r.expires_at > now}
-        if self.path is None:
+    def _earliest_expiry(self) -> float:
+        return min(
+            (
+                *self._revoked.values(),
+                *(r.expires_at for records in self._bridges.values() for r in records.values()),
+            ),
+            default=math.inf,
+        )
+
+    def _prune(self, now: float) -> None:
+        """Drop what expired (its tokens are dead anyway); a scan only once something has."""
+        if now < self._next_expiry:
             return
-        saved = {
-            "revoked": self._revoked,
-            "peers": self._peers,
-            "bridges": {
-                session: [attrs.asdict(r) for r in records.values()]
-                for session, records in self._bridges.items()
-                if records
-            },
-        }
-        write_secret(self.path, json.dumps(saved).encode())
+        self._revoked = {j: exp for j, exp in self._revoked.items() if exp > now}
+        for session, records in list(self._bridges.items()):
+            live = {p: r for p, r in records.items() if r.expires_at > now}
+            if len(live) == len(records):
+                continue
+            self._fragments.pop(session, None)
+            if live:
+                self._bridges[session] = live
+            else:
+                del self._bridges[session]
+        self._next_expiry = self._earliest_expiry()
+
+    def _changed(self, now: float) -> Deferred[None]:
+        """
+        The durable part changed (in memory, already): prune, and fire the
+        Deferred returned once the change is on disk.
+        """
+        self._prune(now)
+        if self.path is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._waiting.append(done)
+        if self._flush_call is None and self._writing is None:
+            if self.clock is None:
+                self._flush()
+            else:
+                self._flush_call = self.clock.callLater(0, self._flush)
+        return done
+
+    def _snapshot(self) -> bytes:
+        """The durable state as the file holds it."""
+        parts = []
+        for session, records in self._bridges.items():
+            part = self._fragments.get(session)
+            if part is None:
+                part = self._fragments[session] = (
+                    json.dumps(session)
+                    + ":"
+                    + json.dumps([attrs.asdict(r) for r in records.values()])
+                )
+            parts.append(part)
+        revoked, peers = json.dumps(self._revoked), json.dumps(self._peers)
+        return f'{{"revoked":{revoked},"peers":{peers},"bridges":{{{",".join(parts)}}}}}'.encode()
+
+    def _flush(self) -> None:
+        """Write everything once for all waiting callers; then those who came meanwhile."""
+        self._flush_call = None
+        assert self.path is not None
+        batch, self._waiting = self._waiting, []
+        self._writing = batch
+        maybeDeferred(self._write, self.path).addBoth(self._written, batch)
+
+    def _write(self, path: FilePath[str]) -> Deferred[None]:
+        return self.writer(path, self._snapshot())
+
+    def _written(self, result: Failure | None, batch: list[Deferred[None]]) -> None:
+        self._writing = None
+        if isinstance(result, Failure):
+            self.log.failure(
+                "writing {path} failed", result, path=self.path.path if self.path else ""
+            )
+        for each in batch:
+            if isinstance(result, Failure):
+                each.errback(result)
+            else:
+                each.callback(None)
+        if self._waiting and self._writing is None and self._flush_call is None:
+            if self.clock is None:
+                self._flush()
+            else:
+                self._flush_call = self.clock.callLater(0, self._flush)
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once every change made so far is on disk (or its write failed)."""
+        pending = self._waiting or self._writing
+        if not pending:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        pending.append(done)
+        done.addErrback(lambda _: None)
+        return done
 
     def add_code(self, code: str, pending: PendingCode, now: float) -> Deferred[bool]:
         live = self._codes.get(code)
@@ -224,8 +359,8 @@ class MemoryStore:
 
     def revoke(self, jti: str, expires_at: float, now: float) -> Deferred[None]:
         self._revoked[jti] = expires_at
-        self._save(now)
-        return succeed(None)
+        self._next_expiry = min(self._next_expiry, expires_at)
+        return self._changed(now)
 
     def is_revoked(self, jti: str, now: float) -> Deferred[bool]:
         return succeed(jti in self._revoked)
@@ -236,8 +371,9 @@ class MemoryStore:
 
     def add_bridge(self, session: str, record: BridgeRecord) -> Deferred[None]:
         self._bridges.setdefault(session, {})[record.peer] = record
-        self._save(record.paired_at)
-        return succeed(None)
+        self._fragments.pop(session, None)
+        self._next_expiry = min(self._next_expiry, record.expires_at)
+        return self._changed(record.paired_at)
 
     def set_bridge_key(
         self, session: str, peer: int, bridge_key: str
@@ -246,8 +382,9 @@ class MemoryStore:
         if record is None or record.bridge_key:
             return succeed(None)
         self._bridges[session][peer] = attrs.evolve(record, bridge_key=bridge_key, code="")
-        self._save(record.paired_at)
-        return succeed(attrs.evolve(record, bridge_key=bridge_key))
+        self._fragments.pop(session, None)
+        updated = attrs.evolve(record, bridge_key=bridge_key)
+        return self._changed(record.paired_at).addCallback(lambda _: updated)
 
     def bridges(self, session: str, now: float) -> Deferred[list[BridgeRecord]]:
         live = [
