@@ -5,11 +5,14 @@ import { Terminal } from "./vendor/xterm.mjs";
 import { FitAddon } from "./vendor/addon-fit.mjs";
 import { Kind, decode, encode, json } from "./wire.js";
 import { PinStore, RAW_KEY_SIZE, b64u, loadIdentity, sas, unb64u } from "./e2e.js";
-import { Backlog, BridgeLink } from "./link.js";
+import { BridgeLink } from "./link.js";
+import { Acknowledger, InputStream, OutputStream, newClientId, positions, sequencedType } from "./streams.js";
 
 const $ = (selector) => document.querySelector(selector);
 const utf8 = new TextEncoder();
 const HEARTBEAT_TIMEOUT_FACTOR = 3;
+/** Closed tabs per bridge whose PTY_CLOSE is kept for resending. */
+const MAX_CLOSING = 64;
 const MAX_BACKOFF = 30;
 
 /** The IDE WebSocket: reconnects with backoff and jitter, heartbeats both ways. */
@@ -105,10 +108,12 @@ class TerminalTab {
     this.app = app;
     this.peer = peer;
     this.stream = stream;
-    this.seq = 0;
     this.state = "opening";
-    // Typed while the bridge has no secure channel: sent, in order, once it has one again.
-    this.backlog = new Backlog();
+    // Where its output has got to (resumed from there after a new channel), and what it sent:
+    // numbered, kept until the bridge confirms it, and what waits for a channel.
+    this.output = new OutputStream(stream);
+    this.sender = new InputStream((kind, seq, payload) => app.sendReady(peer, kind, { stream, seq }, payload));
+    this.written = 0; // bytes of PTY_OUTPUT written to the terminal
     this.noticeShown = false; // the last line written is our "not sent" notice
     this.term = new Terminal({ cursorBlink: true, fontSize: 14, scrollback: 5000 });
     this.fit = new FitAddon();
@@ -153,58 +158,51 @@ class TerminalTab {
     return this.element.getAttribute("aria-hidden") === "false";
   }
 
-  /** Seal and send one frame now; false (and nothing sent) when the bridge has no channel. */
-  transmit(kind, payload = new Uint8Array()) {
-    if (!this.app.sendTo(this.peer, kind, { stream: this.stream, seq: this.seq }, payload)) return false;
-    this.seq += 1;
-    return true;
-  }
-
-  /** Keystrokes: sent now, or kept until the channel is secure (after what was kept before). */
+  /** Keystrokes: sent now, or kept until the channel is resumed (after what was kept before). */
   input(bytes) {
     if (this.state === "exited") return;
-    if (this.backlog.empty && this.transmit(Kind.PTY_INPUT, bytes)) return;
-    if (!this.backlog.input(bytes)) this.notice();
+    if (!this.sender.input(bytes)) this.notice();
   }
 
   resized(size) {
-    if (this.state === "exited") return;
-    if (this.backlog.empty && this.transmit(Kind.PTY_RESIZE, size)) return;
-    this.backlog.resize(size);
+    if (this.state !== "exited") this.sender.resize(size);
   }
 
-  /** The bridge's channel is secure again: send what was kept, the size first, then the input. */
-  flush() {
-    if (this.state === "exited" || this.backlog.empty) return;
-    const { size, inputs } = this.backlog.take();
-    const kept = [...(size ? [[Kind.PTY_RESIZE, size]] : []), ...inputs.map((b) => [Kind.PTY_INPUT, b])];
-    for (const [at, [kind, payload]] of kept.entries()) {
-      if (this.transmit(kind, payload)) continue;
-      // The channel went again while sending: keep the rest, in order.
-      for (const [later, body] of kept.slice(at)) {
-        if (later === Kind.PTY_RESIZE) this.backlog.resize(body);
-        else if (!this.backlog.input(body)) this.notice();
-      }
-      return;
+  /**
+   * The bridge resumed a new channel and expects input number `next` (undefined: it does not
+   * know the stream): resend what it lacks, then what was kept while there was no channel.
+   */
+  resume(next) {
+    if (this.state === "exited") return;
+    const { missing } = this.sender.resume(next);
+    if (missing) {
+      this.note(`[${missing} frames of input sent before the connection broke may not have reached`
+        + " your machine]");
     }
   }
 
   /** Say how much typed input was not sent (one line, kept up to date while nothing else is written). */
   notice() {
-    const text = `\x1b[2m[${this.backlog.lost} bytes of input were not sent: the connection to your`
+    const text = `\x1b[2m[${this.sender.backlog.lost} bytes of input were not sent: the connection to your`
       + " machine was being re-secured]\x1b[0m\r\n";
     this.term.write(this.noticeShown ? `\x1b[1A\r\x1b[2K${text}` : `\r\n${text}`);
     this.noticeShown = true;
   }
 
-  write(data) {
+  /** A dim line of the page's own. */
+  note(text, end) {
+    this.write(`\r\n\x1b[2m${text}\x1b[0m\r\n`, end);
+  }
+
+  /** Write to xterm.js; once it has parsed it, the output up to `end` counts as taken in. */
+  write(data, end) {
     this.noticeShown = false;
-    this.term.write(data);
+    this.term.write(data, end === undefined ? undefined : () => this.app.took(this, end));
   }
 
   open() {
     this.fit.fit();
-    this.transmit(Kind.PTY_OPEN, { cols: this.term.cols, rows: this.term.rows });
+    this.sender.transmit(Kind.PTY_OPEN, { cols: this.term.cols, rows: this.term.rows });
   }
 
   reattach(size) {
@@ -213,33 +211,47 @@ class TerminalTab {
     this.fit.fit();
   }
 
-  receive(frame) {
-    switch (frame.kind) {
+  /**
+   * A frame for this terminal, opened. Sequenced ones are taken from `next` on (duplicates
+   * after a resume dropped); `legacy`: a bridge older than resume, whose `seq` counts frames.
+   */
+  receive(frame, legacy = false) {
+    if (frame.kind === Kind.PTY_ERROR) {
+      // "stream-in-use" answers a PTY_OPEN sent again for a terminal that runs: it goes on.
+      const refusal = json(frame);
+      if (refusal.error !== "stream-in-use" || this.state === "opening") this.ended(`[${refusal.message}]`);
+      return;
+    }
+    if (sequencedType(frame.kind) !== "pty") return;
+    const got = legacy ? { kind: frame.kind, payload: frame.payload } : this.output.take(frame);
+    if (!got) return;
+    switch (got.kind) {
       case Kind.PTY_OUTPUT:
-        this.write(frame.payload.slice());
+        this.written += got.payload.length;
+        this.write(got.payload.slice(), got.end);
         break;
       case Kind.PTY_OPENED:
         this.state = "running";
+        this.write("", got.end);
         break;
-      case Kind.PTY_EXIT: {
-        const end = json(frame);
+      default: {
+        const end = json(got);
         const how = end.signal ? `killed by signal ${end.signal}` : `exited with code ${end.exit_code}`;
-        this.ended(`[process ${how}]`);
+        this.ended(`[process ${how}]`, got.end);
         break;
       }
-      case Kind.PTY_ERROR:
-      case Kind.ERROR:
-        this.ended(`[${json(frame).message}]`);
-        break;
-      default:
-        break;
     }
   }
 
-  ended(message) {
-    const { inputs } = this.backlog.take();
-    const unsent = inputs.reduce((n, bytes) => n + bytes.length, 0);
-    this.write(`\r\n\x1b[2m${message}\x1b[0m\r\n`);
+  /** GAP: output was dropped on the bridge while no page followed the terminal. */
+  gap(body) {
+    const lost = this.output.gap(body);
+    if (lost) this.note(`[${lost.bytes} bytes of output were dropped while this page was away]`, lost.end);
+  }
+
+  ended(message, end) {
+    const unsent = this.sender.end();
+    this.note(message, end);
     if (unsent) this.write(`\x1b[2m[${unsent} bytes of input were not sent: the terminal ended first]\x1b[0m\r\n`);
     this.state = "exited";
     this.tab.dataset.state = "exited";
@@ -247,8 +259,11 @@ class TerminalTab {
   }
 
   close() {
-    // Sent when the channel is secure again if it is not now, so the terminal does not live on.
-    if (this.state !== "exited" && !this.transmit(Kind.PTY_CLOSE)) this.app.closeLater(this);
+    // Sent when the channel is resumed again if it is not now, so the terminal does not live on.
+    if (this.state !== "exited") {
+      this.sender.close();
+      this.app.closeLater(this);
+    }
     this.dispose();
   }
 
@@ -471,9 +486,13 @@ class App {
     this.live = new Set(); // connected peers, as of the latest PRESENCE
     this.knownPeers = new Set();
     this.terminals = new Map(); // `${peer}:${stream}` -> TerminalTab
-    this.closing = new Map(); // peer -> streams whose PTY_CLOSE waits for a secure channel
+    // peer -> (stream -> InputStream) of tabs closed here whose PTY_CLOSE the bridge has not
+    // confirmed: sent (again) on the next channel, forgotten once confirmed or not listed.
+    this.closing = new Map();
     this.closed = new Set(); // `${peer}:${stream}` of tabs closed here: not re-attached
     this.links = new Map(); // peer -> BridgeLink, on the current IDE connection
+    this.acks = new Map(); // peer -> Acknowledger of the output its tabs have taken in
+    this.client = newClientId(); // this page load, in RESUME: its input is told from others'
     this.pins = new PinStore(location.origin);
     // Other tabs of this browser say when they pin, confirm or delete a key.
     this.pinNews = typeof BroadcastChannel === "function" ? new BroadcastChannel("coder1-pins") : null;
@@ -549,8 +568,9 @@ class App {
       case Kind.PAIRED:
         return this.paired(json(frame));
       case Kind.ERROR:
-        if (frame.stream === 0) console.warn("relay error", json(frame));
-        else this.dispatch(frame); // a terminal's frame was not delivered
+        // A frame was not delivered (its bridge just left): a terminal's is kept until the
+        // bridge confirms it, and resent on the next channel.
+        console.warn("relay error", json(frame));
         return undefined;
       default: {
         if (frame.kind < Kind.CMD_START) return undefined;
@@ -561,14 +581,29 @@ class App {
     }
   }
 
-  /** A frame from a bridge, opened; or a relay ERROR about a terminal's frame. */
-  dispatch(frame) {
-    if (frame.kind === Kind.PTY_LISTING) {
-      for (const t of json(frame).terminals) this.reattach(frame.peer, t);
-      return;
+  /** A frame from a bridge, opened on `link`. */
+  dispatch(frame, link) {
+    switch (frame.kind) {
+      case Kind.RESUMED:
+        return this.resumed(link, json(frame));
+      case Kind.INPUT_ACK:
+        return this.inputAcked(link.peer, json(frame));
+      case Kind.PTY_LISTING:
+        return this.listing(link, json(frame));
+      case Kind.UNSUPPORTED:
+        if (json(frame).kind === Kind.RESUME) this.legacy(link);
+        return undefined;
+      default: {
+        const tab = this.terminals.get(`${frame.peer}:${frame.stream}`);
+        if (!tab) return undefined;
+        if (frame.kind === Kind.GAP) {
+          const body = json(frame);
+          if (body.type === "pty") tab.gap(body);
+          return undefined;
+        }
+        return tab.receive(frame, link.legacy);
+      }
     }
-    const tab = this.terminals.get(`${frame.peer}:${frame.stream}`);
-    if (tab) tab.receive(frame);
   }
 
   async presence(connected) {
@@ -714,7 +749,7 @@ class App {
       on: {
         state: () => this.renderBridges(),
         secure: (secured) => this.secured(secured),
-        frame: (frame) => this.dispatch(frame),
+        frame: (frame) => this.dispatch(frame, link),
         problem: (failed, problem) => this.e2eProblem(failed.peer, problem),
       },
     });
@@ -727,21 +762,113 @@ class App {
   }
 
   /**
-   * A new channel to a bridge: close what was closed meanwhile, re-attach to its running
-   * terminals, and send what was typed while there was no channel, in order.
+   * A new channel to a bridge: say where each of its terminals' output has got to (RESUME),
+   * then ask for its terminals (PTY_LIST). Input waits until the RESUMED.
    */
   secured(link) {
-    const streams = this.closing.get(link.peer) || new Set();
-    this.closing.delete(link.peer);
-    for (const stream of streams) link.send(Kind.PTY_CLOSE, { stream, seq: 0 });
+    this.resume(link);
     link.send(Kind.PTY_LIST);
-    for (const tab of this.terminals.values()) if (tab.peer === link.peer) tab.flush();
   }
 
-  /** A tab closed while its bridge had no channel: its PTY_CLOSE goes with the next one. */
+  /** RESUME: every terminal of that bridge still running here, each from its `next`. */
+  resume(link) {
+    const outputs = this.tabsOf(link.peer).filter((tab) => tab.state !== "exited").map((tab) => tab.output);
+    const streams = this.acknowledger(link.peer).resume(outputs);
+    link.send(Kind.RESUME, {}, { client: this.client, streams });
+  }
+
+  /**
+   * RESUMED: the bridge's window, and the next input number it expects on each stream. The
+   * first on a channel lets the tabs send again: what the bridge lacks, then what was kept.
+   */
+  resumed(link, body) {
+    const first = !link.resumed;
+    link.resumed = true;
+    this.acknowledger(link.peer).setWindow(body.window);
+    const expected = positions(body.input);
+    for (const tab of this.tabsOf(link.peer)) {
+      const next = expected.get(tab.output.key);
+      if (first) tab.resume(next);
+      else if (next !== undefined) tab.sender.confirm(next);
+    }
+    for (const [stream, sender] of this.closing.get(link.peer) || []) {
+      const next = expected.get(`pty:${stream}`);
+      if (first) sender.resume(next);
+      else if (next !== undefined) sender.confirm(next);
+    }
+    this.updateControls();
+  }
+
+  /** INPUT_ACK: the bridge has the input numbered below `next`: the tabs forget it. */
+  inputAcked(peer, body) {
+    const expected = positions(body.input);
+    for (const tab of this.tabsOf(peer)) {
+      const next = expected.get(tab.output.key);
+      if (next !== undefined) tab.sender.confirm(next);
+    }
+    const closing = this.closing.get(peer);
+    for (const [stream, sender] of closing || []) {
+      const next = expected.get(`pty:${stream}`);
+      if (next !== undefined) sender.confirm(next);
+      if (sender.closed) closing.delete(stream);
+    }
+  }
+
+  /**
+   * A bridge older than resume answered RESUME with UNSUPPORTED: its `seq` counts frames, it
+   * neither confirms input nor takes acknowledgements. Send what was kept, as before.
+   */
+  legacy(link) {
+    if (link.resumed) return;
+    link.legacy = true;
+    link.resumed = true;
+    for (const tab of this.tabsOf(link.peer)) if (tab.state !== "exited") tab.sender.flush();
+    for (const sender of (this.closing.get(link.peer) || new Map()).values()) sender.flush();
+    this.updateControls();
+  }
+
+  /** PTY_LISTING: a tab for each listed terminal not shown here, resumed from 0 (its scrollback). */
+  listing(link, body) {
+    const listed = new Set(body.terminals.map((t) => t.stream));
+    const closing = this.closing.get(link.peer);
+    for (const [stream, sender] of closing || []) {
+      if (sender.closeSeq !== null && !listed.has(stream)) closing.delete(stream);
+    }
+    const fresh = body.terminals.map((t) => [this.reattach(link.peer, t), t]).filter(([tab]) => tab);
+    if (fresh.length === 0) return;
+    // RESUME before anything of the new tabs (their size) goes out.
+    this.resume(link);
+    for (const [tab, listedAs] of fresh) {
+      this.add(tab);
+      tab.reattach(listedAs);
+    }
+  }
+
+  /** The Acknowledger of `peer`'s output: its ACKs go on the bridge's resumed channel. */
+  acknowledger(peer) {
+    if (!this.acks.has(peer)) {
+      this.acks.set(peer, new Acknowledger((body) => this.sendReady(peer, Kind.ACK, {}, body)));
+    }
+    return this.acks.get(peer);
+  }
+
+  /** xterm.js has parsed `tab`'s output up to `end`. */
+  took(tab, end) {
+    tab.output.took(end);
+    this.acknowledger(tab.peer).progress(tab.output);
+  }
+
+  tabsOf(peer) {
+    return [...this.terminals.values()].filter((tab) => tab.peer === peer);
+  }
+
+  /** A tab closed before the bridge confirmed its PTY_CLOSE: sent again with the next channel. */
   closeLater(tab) {
-    if (!this.closing.has(tab.peer)) this.closing.set(tab.peer, new Set());
-    this.closing.get(tab.peer).add(tab.stream);
+    if (!this.closing.has(tab.peer)) this.closing.set(tab.peer, new Map());
+    const closing = this.closing.get(tab.peer);
+    closing.set(tab.stream, tab.sender);
+    // Bounded: the oldest are given up (the bridge's grace period ends them in the end).
+    while (closing.size > MAX_CLOSING) closing.delete(closing.keys().next().value);
   }
 
   stopLinks() {
@@ -750,10 +877,14 @@ class App {
     this.renderBridges();
   }
 
-  /** Send a terminal's frame to its bridge, sealed; false when there is no channel yet. */
-  sendTo(peer, kind, fields, payload) {
+  /**
+   * Send a frame of a terminal (or an ACK) to its bridge, sealed; false when the bridge has
+   * no channel yet, or one whose RESUMED has not come (input would overtake what is resent).
+   */
+  sendReady(peer, kind, fields, payload) {
     const link = this.links.get(peer);
-    return link ? link.send(kind, fields, payload) : false;
+    if (!link || !link.ready || (kind === Kind.ACK && link.legacy)) return false;
+    return link.send(kind, fields, payload);
   }
 
   e2eProblem(peer, { verdict, reason, message, kept, after }) {
@@ -926,7 +1057,7 @@ class App {
 
   updateControls() {
     const link = this.links.get(this.selectedPeer);
-    $("#new-terminal").disabled = !(this.connection.open && link && link.secure);
+    $("#new-terminal").disabled = !(this.connection.open && link && link.ready);
     $("#no-terminals").hidden = this.terminals.size > 0;
   }
 
@@ -946,14 +1077,20 @@ class App {
 
   newTerminal() {
     const bridge = this.bridges.get(this.selectedPeer);
-    if (!bridge || bridge.trust !== "verified" || !this.links.get(this.selectedPeer)?.secure) return;
-    this.add(new TerminalTab(this, this.selectedPeer, this.newStream())).open();
+    if (!bridge || bridge.trust !== "verified" || !this.links.get(this.selectedPeer)?.ready) return;
+    const tab = this.add(new TerminalTab(this, this.selectedPeer, this.newStream()));
+    // The bridge sends a terminal opened on a channel to that channel, from 0.
+    this.acknowledger(tab.peer).follow(tab.output);
+    tab.open();
   }
 
+  /** A tab for a listed terminal, unless it has one or was closed here; null if not. */
   reattach(peer, listed) {
     const id = `${peer}:${listed.stream}`;
-    if (this.terminals.has(id) || this.closed.has(id)) return;
-    this.add(new TerminalTab(this, peer, listed.stream)).reattach(listed);
+    if (this.terminals.has(id) || this.closed.has(id)) return null;
+    const tab = new TerminalTab(this, peer, listed.stream);
+    this.terminals.set(id, tab);
+    return tab;
   }
 
   select(tab) {
@@ -968,6 +1105,7 @@ class App {
 
   forget(tab) {
     this.terminals.delete(`${tab.peer}:${tab.stream}`);
+    this.acks.get(tab.peer)?.leave(tab.output);
     this.closed.add(`${tab.peer}:${tab.stream}`);
     if (this.current === tab) {
       this.current = null;

@@ -53,6 +53,8 @@ export class BridgeLink {
     this.timer = null;
     this.outbox = Promise.resolve();
     this.refusal = null; // the first frame of this channel refused here as tampered or replayed
+    this.resumed = false; // a RESUMED (or UNSUPPORTED, from an older bridge) came on this channel
+    this.legacy = false; // the bridge is older than resume (docs/protocol.md, 5.7)
   }
 
   setState(state) {
@@ -95,10 +97,17 @@ export class BridgeLink {
     this.channel = null;
     this.initiator = null;
     this.refusal = null;
+    this.resumed = false;
+    this.legacy = false;
   }
 
   get secure() {
     return this.state === "secure" && this.channel !== null;
+  }
+
+  /** Secure, and the bridge has answered its RESUME: terminals' frames may go. */
+  get ready() {
+    return this.secure && this.resumed;
   }
 
   /** Seal and send one end-to-end frame; false when there is no channel to send it on. */

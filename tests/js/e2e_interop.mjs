@@ -4,26 +4,12 @@
 // One JSON object per line each way: a request {"op": ..., ...} gets exactly one answer,
 // {"ok": true, ...} or {"ok": false, "error": "...", "verdict"?: "...", "reason"?: "..."}.
 // Binary values travel as base64url, frames whole (header and payload).
-import { register } from "node:module";
 import { createInterface } from "node:readline";
+import { pageModule } from "./page.mjs";
 
-// The page's modules are plain .js ES modules served to browsers; tell Node they are modules
-// (the repository's package.json has no "type": it only vendors browser assets).
-register(
-  "data:text/javascript," + encodeURIComponent(
-    "export async function resolve(specifier, context, next) {" +
-    "  const found = await next(specifier, context);" +
-    "  return found.url.includes('/coder1_relay/static/') && found.url.endsWith('.js')" +
-    "    ? { ...found, format: 'module' } : found;" +
-    "}",
-  ),
-);
-if (!globalThis.crypto?.subtle) globalThis.crypto = (await import("node:crypto")).webcrypto;
-
-const static_ = new URL("../../coder1_relay/static/", import.meta.url);
-const e2e = await import(new URL("e2e.js", static_).href);
-const wire = await import(new URL("wire.js", static_).href);
-const { Backlog, BridgeLink, MAX_BACKLOG } = await import(new URL("link.js", static_).href);
+const e2e = await pageModule("e2e.js");
+const wire = await pageModule("wire.js");
+const { Backlog, BridgeLink, MAX_BACKLOG } = await pageModule("link.js");
 const { b64u, unb64u } = e2e;
 
 let identity = null;
