@@ -37,6 +37,7 @@ from coder1_bridge.config import (
     parse_relay_url,
     refuse_root,
 )
+from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
 from coder1_wire.e2e import E2EError, Identity, b64u, check_public_key, unb64u
@@ -190,9 +191,17 @@ async def unpair(reactor: Any, directory: FilePath[str], out: TextIO) -> int:
     return EXIT_OK
 
 
-async def start(reactor: Any, config: BridgeConfig, label: str, out: TextIO) -> int:
+async def start(
+    reactor: Any,
+    config: BridgeConfig,
+    label: str,
+    out: TextIO,
+    replay: ReplaySettings | None = None,
+) -> int:
     """Run the bridge until interrupted, or until the relay refuses its token."""
-    service = BridgeService(reactor, config, telemetry=telemetry_enabled(os.environ), label=label)
+    service = BridgeService(
+        reactor, config, telemetry=telemetry_enabled(os.environ), label=label, replay=replay
+    )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     out.write(f"coder1-bridge connecting to {config.relay.url} (Ctrl-C to stop)\n")
@@ -225,9 +234,42 @@ def _parser() -> argparse.ArgumentParser:
             "--ca-cert", help="PEM file to trust for the relay (dev or self-hosted)"
         )
         command.add_argument("--label", default=default_label(), help="name shown in the IDE")
+    add_replay_arguments(s)
     sub.add_parser("status", help="show the pairing and whether the relay accepts it")
     sub.add_parser("unpair", help="forget the pairing")
     return parser
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """C{--replay-buffer}, C{--send-window}, C{--grace-period} (docs/protocol.md, 5.7)."""
+    defaults = ReplaySettings()
+    parser.add_argument(
+        "--replay-buffer",
+        type=int,
+        default=defaults.capacity,
+        help="bytes of output kept per command or terminal for a page that comes back "
+        f"(default {defaults.capacity})",
+    )
+    parser.add_argument(
+        "--send-window",
+        type=int,
+        default=defaults.window,
+        help=f"bytes of one stream in flight to one tab (default {defaults.window})",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=defaults.grace,
+        help="seconds without any browser tab before terminals and commands are stopped; "
+        f"0: never (default {defaults.grace:g})",
+    )
+
+
+def replay_settings(args: argparse.Namespace) -> ReplaySettings:
+    try:
+        return ReplaySettings(args.replay_buffer, args.send_window, args.grace_period)
+    except ValueError as e:
+        raise CLIError(f"bad replay option: {e}") from None
 
 
 def _relay_address(args: argparse.Namespace) -> RelayAddress:
@@ -265,7 +307,7 @@ def run(argv: Sequence[str], *, reactor: Any, out: TextIO, prompt: Any = input) 
                 out.write("Not paired yet.\n")
                 code = prompt("Pairing code shown in the IDE: ")
                 config = await pair(reactor, directory, _relay_address(args), code, args.label, out)
-            return await start(reactor, config, args.label, out)
+            return await start(reactor, config, args.label, out, replay_settings(args))
         except (CLIError, InsecureFileError, StalePairingError) as e:
             out.write(f"coder1-bridge: {e}\n")
             return EXIT_FAILED

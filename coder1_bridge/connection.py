@@ -27,11 +27,27 @@ from typing import Any, Protocol
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.defer import gatherResults
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
+from coder1_bridge.processes import ProcessManager
+from coder1_bridge.replay import (
+    PTY,
+    STARTS,
+    BadResume,
+    InputLedger,
+    Key,
+    Outbox,
+    ReplaySettings,
+    input_key,
+    key_of,
+    parse_client,
+    parse_positions,
+    positions_body,
+)
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire import closecodes
 from coder1_wire.crash import build_crash_report
@@ -56,6 +72,8 @@ from coder1_wire.heartbeat import Heartbeat
 
 #: Browser tabs one bridge keeps channels with at once.
 MAX_CHANNELS = 16
+#: Seconds the bridge waits to acknowledge input, so that one INPUT_ACK covers a burst.
+INPUT_ACK_DELAY = 0.05
 #: How Autobahn reports a handshake the relay refused for the token (401), in onClose's reason.
 _REFUSED = re.compile(r'upgrade failed \[401\]: ([^"]*)')
 _COMMAND_KINDS = frozenset({Kind.CMD_START, Kind.CMD_STDIN, Kind.CMD_CANCEL})
@@ -81,7 +99,10 @@ class BridgeSession:
 
     End-to-end frames travel only sealed (docs/e2e.md): each browser tab opens
     a channel with a signed key offer, and what the bridge sends goes out
-    sealed on every channel; with no channel, nothing goes out at all.
+    sealed on every channel; with no channel, nothing goes out at all.  What
+    processes print goes through the L{Outbox}: kept, numbered by byte
+    position, and sent to the channels that follow its stream, within their
+    windows (docs/protocol.md, section 5.7).
     """
 
     clock: IReactorTime
@@ -102,7 +123,29 @@ class BridgeSession:
     full: list[Link] = attrs.field(factory=list)
     #: Set once the bridge is stopping: output is read to its end from then on.
     stopping: bool = False
+    replay: ReplaySettings = attrs.field(factory=ReplaySettings)
+    outbox: Outbox = attrs.field(init=False)
+    ledger: InputLedger = attrs.field(factory=InputLedger)
+    #: Per channel, the streams whose input it is owed an INPUT_ACK for.
+    _input_acks: dict[int, set[Key]] = attrs.field(factory=dict, init=False)
+    _input_ack_timer: IDelayedCall | None = attrs.field(default=None, init=False)
+    #: Stops every process once no tab has had a channel for the grace period.
+    _grace_timer: IDelayedCall | None = attrs.field(default=None, init=False)
     log: Logger = attrs.field(factory=Logger, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.outbox = Outbox(
+            self.clock,
+            self._deliver,
+            lambda key: self._manager(key).hold(key[1]),
+            lambda key: self._manager(key).release(key[1]),
+            capacity=self.replay.capacity,
+            window=self.replay.window,
+            grace=self.replay.grace,
+        )
+
+    def _manager(self, key: Key) -> ProcessManager[Any, Any, Any]:
+        return self.terminals if key[0] == PTY else self.runner
 
     def attach(self, link: Link) -> None:
         """A connection to the relay is open."""
@@ -146,8 +189,18 @@ class BridgeSession:
     def stop_pausing(self) -> None:
         """The bridge is stopping: read the output to its end, so that processes can end."""
         self.stopping = True
+        self.outbox.let_go()
+        self._cancel_grace()
         for link in list(self.full):
             self.resume_output(link)
+
+    def close(self) -> None:
+        """The bridge has stopped: no timer of the session's is left."""
+        self.outbox.close()
+        self._cancel_grace()
+        if self._input_ack_timer is not None and self._input_ack_timer.active():
+            self._input_ack_timer.cancel()
+        self._input_ack_timer = None
 
     def detach(self, link: Link) -> None:
         """That connection closed; its channels went with it."""
@@ -155,6 +208,9 @@ class BridgeSession:
         if self.link is link:
             self.link = None
             self.channels.clear()
+            self.outbox.drop_all()
+            self._input_acks.clear()
+            self._check_grace()
             if self.heartbeat is not None:
                 self.heartbeat.stop()
                 self.heartbeat = None
@@ -162,8 +218,13 @@ class BridgeSession:
     def send(self, envelope: Envelope) -> None:
         """
         Send a frame if connected: end-to-end frames sealed once per channel,
-        control frames as they are.  Frames sent while disconnected are dropped.
+        control frames as they are.  What processes print goes to their replay
+        logs, and from there to the channels that follow them; any other frame
+        sent while disconnected is dropped.
         """
+        if key_of(envelope) is not None:
+            self.outbox.publish(envelope)
+            return
         if self.link is None:
             return
         if not is_end_to_end(envelope.kind):
@@ -171,6 +232,47 @@ class BridgeSession:
             return
         for channel in self.channels.values():
             self.link.send(channel.seal(envelope).encode())
+
+    def _deliver(self, number: int, envelope: Envelope) -> None:
+        """Send C{envelope} on channel C{number} only, sealed, if it is there."""
+        channel = self.channels.get(number)
+        if self.link is not None and channel is not None:
+            self.link.send(channel.seal(envelope).encode())
+
+    def _drop_channel(self, number: int) -> None:
+        self.channels.pop(number, None)
+        self.outbox.drop(number)
+        self._input_acks.pop(number, None)
+        self._check_grace()
+
+    def _check_grace(self) -> None:
+        """With no channel left, stop every process once the grace period has gone by."""
+        if self.channels or self.stopping:
+            self._cancel_grace()
+            return
+        running = self.runner.running + self.terminals.running
+        if self._grace_timer is None and running and self.replay.grace > 0:
+            self._grace_timer = self.clock.callLater(self.replay.grace, self._grace_over)
+
+    def _cancel_grace(self) -> None:
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
+        self._grace_timer = None
+
+    def _grace_over(self) -> None:
+        self._grace_timer = None
+        self.log.info(
+            "no browser tab for {grace} s: stopping {running} processes",
+            grace=self.replay.grace,
+            running=self.runner.running + self.terminals.running,
+        )
+        # Read what they print to its end, kept only as far as each log's size goes.
+        self.outbox.letting_go = True
+
+        def done(result: object) -> None:
+            self.outbox.letting_go = self.stopping
+
+        gatherResults([self.runner.stop_all(), self.terminals.stop_all()]).addBoth(done)
 
     def _key_error(self, channel: int, error: str, message: str) -> None:
         if self.link is not None:
@@ -213,10 +315,11 @@ class BridgeSession:
             return
         # A replayed offer replaces its channel; past the cap the oldest goes, so
         # a relay replaying offers cannot multiply what the bridge sends.
-        self.channels.pop(channel.channel, None)
+        self._drop_channel(channel.channel)
         if len(self.channels) >= MAX_CHANNELS:
-            del self.channels[next(iter(self.channels))]
+            self._drop_channel(next(iter(self.channels)))
         self.channels[channel.channel] = channel
+        self._cancel_grace()
         if self.link is not None:
             self.link.send(answer.encode())
 
@@ -233,18 +336,24 @@ class BridgeSession:
             # leaves the channel as it was (so junk from a cookie holder cannot
             # kill a tab's channel); a gap cannot heal, so the tab starts over.
             if e.verdict == "dropped":
-                del self.channels[channel.channel]
+                self._drop_channel(channel.channel)
             self.log.warn("refused a {verdict} frame", verdict=e.verdict)
             self._key_error(channel.channel, e.verdict, str(e))
             return
-        self._plain(plain)
+        self._plain(channel.channel, plain)
 
-    def _plain(self, envelope: Envelope) -> None:
+    def _plain(self, number: int, envelope: Envelope) -> None:
         kind = envelope.kind
-        if kind in _COMMAND_KINDS:
-            self.runner.handle(envelope)
-        elif kind in _TERMINAL_KINDS:
-            self.terminals.handle(envelope)
+        if kind == Kind.RESUME:
+            self._resume(number, envelope)
+            return
+        if kind == Kind.ACK:
+            self._ack(number, envelope)
+            return
+        if self.outbox.follower(number) is None:
+            self.outbox.legacy(number)  # a page older than resume
+        if kind in _COMMAND_KINDS or kind in _TERMINAL_KINDS:
+            self._input(number, envelope)
         else:
             self.send(
                 control(
@@ -254,6 +363,77 @@ class BridgeSession:
                     peer=envelope.peer,
                 )
             )
+
+    def _input(self, number: int, envelope: Envelope) -> None:
+        """A frame for a process: acted on once, however often a page resends it."""
+        key = input_key(envelope)
+        follower = self.outbox.follower(number)
+        client = follower.client if follower is not None else None
+        if (
+            key is not None
+            and client is not None
+            and not self.ledger.accept(client, key, envelope.seq)
+        ):
+            self._ack_input(number, key)
+            return
+        manager = self._manager(key) if key is not None else self.terminals  # PTY_LIST
+        starting = key is not None and envelope.kind in STARTS and not manager.is_running(key[1])
+        if starting:
+            assert key is not None
+            self.outbox.open(key, envelope.peer)
+        manager.handle(envelope)
+        if key is None or client is None:
+            return
+        if starting and manager.is_running(key[1]):
+            self.outbox.subscribe(number, key)
+        self._ack_input(number, key, now=envelope.kind in STARTS)
+
+    def _ack_input(self, number: int, key: Key, *, now: bool = False) -> None:
+        self._input_acks.setdefault(number, set()).add(key)
+        if now:
+            self._send_input_acks()
+        elif self._input_ack_timer is None:
+            self._input_ack_timer = self.clock.callLater(INPUT_ACK_DELAY, self._send_input_acks)
+
+    def _send_input_acks(self) -> None:
+        if self._input_ack_timer is not None and self._input_ack_timer.active():
+            self._input_ack_timer.cancel()
+        self._input_ack_timer = None
+        owed, self._input_acks = self._input_acks, {}
+        for number, keys in owed.items():
+            follower = self.outbox.follower(number)
+            if follower is None or follower.client is None:
+                continue
+            client = follower.client
+            positions = [(k, self.ledger.next(client, k) or 0) for k in sorted(keys)]
+            body = {"input": positions_body(positions)}
+            self._deliver(number, control(Kind.INPUT_ACK, body, peer=self.peer))
+
+    def _resume(self, number: int, envelope: Envelope) -> None:
+        try:
+            body = envelope.json()
+            client = parse_client(body)
+            streams = parse_positions(body, "streams")
+        except (BadResume, EnvelopeError) as e:
+            self.log.warn("ignored a malformed RESUME: {reason}", reason=str(e))
+            return
+        unknown = self.outbox.resume(number, client, streams)
+        known = [k for k, _ in streams if k not in unknown]
+        answer = {
+            "window": self.replay.window,
+            "input": positions_body((k, self.ledger.next(client, k) or 0) for k in known),
+            "unknown": [{"type": k[0], "stream": k[1]} for k in unknown],
+        }
+        self._deliver(number, control(Kind.RESUMED, answer, peer=self.peer))
+        self.outbox.flush(number)
+
+    def _ack(self, number: int, envelope: Envelope) -> None:
+        try:
+            positions = parse_positions(envelope.json(), "streams")
+        except (BadResume, EnvelopeError) as e:
+            self.log.warn("ignored a malformed ACK: {reason}", reason=str(e))
+            return
+        self.outbox.ack(number, positions)
 
     def _control(self, envelope: Envelope) -> None:
         kind = envelope.kind

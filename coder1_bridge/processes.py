@@ -207,15 +207,12 @@ class ManagedProcess(Generic[_Handle]):
     started: float
     #: What is due next for it, if anything (see the subclass).
     timer: Timer | None = None
-    seq: int = 0
     output_bytes: int = 0
+    #: Why its output is left unread now, if it is: "link" (the connection to
+    #: the relay is full), "replay" (its replay log is full).
+    holds: set[str] = attrs.field(factory=set)
     #: Fires once its exit frame has been sent.
     ended: Deferred[None] = attrs.field(factory=Deferred)
-
-    def next_seq(self) -> int:
-        """The seq of the next frame on its stream."""
-        self.seq += 1
-        return self.seq - 1
 
     def cancel_timer(self) -> None:
         """Cancel what was due next for it, if anything."""
@@ -290,7 +287,7 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
             return
         self._output_paused = True
         for process in self._processes.values():
-            _pause(process.process)
+            _hold(process, "link")
 
     def resume_output(self) -> None:
         """Read what the processes write again."""
@@ -298,7 +295,23 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
             return
         self._output_paused = False
         for process in list(self._processes.values()):
-            _resume(process.process)
+            _release(process, "link")
+
+    def is_running(self, stream: int) -> bool:
+        """Whether a process runs on C{stream}."""
+        return stream in self._processes
+
+    def hold(self, stream: int) -> None:
+        """Leave the output of the process on C{stream} unread: its replay log is full."""
+        process = self._processes.get(stream)
+        if process is not None:
+            _hold(process, "replay")
+
+    def release(self, stream: int) -> None:
+        """Read the output of the process on C{stream} again, as far as its replay log goes."""
+        process = self._processes.get(stream)
+        if process is not None:
+            _release(process, "replay")
 
     def handle(self, envelope: Envelope) -> None:
         """Act on a frame from the browser; one of a kind not taken here is logged."""
@@ -323,6 +336,7 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
         self.resume_output()
         processes = list(self._processes.values())
         for process in processes:
+            _release(process, "replay")
             self._stop(process)
         return gatherResults([p.ended for p in processes]).addCallback(lambda _: None)
 
@@ -371,14 +385,11 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
                 self.noun + " {stream} refused: {code}", stream=request.stream, code=e.code
             )
             body = {"error": e.code, "message": e.message}
-            # A refused duplicate must not disturb the live process's numbering.
-            self._send_on_stream(
-                control(self.error_kind, body, stream=request.stream, peer=request.peer)
-            )
+            self._send(control(self.error_kind, body, stream=request.stream, peer=request.peer))
             return
         self._processes[process.stream] = process
         if self._output_paused:
-            _pause(process.process)
+            _hold(process, "link")
         self._started(process)
 
     def _check_room(self, limit: int, message: str) -> None:
@@ -427,22 +438,22 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
             process.ended.callback(None)
 
     def _reply(self, process: _Process, kind: int, payload: bytes) -> None:
-        self._send(Envelope(kind, process.stream, process.next_seq(), process.peer, payload))
-
-    def _send_on_stream(self, frame: Envelope) -> None:
-        """Send C{frame}, numbered after what went out on its stream if a process runs there."""
-        live = self._processes.get(frame.stream)
-        self._send(attrs.evolve(frame, seq=0 if live is None else live.next_seq()))
+        # Numbered by byte position on the way out (coder1_bridge.replay).
+        self._send(Envelope(kind, process.stream, 0, process.peer, payload))
 
 
-def _pause(handle: object) -> None:
-    if isinstance(handle, Pausable):
-        handle.pauseProducing()
+def _hold(process: ManagedProcess[Any], reason: str) -> None:
+    if not process.holds and isinstance(process.process, Pausable):
+        process.process.pauseProducing()
+    process.holds.add(reason)
 
 
-def _resume(handle: object) -> None:
-    if isinstance(handle, Pausable):
-        handle.resumeProducing()
+def _release(process: ManagedProcess[Any], reason: str) -> None:
+    if reason not in process.holds:
+        return
+    process.holds.discard(reason)
+    if not process.holds and isinstance(process.process, Pausable):
+        process.process.resumeProducing()
 
 
 class ChildProtocol(ProcessProtocol, Generic[_Process]):

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from coder1_bridge.commands import CommandRunner
 from coder1_bridge.config import BridgeConfig
 from coder1_bridge.connection import BridgeClientFactory, BridgeClientProtocol, BridgeSession
+from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire import __version__
 from coder1_wire.e2e import unb64u
@@ -44,6 +45,7 @@ class BridgeService(MultiService):
         telemetry: bool,
         label: str | None = None,
         max_delay: float = 30.0,
+        replay: ReplaySettings | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -59,6 +61,7 @@ class BridgeService(MultiService):
             config.identity,
             unb64u(config.browser_key),
             config.peer,
+            replay=replay or ReplaySettings(),
         )
         self.refused: Deferred[str] = Deferred()
         self.protocol: BridgeClientProtocol | None = None
@@ -133,6 +136,7 @@ class BridgeService(MultiService):
     async def _stop(self) -> None:
         self.session.stop_pausing()
         await gatherResults([self.runner.stop_all(), self.terminals.stop_all()])
+        self.session.close()
         abort = self._let_go(abort_after=CLOSE_TIMEOUT)
         await super().stopService()
         if abort is not None and abort.active():

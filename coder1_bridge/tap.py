@@ -9,6 +9,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from coder1_bridge.config import BridgeConfig, StalePairingError, config_dir, refuse_root
+from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.service import BridgeService, default_label
 from coder1_wire.crash import telemetry_enabled
 from coder1_wire.secretfile import InsecureFileError
@@ -26,6 +27,27 @@ class Options(usage.Options):
     optParameters = [
         ["config-dir", "c", None, "Where the pairing is kept (default: XDG config dir)."],
         ["label", None, None, "Name shown in the IDE (default: host name)."],
+        [
+            "replay-buffer",
+            None,
+            ReplaySettings().capacity,
+            "Bytes of output kept per command or terminal for a page that comes back.",
+            int,
+        ],
+        [
+            "send-window",
+            None,
+            ReplaySettings().window,
+            "Bytes of one stream in flight to one browser tab.",
+            int,
+        ],
+        [
+            "grace-period",
+            None,
+            ReplaySettings().grace,
+            "Seconds without any browser tab before processes are stopped (0: never).",
+            float,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -38,6 +60,12 @@ class Options(usage.Options):
         if config is None:
             raise usage.UsageError("not paired yet; run: coder1-bridge pair CODE")
         self["config"] = config
+        try:
+            self["replay"] = ReplaySettings(
+                self["replay-buffer"], self["send-window"], self["grace-period"]
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"bad replay option: {e}") from None
 
 
 def makeService(options: Options) -> BridgeService:
@@ -50,6 +78,7 @@ def makeService(options: Options) -> BridgeService:
         options["config"],
         telemetry=telemetry_enabled(os.environ),
         label=options["label"] or default_label(),
+        replay=options["replay"],
     )
     service.refused.addCallback(lambda _: reactor_.stop())
     return service

@@ -281,7 +281,7 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
         terminal.timer = self._reactor.callLater(self._settings.linger, self._hang_up, terminal)
 
     def _hang_up(self, terminal: _Terminal) -> None:
-        if self.output_paused and not terminal.closing:
+        if terminal.holds and not terminal.closing:
             # What is left of its output is waiting to be read, not gone.
             terminal.timer = self._reactor.callLater(self._settings.linger, self._hang_up, terminal)
             return
@@ -315,5 +315,4 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
             ]
         }
         frame = control(Kind.PTY_LISTING, body, stream=request.stream, peer=request.peer)
-        # Asked on a terminal's stream, the reply takes that stream's next seq.
-        self._send_on_stream(frame)
+        self._send(frame)

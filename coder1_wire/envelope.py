@@ -77,6 +77,13 @@ class Kind(enum.IntEnum):
     KEY_ANSWER = 0x38
     KEY_ERROR = 0x39
 
+    # end to end, resume and acknowledgements (docs/protocol.md, section 5.7)
+    RESUME = 0x40
+    ACK = 0x41
+    RESUMED = 0x48
+    INPUT_ACK = 0x49
+    GAP = 0x4A
+
     # end to end, bridge -> browser: "I do not know that kind" (an older bridge)
     UNSUPPORTED = 0x7F
 
@@ -141,11 +148,14 @@ def decode(frame: bytes) -> Envelope:
 _CONTROL_KINDS = frozenset(k.value for k in Kind if not is_end_to_end(k.value))
 
 
-def control(kind: Kind, body: dict[str, Any], *, stream: int = 0, peer: int = 0) -> Envelope:
+def control(
+    kind: Kind, body: dict[str, Any], *, stream: int = 0, peer: int = 0, seq: int = 0
+) -> Envelope:
     """A control or structured frame with a compact JSON payload."""
     return Envelope(
         kind=kind,
         stream=stream,
         peer=peer,
+        seq=seq,
         payload=json.dumps(body, separators=(",", ":")).encode(),
     )

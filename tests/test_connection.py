@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -103,7 +104,7 @@ class BridgeSessionTests(SynchronousTestCase):
         """A browser-to-bridge kind this bridge does not handle gets an error on its stream."""
         session, link, _, _ = self.make()
         channel = self.channel(session, link)
-        session.receive(channel.seal(Envelope(0x40, stream=4, peer=1)).encode())
+        session.receive(channel.seal(Envelope(0x44, stream=4, peer=1)).encode())
         reply = channel.open(link.sent[-1])
         self.assertEqual((reply.kind, reply.stream), (Kind.UNSUPPORTED, 4))
         self.assertEqual(reply.json()["error"], "unsupported")
@@ -123,14 +124,93 @@ class BridgeSessionTests(SynchronousTestCase):
         self.assertEqual(link.sent, [])
 
     def test_sealed_per_channel(self) -> None:
-        """Output goes once to every open channel, sealed for each."""
+        """Output goes once to every channel that follows its stream, sealed for each."""
         session, link, _, _ = self.make()
         first, second = self.channel(session, link), self.channel(session, link)
+        session.outbox.open(("cmd", 1), 1)
+        for n, channel in enumerate((first, second)):
+            body = {"client": f"tab{n}", "streams": [{"type": "cmd", "stream": 1, "next": 0}]}
+            session.receive(channel.seal(control(Kind.RESUME, body, peer=1)).encode())
+            self.assertEqual(channel.open(link.sent[-1]).kind, Kind.RESUMED)
         session.send(Envelope(Kind.CMD_STDOUT, stream=1, peer=1, payload=b"secret"))
         out = link.sent[-2:]
         self.assertNotIn(b"secret", out[0].payload + out[1].payload)
         self.assertEqual(first.open(out[0]).payload, b"secret")
         self.assertEqual(second.open(out[1]).payload, b"secret")
+
+    def resume(self, session: BridgeSession, link: FakeLink, channel: SecureChannel) -> Envelope:
+        """Send a RESUME following nothing yet; the RESUMED."""
+        body = {"client": "tab", "streams": []}
+        session.receive(channel.seal(control(Kind.RESUME, body, peer=1)).encode())
+        return channel.open(link.sent[-1])
+
+    def test_resumed(self) -> None:
+        """A RESUME is answered with the window, the input numbers, and the unknown streams."""
+        session, link, _, _ = self.make()
+        channel = self.channel(session, link)
+        session.outbox.open(("pty", 5), 1)
+        body = {
+            "client": "tab",
+            "streams": [
+                {"type": "pty", "stream": 5, "next": 0},
+                {"type": "cmd", "stream": 9, "next": 3},
+            ],
+        }
+        session.receive(channel.seal(control(Kind.RESUME, body, peer=1)).encode())
+        answer = channel.open(link.sent[-1])
+        self.assertEqual(answer.kind, Kind.RESUMED)
+        self.assertEqual(
+            answer.json(),
+            {
+                "window": session.replay.window,
+                "input": [{"type": "pty", "stream": 5, "next": 0}],
+                "unknown": [{"type": "cmd", "stream": 9}],
+            },
+        )
+
+    def test_resent_input_acted_on_once(self) -> None:
+        """Input resent after a resume (same numbers) is not applied twice; INPUT_ACK says so."""
+        session, link, clock, _ = self.make()
+        channel = self.channel(session, link)
+        self.resume(session, link, channel)
+        written: list[bytes] = []
+        session.terminals.handle = lambda envelope: written.append(envelope.payload)  # type: ignore[method-assign]
+        for seq, data in ((1, b"a"), (2, b"b"), (1, b"a"), (3, b"c"), (2, b"b")):
+            frame = Envelope(Kind.PTY_INPUT, stream=5, seq=seq, peer=1, payload=data)
+            session.receive(channel.seal(frame).encode())
+        self.assertEqual(written, [b"a", b"b", b"c"])
+        clock.advance(0.05)
+        ack = channel.open(link.sent[-1])
+        self.assertEqual(ack.kind, Kind.INPUT_ACK)
+        self.assertEqual(ack.json(), {"input": [{"type": "pty", "stream": 5, "next": 4}]})
+
+    def test_grace_period(self) -> None:
+        """
+        With no channel for the grace period, every process is stopped; a channel
+        that comes in time saves them.
+        """
+        session, link, clock, _ = self.make()
+        stopped: list[str] = []
+
+        def stopper(what: str) -> Any:
+            def stop() -> Any:
+                stopped.append(what)
+                return succeed(None)
+
+            return stop
+
+        session.runner._processes[1] = None  # type: ignore[assignment]  # one "runs"
+        session.runner.stop_all = stopper("commands")  # type: ignore[method-assign]
+        session.terminals.stop_all = stopper("terminals")  # type: ignore[method-assign]
+        session.detach(link)
+        clock.advance(session.replay.grace - 1)
+        session.attach(link)
+        self.channel(session, link)
+        clock.advance(10)
+        self.assertEqual(stopped, [])
+        session.detach(link)
+        clock.advance(session.replay.grace)
+        self.assertEqual(stopped, ["commands", "terminals"])
 
     def test_tampered_frame_refused_channel_kept(self) -> None:
         """

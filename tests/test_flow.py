@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
 from coder1_bridge.connection import BridgeClientFactory, BridgeSession, SendBuffer
+from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.terminals import TerminalManager, TerminalSettings
 from coder1_relay.context import Limits, RelayContext
 from coder1_relay.routing import RATE, Endpoint, Hub, HubSettings
@@ -680,7 +681,8 @@ class PausedBridgeStopTests(LoopbackTestCase):
 SIZE = 200_000_000
 #: What the relay and the bridge may each grow by while the reader does not read.
 RELAY_BOUND = 16 * 1024 * 1024
-BRIDGE_BOUND = 16 * 1024 * 1024
+#: The bridge also keeps up to its replay buffer of the stream (docs/protocol.md, 5.7).
+BRIDGE_BOUND = 16 * 1024 * 1024 + ReplaySettings().capacity
 
 
 @attrs.define
@@ -750,7 +752,8 @@ class SlowReaderTests(TestCase):
         Relay and bridge run in processes of their own.  A tab reads the first
         8 MB of a 200 MB output, stops reading its socket for at least 4
         seconds, then reads the rest.  Throughout, neither the relay's nor the bridge's
-        resident memory grows by 16 MiB (without flow control the relay grows
+        resident memory grows by 16 MiB, plus the replay buffer for the bridge
+        (without flow control the relay grows
         by the whole output); while the tab does not read, the command is
         blocked (alive, writing nothing); the tab gets all 200 MB, intact.
         """

@@ -242,13 +242,13 @@ class FakeReactorTests(processes.FakeSpawnerTestCase[FakeReactor]):
         self.assertEqual((spawned.args, spawned.path), (["/bin/sh", "-l"], HOME))
 
     def test_duplicate_stream(self) -> None:
-        """An open on a live stream is refused without disturbing that stream's seq."""
+        """An open on a live stream is refused; the terminal open there goes on."""
         self.manager.handle(open_frame(1))
         self.manager.handle(open_frame(1))
         self.reactor.spawned[0].protocol.outReceived(b"x")
         self.assertEqual(
-            [(f.kind, f.seq) for f in self.sent],
-            [(Kind.PTY_OPENED, 0), (Kind.PTY_ERROR, 1), (Kind.PTY_OUTPUT, 2)],
+            [f.kind for f in self.sent],
+            [Kind.PTY_OPENED, Kind.PTY_ERROR, Kind.PTY_OUTPUT],
         )
         self.assertEqual(self.sent[1].json()["error"], "stream-in-use")
         self.assertEqual(len(self.reactor.spawned), 1)
@@ -317,15 +317,15 @@ class FakeReactorTests(processes.FakeSpawnerTestCase[FakeReactor]):
         two.exit(None, signal.SIGHUP)
         one.exit(7)
         self.assertEqual(
-            [(f.stream, f.seq, f.peer, f.kind) for f in self.sent],
+            [(f.stream, f.peer, f.kind) for f in self.sent],
             [
-                (1, 0, 3, Kind.PTY_OPENED),
-                (2, 0, 4, Kind.PTY_OPENED),
-                (1, 1, 3, Kind.PTY_OUTPUT),
-                (2, 1, 4, Kind.PTY_OUTPUT),
-                (1, 2, 3, Kind.PTY_OUTPUT),
-                (2, 2, 4, Kind.PTY_EXIT),
-                (1, 3, 3, Kind.PTY_EXIT),
+                (1, 3, Kind.PTY_OPENED),
+                (2, 4, Kind.PTY_OPENED),
+                (1, 3, Kind.PTY_OUTPUT),
+                (2, 4, Kind.PTY_OUTPUT),
+                (1, 3, Kind.PTY_OUTPUT),
+                (2, 4, Kind.PTY_EXIT),
+                (1, 3, Kind.PTY_EXIT),
             ],
         )
         self.assertEqual(
@@ -350,11 +350,13 @@ class FakeReactorTests(processes.FakeSpawnerTestCase[FakeReactor]):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_stream_reuse(self) -> None:
-        """A stream id may be used again once its terminal has ended; seq starts over."""
+        """A stream id may be used again once its terminal has ended."""
         self.manager.handle(open_frame(1))
         self.reactor.spawned[0].exit()
         self.manager.handle(open_frame(1))
-        self.assertEqual([f.seq for f in self.sent], [0, 1, 0])
+        self.assertEqual(
+            [f.kind for f in self.sent], [Kind.PTY_OPENED, Kind.PTY_EXIT, Kind.PTY_OPENED]
+        )
 
     def test_input(self) -> None:
         """PTY_INPUT bytes are written raw, one write per frame; empty ones are dropped,
@@ -510,7 +512,7 @@ class FakeReactorTests(processes.FakeSpawnerTestCase[FakeReactor]):
             },
         )
         self.manager.handle(Envelope(Kind.PTY_LIST, 2, 0, 3))
-        self.assertEqual((self.sent[-1].stream, self.sent[-1].seq), (2, 1))
+        self.assertEqual((self.sent[-1].stream, self.sent[-1].seq), (2, 0))
         self.reactor.spawned[0].exit()
         self.manager.handle(Envelope(Kind.PTY_LIST, 9, 0, 3))
         self.assertEqual([t["stream"] for t in self.sent[-1].json()["terminals"]], [2])
@@ -623,9 +625,8 @@ class RealTerminalTests(processes.RealProcessTestCase):
         await self.eventually(lambda: marker in self.inbox.output(stream), repr(marker))
 
     def assert_well_formed(self, stream: int) -> None:
-        """The stream got PTY_OPENED, output, then one PTY_EXIT, numbered 0, 1, 2..."""
+        """The stream got PTY_OPENED, output, then one PTY_EXIT."""
         frames = self.inbox.stream(stream)
-        self.assertEqual([f.seq for f in frames], list(range(len(frames))))
         kinds = [f.kind for f in frames]
         self.assertEqual(kinds[0], Kind.PTY_OPENED)
         self.assertEqual(kinds[-1], Kind.PTY_EXIT)

@@ -1,0 +1,477 @@
+"""
+What the bridge keeps so that nothing printed is lost and nothing typed is
+applied twice across broken connections (docs/protocol.md, section 5.7).
+
+L{Outbox} keeps one L{ReplayLog} per stream: its sequenced frames, numbered by
+byte position, until they are known to be delivered, within a size.  It tracks
+per browser channel (L{Follower}) which streams the channel follows, what it
+was sent and what it acknowledged, and sends within a window per stream.
+L{InputLedger} remembers, per page load (client) and stream, the number of the
+next input frame, so a frame the page resends after a resume is recognised.
+
+No I/O here: frames go out through C{deliver}, processes are paused and
+resumed through C{hold} and C{release}, and time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from coder1_wire.envelope import Envelope, Kind, control
+
+PTY = "pty"
+CMD = "cmd"
+#: A stream as the replay logs know it: commands and terminals are counted apart.
+Key = tuple[str, int]
+
+#: The frames that are numbered by byte position, kept and replayed.
+SEQUENCED: dict[int, str] = {
+    Kind.PTY_OPENED: PTY,
+    Kind.PTY_OUTPUT: PTY,
+    Kind.PTY_EXIT: PTY,
+    Kind.CMD_STDOUT: CMD,
+    Kind.CMD_STDERR: CMD,
+    Kind.CMD_EXIT: CMD,
+}
+#: The sequenced frames that carry output bytes, which may be joined and cut.
+_OUTPUT = frozenset({Kind.PTY_OUTPUT, Kind.CMD_STDOUT, Kind.CMD_STDERR})
+_ENDS = frozenset({Kind.PTY_EXIT, Kind.CMD_EXIT})
+#: Browser → bridge kinds per type, for numbering input.
+INPUT_TYPES: dict[int, str] = {
+    Kind.CMD_START: CMD,
+    Kind.CMD_STDIN: CMD,
+    Kind.CMD_CANCEL: CMD,
+    Kind.PTY_OPEN: PTY,
+    Kind.PTY_INPUT: PTY,
+    Kind.PTY_RESIZE: PTY,
+    Kind.PTY_CLOSE: PTY,
+}
+STARTS = frozenset({Kind.CMD_START, Kind.PTY_OPEN})
+
+#: Output chunks are joined up to this size in the log, and sent in frames of at most this.
+MAX_CHUNK = 64 * 1024
+#: Bytes each kept chunk is counted for beyond its payload, so that a flood of
+#: tiny frames cannot hold more memory than the log's size says.
+CHUNK_OVERHEAD = 64
+#: Ended streams whose logs are kept (for a page that comes back) before the oldest goes.
+MAX_ENDED = 64
+#: Page loads whose input numbers are remembered before the oldest is forgotten.
+MAX_CLIENTS = 64
+#: Streams whose input numbers are remembered per page load.
+MAX_STREAMS_PER_CLIENT = 1024
+#: Streams one RESUME may list.
+MAX_RESUMED = 256
+_CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def key_of(envelope: Envelope) -> Key | None:
+    """The stream of a sequenced bridge → browser frame; None for any other frame."""
+    kind = SEQUENCED.get(envelope.kind)
+    return None if kind is None else (kind, envelope.stream)
+
+
+def input_key(envelope: Envelope) -> Key | None:
+    """The stream of a numbered browser → bridge frame; None for any other frame."""
+    kind = INPUT_TYPES.get(envelope.kind)
+    return None if kind is None else (kind, envelope.stream)
+
+
+class BadResume(ValueError):
+    """A RESUME or ACK whose body is not what section 5.7 says."""
+
+
+def parse_positions(body: object, field: str) -> list[tuple[Key, int]]:
+    """The C{[{"type", "stream", "next"}]} list under C{field} of a JSON body."""
+    if not isinstance(body, dict):
+        raise BadResume("not a JSON object")
+    items = body.get(field)
+    if not isinstance(items, list) or len(items) > MAX_RESUMED:
+        raise BadResume(f"{field} must be a list of at most {MAX_RESUMED}")
+    positions = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadResume(f"{field} holds a non-object")
+        kind, stream, position = item.get("type"), item.get("stream"), item.get("next")
+        if kind not in (PTY, CMD):
+            raise BadResume("type must be pty or cmd")
+        if not _whole(stream, 2**32) or not _whole(position, 2**64):
+            raise BadResume("stream and next must be whole numbers in range")
+        positions.append(((str(kind), int(stream)), int(position)))  # type: ignore[arg-type]
+    return positions
+
+
+def parse_client(body: object) -> str:
+    """The C{client} of a RESUME body."""
+    client = body.get("client") if isinstance(body, dict) else None
+    if not isinstance(client, str) or not _CLIENT.fullmatch(client):
+        raise BadResume("client must be 1 to 64 characters of A-Z a-z 0-9 _ -")
+    return client
+
+
+def _whole(value: object, bound: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
+
+
+def positions_body(positions: Iterable[tuple[Key, int]]) -> list[dict[str, object]]:
+    """The JSON list of section 5.7 for C{positions}."""
+    return [{"type": k[0], "stream": k[1], "next": n} for k, n in positions]
+
+
+@attrs.define(slots=True)
+class _Chunk:
+    kind: int
+    position: int
+    data: bytearray
+
+    @property
+    def end(self) -> int:
+        return self.position + len(self.data)
+
+
+@attrs.define
+class ReplayLog:
+    """
+    The sequenced frames of one stream still kept, from position C{start} to
+    C{end}, with what any channel has acknowledged (C{acked}).
+    """
+
+    key: Key
+    peer: int
+    start: int = 0
+    end: int = 0
+    #: The furthest position any channel has acknowledged.
+    acked: int = 0
+    ended: bool = False
+    #: Whether the process's output is left unread because this log is full.
+    held: bool = False
+    _chunks: list[_Chunk] = attrs.field(factory=list)
+    _positions: list[int] = attrs.field(factory=list)
+    #: The index of the first kept chunk (those before it are gone).
+    _head: int = 0
+    #: Bytes counted against the log's size: payloads plus an overhead per chunk.
+    weight: int = 0
+
+    def append(self, kind: int, payload: bytes) -> None:
+        """Keep a frame at the end; output joins the last chunk while it is small."""
+        if not payload:
+            return
+        last = self._chunks[-1] if len(self._chunks) > self._head else None
+        if (
+            last is not None
+            and kind in _OUTPUT
+            and last.kind == kind
+            and len(last.data) + len(payload) <= MAX_CHUNK
+        ):
+            last.data += payload
+        else:
+            self._chunks.append(_Chunk(kind, self.end, bytearray(payload)))
+            self._positions.append(self.end)
+            self.weight += CHUNK_OVERHEAD
+        self.end += len(payload)
+        self.weight += len(payload)
+        if kind in _ENDS:
+            self.ended = True
+
+    def piece(self, position: int, most: int) -> Envelope:
+        """The frame to send from C{position}: the rest of its chunk (output: at most C{most})."""
+        at = bisect.bisect_right(self._positions, position, lo=self._head) - 1
+        chunk = self._chunks[at]
+        offset = position - chunk.position
+        if chunk.kind in _OUTPUT:
+            data = bytes(chunk.data[offset : offset + max(1, most)])
+        else:
+            data = bytes(chunk.data)  # JSON is never cut
+        return Envelope(chunk.kind, self.key[1], chunk.position + offset, self.peer, data)
+
+    def drop_before(self, floor: int, budget: int) -> None:
+        """Drop whole chunks from the start while over C{budget} and they end by C{floor}."""
+        while self.weight > budget and self._head < len(self._chunks):
+            chunk = self._chunks[self._head]
+            if chunk.end > floor:
+                break
+            self._head += 1
+            self.weight -= len(chunk.data) + CHUNK_OVERHEAD
+            self.start = chunk.end
+        if self._head > 64 and self._head * 2 > len(self._chunks):
+            del self._chunks[: self._head], self._positions[: self._head]
+            self._head = 0
+
+
+@attrs.define
+class Follower:
+    """
+    One browser channel: the streams it follows, what was sent to it and what it
+    acknowledged.  A channel without C{client} is a page older than section 5.7:
+    it gets every frame as it comes, with no window.
+    """
+
+    channel: int
+    client: str | None
+    sent: dict[Key, int] = attrs.field(factory=dict)
+    acked: dict[Key, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ReplaySettings:
+    """What the bridge keeps and sends per stream (section 5.7); all in bytes but C{grace}."""
+
+    #: Bytes each stream's log may keep (C{--replay-buffer}).
+    capacity: int = attrs.field(default=8 * 1024 * 1024, validator=attrs.validators.ge(64 * 1024))
+    #: Bytes of a stream in flight to one channel (C{--send-window}).
+    window: int = attrs.field(default=512 * 1024, validator=attrs.validators.ge(4 * 1024))
+    #: Seconds without any page before processes stop (C{--grace-period}); 0: never.
+    grace: float = attrs.field(default=600.0, validator=attrs.validators.ge(0))
+
+
+@attrs.define
+class Outbox:
+    """
+    The replay logs and the channels that follow them (section 5.7).
+
+    @ivar capacity: bytes each log may keep (C{--replay-buffer}).
+    @ivar window: bytes of a stream in flight to one channel (C{--send-window}).
+    @ivar grace: seconds an ended stream's log is kept; 0 keeps it (up to L{MAX_ENDED}).
+    """
+
+    clock: IReactorTime
+    deliver: Callable[[int, Envelope], None]
+    hold: Callable[[Key], None]
+    release: Callable[[Key], None]
+    capacity: int = 8 * 1024 * 1024
+    window: int = 512 * 1024
+    grace: float = 600.0
+    logs: dict[Key, ReplayLog] = attrs.field(factory=dict)
+    followers: dict[int, Follower] = attrs.field(factory=dict)
+    #: Set when the bridge stops: nothing is held back any more, logs only keep their size.
+    letting_go: bool = False
+    _ended: OrderedDict[Key, IDelayedCall | None] = attrs.field(factory=OrderedDict)
+
+    # Streams.
+
+    def open(self, key: Key, peer: int) -> None:
+        """A process starts on C{key}: what an earlier one there left is forgotten."""
+        self.forget(key)
+        self.logs[key] = ReplayLog(key, peer)
+
+    def forget(self, key: Key) -> None:
+        """Forget the log of C{key}, and that any channel follows it."""
+        self.logs.pop(key, None)
+        timer = self._ended.pop(key, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        for follower in self.followers.values():
+            follower.sent.pop(key, None)
+            follower.acked.pop(key, None)
+
+    def publish(self, envelope: Envelope) -> None:
+        """A sequenced frame from a process: keep it, number it and send it where it may go."""
+        key = key_of(envelope)
+        assert key is not None, envelope.kind
+        log = self.logs.get(key)
+        if log is None or log.ended:
+            self.forget(key)
+            log = self.logs[key] = ReplayLog(key, envelope.peer)
+        position = log.end
+        log.append(envelope.kind, envelope.payload)
+        for follower in list(self.followers.values()):
+            if follower.client is None:
+                # Sent as it comes, with no window: counted as delivered.
+                self.deliver(follower.channel, attrs.evolve(envelope, seq=position))
+                log.acked = log.end
+            elif key in follower.sent:
+                self._pump(follower, log)
+        if log.ended:
+            self._keep_ended(key)
+        self._trim(log)
+
+    def _keep_ended(self, key: Key) -> None:
+        timer = None
+        if self.grace > 0:
+            timer = self.clock.callLater(self.grace, self.forget, key)
+        self._ended[key] = timer
+        while len(self._ended) > MAX_ENDED:
+            self.forget(next(iter(self._ended)))
+
+    # Channels.
+
+    def follower(self, channel: int) -> Follower | None:
+        return self.followers.get(channel)
+
+    def legacy(self, channel: int) -> None:
+        """C{channel} sent something before any RESUME: every frame goes to it, as it comes."""
+        self.followers.setdefault(channel, Follower(channel, None))
+
+    def resume(self, channel: int, client: str, streams: list[tuple[Key, int]]) -> list[Key]:
+        """
+        C{channel} follows exactly C{streams}, each from the position given;
+        answers the streams there is no log of.  Call L{flush} once the RESUMED
+        has gone, to send what it is owed.
+        """
+        before = self.followers.get(channel)
+        follower = self.followers[channel] = Follower(channel, client)
+        unknown = []
+        for key, position in streams:
+            log = self.logs.get(key)
+            if log is None:
+                unknown.append(key)
+                continue
+            position = min(position, log.end)
+            follower.sent[key] = follower.acked[key] = position
+            log.acked = max(log.acked, position)
+        if before is not None:
+            self._retrim(before.sent)
+        return unknown
+
+    def subscribe(self, channel: int, key: Key) -> None:
+        """C{channel} started the process on C{key}: it follows it from the start."""
+        follower = self.followers.get(channel)
+        if follower is None or follower.client is None:
+            return
+        follower.sent[key] = follower.acked[key] = 0
+        log = self.logs.get(key)
+        if log is not None:
+            self._pump(follower, log)
+
+    def flush(self, channel: int) -> None:
+        """Send C{channel} what it is owed on every stream it follows."""
+        follower = self.followers.get(channel)
+        if follower is None:
+            return
+        for key in list(follower.sent):
+            log = self.logs.get(key)
+            if log is not None:
+                self._pump(follower, log)
+
+    def ack(self, channel: int, positions: list[tuple[Key, int]]) -> None:
+        """C{channel} has taken in each stream up to its position."""
+        follower = self.followers.get(channel)
+        if follower is None or follower.client is None:
+            return
+        for key, position in positions:
+            log = self.logs.get(key)
+            if log is None or key not in follower.sent:
+                continue
+            position = min(position, follower.sent[key])
+            if position <= follower.acked[key]:
+                continue
+            follower.acked[key] = position
+            log.acked = max(log.acked, position)
+            self._trim(log)
+            self._pump(follower, log)
+
+    def drop(self, channel: int) -> None:
+        """C{channel} is gone."""
+        follower = self.followers.pop(channel, None)
+        if follower is not None:
+            self._retrim(follower.sent)
+
+    def drop_all(self) -> None:
+        """Every channel is gone (the connection to the relay is)."""
+        gone = list(self.followers.values())
+        self.followers.clear()
+        for follower in gone:
+            self._retrim(follower.sent)
+
+    @property
+    def resumed(self) -> int:
+        """How many channels have sent a RESUME."""
+        return sum(1 for f in self.followers.values() if f.client is not None)
+
+    def close(self) -> None:
+        """The bridge has stopped: forget every log (and the timers that would)."""
+        for key in list(self.logs):
+            self.forget(key)
+        for timer in self._ended.values():
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._ended.clear()
+
+    def let_go(self) -> None:
+        """The bridge is stopping: hold nothing back, keep at most each log's size."""
+        self.letting_go = True
+        for log in list(self.logs.values()):
+            self._trim(log)
+
+    # Within.
+
+    def _retrim(self, keys: Iterable[Key]) -> None:
+        for key in list(keys):
+            log = self.logs.get(key)
+            if log is not None:
+                self._trim(log)
+
+    def _pump(self, follower: Follower, log: ReplayLog) -> None:
+        key = log.key
+        sent, acked = follower.sent[key], follower.acked[key]
+        if sent < log.start:
+            gap = {"type": key[0], "stream": key[1], "from": sent, "to": log.start}
+            gap["bytes"] = log.start - sent
+            self.deliver(
+                follower.channel,
+                control(Kind.GAP, gap, stream=key[1], peer=log.peer, seq=log.start),
+            )
+            sent = log.start
+            acked = max(acked, log.start)
+        while sent < log.end and sent - acked < self.window:
+            frame = log.piece(sent, min(MAX_CHUNK, self.window - (sent - acked)))
+            self.deliver(follower.channel, frame)
+            sent = frame.seq + len(frame.payload)
+        follower.sent[key], follower.acked[key] = sent, acked
+
+    def _trim(self, log: ReplayLog) -> None:
+        """Drop what may go while the log is over its size; hold the process while it still is."""
+        following = [
+            f.acked[log.key] for f in self.followers.values() if log.key in f.sent and f.client
+        ]
+        if following:
+            floor = min(following)
+        elif log.key[0] == PTY or self.letting_go:
+            floor = log.end
+        else:
+            floor = log.acked
+        log.drop_before(floor, self.capacity)
+        full = log.weight > self.capacity and not log.ended and not self.letting_go
+        if full and not log.held:
+            log.held = True
+            self.hold(log.key)
+        elif not full and log.held:
+            log.held = False
+            self.release(log.key)
+
+
+@attrs.define
+class InputLedger:
+    """Per page load and stream, the number of the next input frame (section 5.7)."""
+
+    _clients: OrderedDict[str, dict[Key, int]] = attrs.field(factory=OrderedDict)
+
+    def accept(self, client: str, key: Key, seq: int) -> bool:
+        """Whether to act on input frame C{seq}: not if it was acted on already."""
+        streams = self._clients.get(client)
+        if streams is None:
+            streams = self._clients[client] = {}
+            while len(self._clients) > MAX_CLIENTS:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(client)
+        if seq < streams.get(key, 0):
+            return False
+        streams.pop(key, None)
+        streams[key] = seq + 1
+        while len(streams) > MAX_STREAMS_PER_CLIENT:
+            del streams[next(iter(streams))]
+        return True
+
+    def next(self, client: str, key: Key) -> int | None:
+        """The next number expected from C{client} on C{key}; None if none was seen."""
+        return self._clients.get(client, {}).get(key)
+
+    def forget(self, key: Key) -> None:
+        for streams in self._clients.values():
+            streams.pop(key, None)

@@ -1,0 +1,244 @@
+"""Tests for L{coder1_bridge.replay}: replay logs, windows, resume; no I/O, a Clock."""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from coder1_bridge.replay import (
+    CHUNK_OVERHEAD,
+    CMD,
+    PTY,
+    BadResume,
+    InputLedger,
+    Key,
+    Outbox,
+    parse_client,
+    parse_positions,
+)
+from coder1_wire.envelope import Envelope, Kind
+
+TERMINAL: Key = (PTY, 7)
+COMMAND: Key = (CMD, 7)
+
+
+def output(key: Key, data: bytes) -> Envelope:
+    kind = Kind.PTY_OUTPUT if key[0] == PTY else Kind.CMD_STDOUT
+    return Envelope(kind, key[1], 0, 1, data)
+
+
+@attrs.define
+class Harness:
+    """An outbox whose deliveries, holds and releases are recorded."""
+
+    clock: Clock = attrs.field(factory=Clock)
+    sent: list[tuple[int, Envelope]] = attrs.field(factory=list)
+    held: list[Key] = attrs.field(factory=list)
+    outbox: Outbox = attrs.field(init=False)
+
+    def make(self, **settings: float) -> Outbox:
+        self.outbox = Outbox(
+            self.clock,
+            lambda channel, frame: self.sent.append((channel, frame)),
+            self.held.append,
+            self.held.remove,
+            **settings,  # type: ignore[arg-type]
+        )
+        return self.outbox
+
+    def to(self, channel: int) -> list[Envelope]:
+        return [f for c, f in self.sent if c == channel]
+
+    def bytes_to(self, channel: int, key: Key, start: int = 0) -> bytes:
+        """What C{channel} has on C{key} from C{start}: frames taken in by position, as a page."""
+        have, position = b"", start
+        for frame in self.to(channel):
+            if frame.kind == Kind.GAP:
+                position = frame.seq
+                continue
+            if (frame.kind & 0xF0) != (0x20 if key[0] == PTY else 0x10):
+                continue
+            end = frame.seq + len(frame.payload)
+            if end <= position:
+                continue
+            have += frame.payload[position - frame.seq :]
+            position = end
+        return have
+
+
+class OutboxTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_positions_are_bytes(self) -> None:
+        """Sequenced frames are numbered by byte position; small output joins in the log."""
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for piece in (b"ab", b"cde", b"f"):
+            box.publish(output(TERMINAL, piece))
+        self.assertEqual(
+            [(f.seq, f.payload) for f in self.h.to(1)], [(0, b"ab"), (2, b"cde"), (5, b"f")]
+        )
+        self.assertEqual(box.logs[TERMINAL].end, 6)
+        self.assertEqual(box.logs[TERMINAL].piece(1, 100).payload, b"bcdef")
+
+    def test_window(self) -> None:
+        """At most a window is in flight to a channel; its ACK lets the rest come."""
+        box = self.h.make(window=4096)
+        box.open(COMMAND, 1)
+        box.resume(1, "tab", [(COMMAND, 0)])
+        for _ in range(10):
+            box.publish(output(COMMAND, b"x" * 1000))
+        self.assertEqual(len(self.h.bytes_to(1, COMMAND)), 4096)
+        box.ack(1, [(COMMAND, 2000)])
+        self.assertEqual(len(self.h.bytes_to(1, COMMAND)), 6096)
+        box.ack(1, [(COMMAND, 10_000)])  # more than was sent counts as what was
+        self.assertEqual(len(self.h.bytes_to(1, COMMAND)), 10_000)
+
+    def test_resume_sends_the_rest_once(self) -> None:
+        """A channel that resumes from a position gets the rest from there, cut mid-frame."""
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        for piece in (b"hello ", b"world", b"!"):
+            box.publish(output(TERMINAL, piece))
+        box.resume(2, "tab", [(TERMINAL, 3)])
+        box.flush(2)
+        self.assertEqual(self.h.bytes_to(2, TERMINAL, start=3), b"hello world!"[3:])
+        self.assertEqual(self.h.to(2)[0].seq, 3)
+
+    def test_terminal_without_page_drops_oldest(self) -> None:
+        """A terminal nobody follows runs on; its oldest output goes, and a GAP says how much."""
+        box = self.h.make(capacity=64 * 1024)
+        box.open(TERMINAL, 1)
+        for i in range(200):
+            box.publish(output(TERMINAL, bytes([i]) * 1000))
+        self.assertEqual(self.h.held, [])
+        log = box.logs[TERMINAL]
+        self.assertLessEqual(log.weight, 64 * 1024)
+        self.assertGreater(log.start, 0)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.flush(1)
+        gap = self.h.to(1)[0]
+        self.assertEqual((gap.kind, gap.seq), (Kind.GAP, log.start))
+        self.assertEqual(gap.json()["bytes"], log.start)
+        self.assertEqual(self.h.bytes_to(1, TERMINAL)[-1000:], bytes([199]) * 1000)
+        self.assertEqual(len(self.h.bytes_to(1, TERMINAL)), 200_000 - log.start)
+
+    def test_command_without_page_is_held(self) -> None:
+        """A command's output is never dropped: with its log full, the command is held."""
+        box = self.h.make(capacity=64 * 1024)
+        box.open(COMMAND, 1)
+        for _ in range(70):
+            box.publish(output(COMMAND, b"y" * 1000))
+        self.assertEqual(self.h.held, [COMMAND])
+        self.assertEqual(box.logs[COMMAND].start, 0)
+        box.resume(1, "tab", [(COMMAND, 0)])
+        box.flush(1)
+        box.ack(1, [(COMMAND, 70_000)])
+        self.assertEqual(self.h.held, [])
+        self.assertEqual(self.h.bytes_to(1, COMMAND), b"y" * 70_000)
+
+    def test_slow_page_holds_a_terminal(self) -> None:
+        """A page that follows a terminal but does not acknowledge holds it: nothing is dropped."""
+        box = self.h.make(capacity=64 * 1024, window=8 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for _ in range(70):
+            box.publish(output(TERMINAL, b"z" * 1000))
+        self.assertEqual(self.h.held, [TERMINAL])
+        self.assertEqual(box.logs[TERMINAL].start, 0)
+        box.drop(1)  # the page went away: now the terminal may drop its oldest
+        self.assertEqual(self.h.held, [])
+
+    def test_joined_chunks_count_overhead(self) -> None:
+        """Tiny frames cannot hold more than the log's size: each chunk counts an overhead."""
+        box = self.h.make(capacity=64 * 1024)
+        box.open(COMMAND, 1)
+        for i in range(2000):
+            kind = Kind.CMD_STDOUT if i % 2 else Kind.CMD_STDERR
+            box.publish(Envelope(kind, 7, 0, 1, b"."))
+        self.assertEqual(box.logs[COMMAND].weight, 2000 * (1 + CHUNK_OVERHEAD))
+        self.assertEqual(self.h.held, [COMMAND])
+
+    def test_ended_log_forgotten_after_grace(self) -> None:
+        """An ended stream's log is kept for the grace period, for a page that comes back."""
+        box = self.h.make(grace=60)
+        box.open(COMMAND, 1)
+        box.publish(output(COMMAND, b"done"))
+        box.publish(Envelope(Kind.CMD_EXIT, 7, 0, 1, b'{"exit_code":0}'))
+        self.h.clock.advance(59)
+        self.assertIn(COMMAND, box.logs)
+        self.h.clock.advance(1)
+        self.assertNotIn(COMMAND, box.logs)
+        self.assertEqual(box.resume(1, "tab", [(COMMAND, 0)]), [COMMAND])
+
+    def test_old_page_gets_everything_live(self) -> None:
+        """A channel that never resumed gets every frame as it comes, counted as delivered."""
+        box = self.h.make(capacity=64 * 1024)
+        box.open(COMMAND, 1)
+        box.legacy(3)
+        for _ in range(100):
+            box.publish(output(COMMAND, b"q" * 1000))
+        self.assertEqual(self.h.held, [])
+        self.assertEqual(self.h.bytes_to(3, COMMAND), b"q" * 100_000)
+
+    def test_unfollowed_streams_not_sent(self) -> None:
+        """A channel gets only the streams its RESUME lists; a later RESUME can leave one out."""
+        box = self.h.make()
+        other: Key = (PTY, 8)
+        box.open(TERMINAL, 1)
+        box.open(other, 1)
+        box.resume(1, "tab", [(TERMINAL, 0), (other, 0)])
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.publish(output(other, b"not for you"))
+        box.publish(output(TERMINAL, b"yours"))
+        self.assertEqual([f.payload for f in self.h.to(1)], [b"yours"])
+
+    def test_close_leaves_no_timer(self) -> None:
+        """Closing the outbox forgets the ended logs and cancels their timers."""
+        box = self.h.make(grace=60)
+        box.open(COMMAND, 1)
+        box.publish(Envelope(Kind.CMD_EXIT, 7, 0, 1, b"{}"))
+        box.close()
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
+        self.assertEqual(box.logs, {})
+
+
+class InputLedgerTests(SynchronousTestCase):
+    def test_duplicates_refused(self) -> None:
+        """A frame numbered below the next expected one is a duplicate; numbers are per client."""
+        ledger = InputLedger()
+        self.assertTrue(ledger.accept("a", TERMINAL, 0))
+        self.assertTrue(ledger.accept("a", TERMINAL, 1))
+        self.assertFalse(ledger.accept("a", TERMINAL, 1))
+        self.assertFalse(ledger.accept("a", TERMINAL, 0))
+        self.assertTrue(ledger.accept("b", TERMINAL, 0))
+        self.assertEqual(ledger.next("a", TERMINAL), 2)
+        self.assertIsNone(ledger.next("a", COMMAND))
+
+
+class ParseTests(SynchronousTestCase):
+    def test_positions(self) -> None:
+        """A RESUME's streams parse; wrong types, ranges and sizes are refused."""
+        good = {"streams": [{"type": "pty", "stream": 1, "next": 5}]}
+        self.assertEqual(parse_positions(good, "streams"), [((PTY, 1), 5)])
+        bad: object
+        for bad in (
+            [],
+            {"streams": {}},
+            {"streams": [{"type": "tty", "stream": 1, "next": 0}]},
+            {"streams": [{"type": "pty", "stream": -1, "next": 0}]},
+            {"streams": [{"type": "pty", "stream": 1, "next": 2**64}]},
+            {"streams": [{"type": "pty", "stream": True, "next": 0}]},
+            {"streams": [1]},
+            {"streams": [{"type": "pty", "stream": 1, "next": 0}] * 257},
+        ):
+            self.assertRaises(BadResume, parse_positions, bad, "streams")
+
+    def test_client(self) -> None:
+        """A client id is 1 to 64 URL-safe characters."""
+        self.assertEqual(parse_client({"client": "Ab_-9"}), "Ab_-9")
+        for bad in ({}, {"client": ""}, {"client": "x" * 65}, {"client": "a b"}, {"client": 3}):
+            self.assertRaises(BadResume, parse_client, bad)
