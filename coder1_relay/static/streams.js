@@ -124,7 +124,11 @@ export class Acknowledger {
    * @param send  (body) => boolean: send one ACK with `{streams}`; false if it cannot go now
    * @param delay milliseconds, see ACK_DELAY
    */
-  constructor(send, { delay = ACK_DELAY, setTimer = setTimeout, clearTimer = clearTimeout } = {}) {
+  constructor(send, {
+    delay = ACK_DELAY,
+    setTimer = (callback, ms) => setTimeout(callback, ms), // not bare: a browser wants `window` as this
+    clearTimer = (id) => clearTimeout(id),
+  } = {}) {
     Object.assign(this, { send, delay, setTimer, clearTimer });
     this.window = DEFAULT_WINDOW;
     this.streams = new Map(); // key -> OutputStream followed on the current channel
