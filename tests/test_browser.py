@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -31,10 +32,11 @@ from coder1_relay.websocket import IDEProtocol
 from coder1_wire.e2e import Identity, b64u
 from coder1_wire.envelope import HEADER_SIZE, Kind, control
 
-from .loopback import reactor, settle, start_relay, stop_all
+from .loopback import crash_relay, reactor, settle, start_relay, stop_all
 from .test_cli import Collect, spawn
 
 T = TypeVar("T")
+_log = Logger()
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 BRIDGE = os.path.join(os.path.dirname(sys.executable), "coder1-bridge")
@@ -196,7 +198,8 @@ class BrowserTests(TestCase):
         + Terminal stays disabled); once they do, it opens a channel to it.
         """
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        self.relay = relay = await start_relay(FilePath(self.mktemp()))
+        self.state_dir = FilePath(self.mktemp())
+        self.relay = relay = await start_relay(self.state_dir)
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
         self.url = url = relay.context.public_url
         self.ca = ca = FilePath(self.mktemp())
@@ -459,9 +462,11 @@ class BrowserTests(TestCase):
         A relay that alters a frame on its way to the page is caught: the page shows the
         verdict and writes nothing of that frame to the terminal. The channel survives the
         refused frame itself (junk cannot end it), but the gap it leaves in the bridge's frames
-        does: the page starts a new channel, shows nothing of the frames it could not open, and
-        the terminal works again. A relay that then names another key for the bridge gets the
-        bridge marked "key changed", and the page sends it nothing.
+        does: the page starts a new channel and resumes it from the last byte it took in, so
+        the bridge sends the genuine output again, and it shows up once (nothing of the altered
+        frame, nothing lost, nothing twice); the terminal works on. A relay that then names
+        another key for the bridge gets the bridge marked "key changed", and the page sends it
+        nothing.
         """
         relay, page = await self.paired_page("tamper-")
         await page.wait(
@@ -499,7 +504,8 @@ class BrowserTests(TestCase):
         self.assertIn("Starting a new secure channel", banner[1])
         await page.type("echo after-$((4*4))\n")
         screen = await page.wait_screen(r"^after-16", "the terminal working on the new channel")
-        self.assertNotRegex(screen, r"(?m)^tamper-9")
+        self.assertEqual(len(re.findall(r"(?m)^tamper-9\s*$", screen)), 1, screen)
+        self.assertEqual(screen.count("echo tamper-$((3*3))"), 1, screen)
         await page.shot("tamper-06-recovered")
 
         peer, since = await page.js(
@@ -625,6 +631,111 @@ class BrowserTests(TestCase):
             what="the verified bridge after a reload",
         )
         self.assertFalse(await page.js("return document.querySelector('#pair-dialog').open"))
+
+    async def test_output_and_input_survive_a_relay_crash(self) -> None:
+        """
+        A terminal prints half a million numbered lines (3.9 MB), paced so that the page is
+        still receiving them when the relay is killed (every connection dropped, nothing said);
+        keys typed while it is down wait in the page; the relay starts again on the same port
+        and state dir. The page reconnects by itself, makes a new channel and resumes: in the
+        end the terminal has every line exactly once and in order (nothing dropped, nothing
+        twice, no GAP), and the keys typed during the outage run exactly once.
+        """
+        relay, page = await self.paired_page("resume-")
+        await page.wait(
+            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
+        )
+        await page.click("#new-terminal")
+        await page.wait_screen(r"[$#] *$", "a shell prompt")
+        # Everything written to the terminal, in order, as text.
+        await page.js(
+            "const tab = window.coder1.current; const decoder = new TextDecoder();"
+            "const write = tab.term.write.bind(tab.term); tab.captured = [];"
+            "tab.term.write = (data, callback) => {"
+            " tab.captured.push(typeof data === 'string' ? data"
+            "  : decoder.decode(data, { stream: true }));"
+            " write(data, callback); };"
+        )
+        batches, per_batch = 100, 5000
+        lines = batches * per_batch
+        total = sum(len(f"{i}\r\n") for i in range(1, lines + 1))
+        # No echo while it runs: keys typed meanwhile must not land between the numbers.
+        command = (
+            f"stty -echo; for i in $(seq 0 {batches - 1}); do"
+            f" seq $((i*{per_batch}+1)) $((i*{per_batch}+{per_batch})); sleep 0.03; done;"
+            " stty echo; echo done-$((6*7))"
+        )
+        await page.js("window.coder1.current.term.paste(arguments[0])", command)
+        await page.type("\n")
+        tab = "window.coder1.current"
+        before = await page.wait(
+            f"const n = {tab}.written; return n > 1200000 && n;",
+            what="the numbers to start arriving",
+            timeout=60,
+        )
+
+        port = relay.port.getHost().port  # type: ignore[union-attr]
+        crashed = reactor.seconds()
+        await crash_relay(relay)
+        at_crash = await page.js(f"return {tab}.written")
+        await page.wait(
+            "return document.querySelector('#connection-state').dataset.state !== 'connected'",
+            what="the page to see the relay gone",
+        )
+        await page.type("echo typed-$((7*6))\n")
+        await page.shot("resume-05-outage")
+        await deferLater(reactor, 3.0)
+        during = await page.js(f"return {tab}.written")
+        self.relay = await start_relay(self.state_dir, listen=f"tcp:{port}:interface=127.0.0.1")
+        restarted = reactor.seconds()
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
+
+        await page.wait(
+            "return document.querySelector('.bridge[data-e2e=\"secure\"]')",
+            what="a new channel through the restarted relay",
+            timeout=60,
+        )
+        resumed = reactor.seconds()
+        await page.wait(
+            f"return /[\\r\\n]typed-42\\r\\n/.test({tab}.captured.join(''))",
+            what="every line, then the keys typed during the outage",
+            timeout=120,
+        )
+        await page.shot("resume-06-resumed")
+        found = await page.js(
+            f"const tab = {tab}; const text = tab.captured.join('');"
+            "let expected = '';"
+            "for (let i = 1; i <= arguments[0]; i += 1) expected += `${i}\\r\\n`;"
+            # Bash ends bracketed paste (ESC [?2004l CR) before it runs a line.
+            "const start = text.search(/[\\r\\n]1\\r\\n2\\r\\n3\\r\\n/) + 1;"
+            "const count = (s) => text.split(s).length - 1;"
+            "return {start, whole: text.substr(start, expected.length) === expected,"
+            " after: text.substr(start + expected.length, 9),"
+            " last: count(`\\n${arguments[0]}\\r\\n`),"
+            " typed: (text.match(/[\\r\\n]typed-42\\r\\n/g) || []).length,"
+            " gap: text.includes('of output were dropped'),"
+            " unsent: text.includes('of input were not sent'),"
+            " written: tab.written, next: tab.output.next,"
+            " screen: tab.element.querySelector('.xterm-rows').innerText};",
+            lines,
+        )
+        self.assertGreater(found["start"], 0, found["screen"])
+        self.assertTrue(found["whole"], "the numbers are not all there, once and in order")
+        self.assertEqual(found["after"], "done-42\r\n")
+        self.assertEqual((found["last"], found["typed"]), (1, 1))
+        self.assertFalse(found["gap"], "the page reported output as dropped")
+        self.assertFalse(found["unsent"], "the page reported input as not sent")
+        self.assertGreaterEqual(found["written"], total)
+        self.assertRegex(found["screen"], rf"(?m)^{lines - 1}\s*\n{lines}\s*\ndone-42")
+        self.assertLess(at_crash, total, "the relay went down after the page had everything")
+        self.assertTrue(await page.js("return document.querySelector('#e2e-error').hidden"))
+        _log.info(
+            "{summary}",
+            summary=f"resume: {lines} lines, {total} bytes of numbers; {before} bytes written when"
+            f" the crash began, {at_crash} after it, {during} during the outage; relay down"
+            f" {restarted - crashed:.1f} s, secure again {resumed - restarted:.1f} s later;"
+            f" {found['written']} bytes of output written in all, position {found['next']}",
+        )
 
     async def assert_encrypted(self, page: Page, canary: str) -> None:
         """
