@@ -49,10 +49,19 @@ others hold it; a congested connection's waits only until it drains, which
 counts as hearing from it.  So only a connection that stays congested for
 C{heartbeat_timeout} (a tab that stopped reading altogether) is closed for
 silence, and the rest of its session goes on.
+
+The hot path: an end-to-end frame is routed on its header alone, read in
+place (no L{Envelope}, no copy of the payload), and the very bytes that
+arrived are sent on.  Hearing a frame only notes the time: each connection
+has one timer, which pings every C{heartbeat_interval} and, when it fires,
+compares the time last heard with C{heartbeat_timeout} (a timer is not moved
+per frame).
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any, Protocol
 
 import attrs
@@ -64,6 +73,11 @@ from coder1_relay.store import BridgeRecord, IRelayStore, Presence
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
 from coder1_wire.envelope import (
+    FIRST_END_TO_END,
+    HEADER_SIZE,
+    LAST_END_TO_END,
+    TO_BROWSER_BIT,
+    WIRE_VERSION,
     Envelope,
     EnvelopeError,
     Kind,
@@ -72,7 +86,14 @@ from coder1_wire.envelope import (
     is_end_to_end,
     is_to_browser,
 )
-from coder1_wire.heartbeat import Heartbeat
+
+#: What routing reads of the 20-byte header: version, kind, flags, peer, stream (not seq).
+_ROUTING = struct.Struct("!BBHII")
+_NO_BRIDGES: dict[int, Endpoint] = {}
+_NO_IDES: frozenset[Endpoint] = frozenset()
+#: Plain ints: comparing with an IntEnum member costs a call.
+_CMD_START, _CMD_EXIT = int(Kind.CMD_START), int(Kind.CMD_EXIT)
+_PING, _PONG = Envelope(Kind.PING).encode(), Envelope(Kind.PONG).encode()
 
 
 class Link(Protocol):
@@ -131,7 +152,12 @@ class Endpoint:
     peer: int  # 0 for a browser
     counted: bool
     connection_id: str
-    heartbeat: Heartbeat | None = None
+    #: When anything last arrived from it (or it drained, or was released).
+    heard: float = 0.0
+    #: When it is next pinged.
+    next_ping: float = math.inf
+    #: Its heartbeat: one timer that pings it and checks C{heard}; None once detached.
+    watch: IDelayedCall | None = None
     expiry: IDelayedCall | None = None
     last_exit: int | None = None
     #: Stops and starts reading its connection; without one, holds are only counted.
@@ -164,8 +190,7 @@ class Endpoint:
         self.holds.discard(reason)
         if not self.holds:
             # Unheard only because unread: its silence starts now.
-            if self.heartbeat is not None:
-                self.heartbeat.feed()
+            self.heard = self.hub.clock.seconds()
             if self.reader is not None:
                 self.reader.resume_reading()
 
@@ -182,8 +207,7 @@ class Endpoint:
 
     def receive(self, frame: bytes) -> None:
         """A binary message arrived on this connection."""
-        if self.heartbeat is not None:
-            self.heartbeat.feed()
+        self.heard = self.hub.clock.seconds()
         self.hub.route(self, frame)
 
     def send(self, envelope: Envelope) -> None:
@@ -204,16 +228,21 @@ class Hub:
     _ides: dict[str, set[Endpoint]] = attrs.field(factory=dict)
     _bridges: dict[str, dict[int, Endpoint]] = attrs.field(factory=dict)
     log: Logger = attrs.field(factory=Logger, init=False)
+    #: Whether a subclass overrides L{_from_ide} or L{_from_bridge}: it gets
+    #: every frame decoded, through them.
+    _envelope_hooks: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        hub = type(self)
+        self._envelope_hooks = (
+            hub._from_ide is not Hub._from_ide or hub._from_bridge is not Hub._from_bridge
+        )
 
     def _start(self, endpoint: Endpoint) -> None:
-        endpoint.heartbeat = Heartbeat(
-            self.clock,
-            self.settings.heartbeat_interval,
-            self.settings.heartbeat_timeout,
-            ping=lambda: endpoint.send(Envelope(Kind.PING)),
-            on_timeout=lambda: self._silent(endpoint),
-        )
-        endpoint.heartbeat.start()
+        now = self.clock.seconds()
+        endpoint.heard = now
+        endpoint.next_ping = now + self.settings.heartbeat_interval
+        self._rewatch(endpoint, now)
         for other in self._facing(endpoint):
             if other.congested:
                 endpoint.hold(other)
@@ -279,10 +308,11 @@ class Hub:
 
     def detach(self, endpoint: Endpoint) -> None:
         """A connection closed (or was replaced); forget it.  Idempotent."""
-        if endpoint.heartbeat is None:
+        if endpoint.watch is None:
             return
-        endpoint.heartbeat.stop()
-        endpoint.heartbeat = None
+        if endpoint.watch.active():
+            endpoint.watch.cancel()
+        endpoint.watch = None
         if endpoint.expiry is not None and endpoint.expiry.active():
             endpoint.expiry.cancel()
         if endpoint.counted:
@@ -313,7 +343,7 @@ class Hub:
         More than C{send_buffer} bytes wait to go out to C{endpoint}: stop
         reading it and the other side of its session until they have gone.
         """
-        if endpoint.congested or endpoint.heartbeat is None:  # or it is detached
+        if endpoint.congested or endpoint.watch is None:  # or it is detached
             return
         endpoint.congested = True
         endpoint.hold(endpoint)
@@ -335,18 +365,34 @@ class Hub:
             return list(self._ides.get(endpoint.session, ()))
         return list(self._bridges.get(endpoint.session, {}).values())
 
-    def _silent(self, endpoint: Endpoint) -> None:
-        """
-        Nothing heard from C{endpoint} for C{heartbeat_timeout}: close it,
-        unless the relay has not been reading it for another's sake (or its
-        rate); then it is given another C{heartbeat_timeout}.
-        """
-        if endpoint.heartbeat is None:
+    def _rewatch(self, endpoint: Endpoint, now: float) -> None:
+        """Set its timer for its next ping or the end of its allowed silence."""
+        due = min(endpoint.next_ping, endpoint.heard + self.settings.heartbeat_timeout)
+        endpoint.watch = self.clock.callLater(max(0.0, due - now), self._heartbeat, endpoint)
+
+    def _heartbeat(self, endpoint: Endpoint) -> None:
+        """Its timer: close it if silent too long (L{_silent}), ping it when due."""
+        now = self.clock.seconds()
+        if now >= endpoint.heard + self.settings.heartbeat_timeout and self._silent(endpoint):
+            # Its timer stays stopped; detach() (on close) forgets the rest.
+            endpoint.close(closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
             return
+        if now >= endpoint.next_ping:
+            endpoint.next_ping = now + self.settings.heartbeat_interval
+            endpoint.link.send(_PING)
+        if endpoint.watch is not None:  # not detached by what the ping set off
+            self._rewatch(endpoint, now)
+
+    def _silent(self, endpoint: Endpoint) -> bool:
+        """
+        Nothing heard from C{endpoint} for C{heartbeat_timeout}: whether to
+        close it.  Not if the relay has not been reading it for another's sake
+        (or its rate); then it is given another C{heartbeat_timeout}.
+        """
         if endpoint.holds - {endpoint}:
-            endpoint.heartbeat.start()
-            return
-        endpoint.close(closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
+            endpoint.heard = self.clock.seconds()
+            return False
+        return True
 
     def paired(self, session: str, record: BridgeRecord) -> None:
         """
@@ -381,7 +427,32 @@ class Hub:
         ]
 
     def route(self, source: Endpoint, frame: bytes) -> None:
-        """Check a frame's envelope and forward it, untouched, to where it belongs."""
+        """
+        Check a frame's envelope and forward it, untouched, to where it belongs.
+
+        End-to-end frames take the fast path: their header is read in place
+        and nothing else.  Everything else (control frames, and every frame
+        that would be refused) goes through L{decode}.
+        """
+        if len(frame) >= HEADER_SIZE:
+            version, kind, flags, peer, stream = _ROUTING.unpack_from(frame)
+            if (
+                version == WIRE_VERSION
+                and not flags
+                and FIRST_END_TO_END <= kind <= LAST_END_TO_END
+            ):
+                if bool(kind & TO_BROWSER_BIT) != source.is_bridge:
+                    source.close(closecodes.PROTOCOL_ERROR, "frame kind travels the other way")
+                elif self._envelope_hooks:
+                    self._checked_route(source, frame)
+                elif source.is_bridge:
+                    self._to_browsers(source, kind, peer, stream, frame)
+                else:
+                    self._to_bridge(source, kind, peer, stream, frame)
+                return
+        self._checked_route(source, frame)
+
+    def _checked_route(self, source: Endpoint, frame: bytes) -> None:
         try:
             envelope = decode(frame)
         except EnvelopeError as e:
@@ -397,39 +468,48 @@ class Hub:
             self._from_ide(source, envelope, frame)
 
     def _from_ide(self, source: Endpoint, envelope: Envelope, frame: bytes) -> None:
-        bridge = self._bridges.get(source.session, {}).get(envelope.peer)
+        """
+        An end-to-end frame from a tab, decoded (the checked path).  A subclass
+        that overrides this (or L{_from_bridge}) gets every frame through it.
+        """
+        self._to_bridge(source, envelope.kind, envelope.peer, envelope.stream, frame)
+
+    def _from_bridge(self, source: Endpoint, envelope: Envelope, frame: bytes) -> None:
+        """An end-to-end frame from a bridge, decoded (see L{_from_ide})."""
+        self._to_browsers(source, envelope.kind, envelope.peer, envelope.stream, frame)
+
+    def _to_bridge(self, source: Endpoint, kind: int, peer: int, stream: int, frame: bytes) -> None:
+        bridge = self._bridges.get(source.session, _NO_BRIDGES).get(peer)
         if bridge is None:
             source.send(
                 control(
                     Kind.ERROR,
                     {"error": "bridge-offline", "message": "that bridge is not connected"},
-                    stream=envelope.stream,
-                    peer=envelope.peer,
+                    stream=stream,
+                    peer=peer,
                 )
             )
             return
-        if envelope.kind == Kind.CMD_START and bridge.counted:
+        if kind == _CMD_START and bridge.counted:
             self.telemetry.command_started()
         bridge.link.send(frame)
 
-    def _from_bridge(self, source: Endpoint, envelope: Envelope, frame: bytes) -> None:
-        if envelope.peer != source.peer:
+    def _to_browsers(
+        self, source: Endpoint, kind: int, peer: int, stream: int, frame: bytes
+    ) -> None:
+        if peer != source.peer:
             source.close(closecodes.PROTOCOL_ERROR, "frame names another bridge")
             return
         # One CMD_EXIT goes out once per browser channel; count the command once.
-        if (
-            envelope.kind == Kind.CMD_EXIT
-            and source.counted
-            and source.last_exit != envelope.stream
-        ):
-            source.last_exit = envelope.stream
+        if kind == _CMD_EXIT and source.counted and source.last_exit != stream:
+            source.last_exit = stream
             self.telemetry.command_completed()
-        for ide in self._ides.get(source.session, ()):
+        for ide in self._ides.get(source.session, _NO_IDES):
             ide.link.send(frame)
 
     def _control(self, source: Endpoint, envelope: Envelope) -> None:
         if envelope.kind == Kind.PING:
-            source.send(Envelope(Kind.PONG))
+            source.link.send(_PONG)
         elif envelope.kind == Kind.PONG:
             pass
         elif envelope.kind == Kind.CRASH and source.is_bridge:

@@ -65,6 +65,7 @@ from .loopback import (
 from .processes import RealProcessTestCase, alive
 from .test_end_to_end import LoopbackTestCase
 from .test_hostile import ws_frame
+from .test_routing import make_hub
 
 _log = Logger()
 
@@ -105,10 +106,7 @@ class HubFlowTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.telemetry = Telemetry(None, self.clock)
-        self.telemetry.startService()
-        self.addCleanup(self.telemetry.stopService)
-        self.hub = Hub(MemoryStore(), self.telemetry, self.clock, HubSettings(15.0, 45.0))
+        self.hub = make_hub(self, self.clock)
 
     def tab(self, session: str = "alice") -> tuple[Endpoint, FakeConnection]:
         connection = FakeConnection()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import attrs
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from coder1_relay.routing import Hub, HubSettings
+from coder1_relay import routing
+from coder1_relay.routing import Endpoint, Hub, HubSettings
 from coder1_relay.store import MemoryStore
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
@@ -34,15 +36,21 @@ class FakeLink:
         return [decode(f).kind for f in self.sent]
 
 
-class HubTests(SynchronousTestCase):
-    """Frames go where their session says, untouched; bad frames close their sender."""
+def make_hub(case: SynchronousTestCase, clock: Clock) -> Hub:
+    """A hub on C{clock}, telemetry in memory (stopped when C{case} ends), 15/45 s heartbeats."""
+    telemetry = Telemetry(None, clock)
+    telemetry.startService()
+    case.addCleanup(telemetry.stopService)
+    return Hub(MemoryStore(), telemetry, clock, HubSettings(15.0, 45.0))
+
+
+class HubCase(SynchronousTestCase):
+    """A hub with one tab and bridge 1 of session alice attached (no tests of its own)."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.telemetry = Telemetry(None, self.clock)
-        self.telemetry.startService()
-        self.addCleanup(self.telemetry.stopService)
-        self.hub = Hub(MemoryStore(), self.telemetry, self.clock, HubSettings(15.0, 45.0))
+        self.hub = make_hub(self, self.clock)
+        self.telemetry = self.hub.telemetry
         self.ide_link, self.bridge_link = FakeLink(), FakeLink()
         self.ide = self.hub.attach_ide("alice", self.ide_link, "c1")
         self.bridge = self.hub.attach_bridge(
@@ -56,6 +64,10 @@ class HubTests(SynchronousTestCase):
             expires_at=3600.0,
             bridge_key="K" * 87,
         )
+
+
+class HubTests(HubCase):
+    """Frames go where their session says, untouched; bad frames close their sender."""
 
     def test_welcome_and_presence(self) -> None:
         """Each party is welcomed; the IDE hears when its bridge arrives."""
@@ -200,3 +212,106 @@ class HubTests(SynchronousTestCase):
         self.bridge.receive(good.encode())
         pending = self.telemetry.snapshot()["pending"]
         self.assertEqual(pending["crash_reports"], 1)  # type: ignore[index]
+
+
+class FastPathTests(HubCase):
+    """End-to-end frames are routed on their header alone; liveness is a timestamp per frame."""
+
+    def timers(self) -> list[IDelayedCall]:
+        return [c for c in self.clock.getDelayedCalls() if "_heartbeat" in repr(c)]
+
+    def test_end_to_end_frames_not_decoded(self) -> None:
+        """
+        An end-to-end frame is forwarded (the same bytes object) without
+        decoding an envelope; control frames still are decoded.
+        """
+        decoded: list[bytes] = []
+
+        def counting_decode(frame: bytes) -> Envelope:
+            decoded.append(frame)
+            return decode(frame)
+
+        self.patch(routing, "decode", counting_decode)
+        big = Envelope(Kind.PTY_INPUT, stream=2, peer=1, payload=b"k" * 65536).encode()
+        self.ide.receive(big)
+        out = Envelope(Kind.PTY_OUTPUT, stream=2, peer=1, payload=b"o").encode()
+        self.bridge.receive(out)
+        self.assertIs(self.bridge_link.sent[-1], big)
+        self.assertIs(self.ide_link.sent[-1], out)
+        self.assertEqual(decoded, [])
+        self.ide.receive(Envelope(Kind.PING).encode())
+        self.assertEqual(len(decoded), 1)
+        self.assertEqual(decode(self.ide_link.sent[-1]).kind, Kind.PONG)
+
+    def test_refusals_unchanged(self) -> None:
+        """Frames the fast path does not take are refused with the checked path's reasons."""
+        cases = [
+            (Envelope(Kind.PTY_OUTPUT, peer=1).encode(), "frame kind travels the other way"),
+            (b"\x01\x21\x00\x01" + bytes(16), "reserved flags set"),
+            (b"\x02\x21" + bytes(18), "unsupported wire version"),
+            (b"\x01\x21" + bytes(17), "frame shorter than the header"),
+        ]
+        for frame, reason in cases:
+            link = FakeLink()
+            self.hub.attach_ide("alice", link, "x").receive(frame)
+            self.assertEqual(link.closed, (closecodes.PROTOCOL_ERROR, reason))
+
+    def test_frames_move_no_timer(self) -> None:
+        """
+        Each connection has one heartbeat timer, and frames do not move it:
+        hearing a frame only notes the time.
+        """
+        self.assertEqual(len(self.timers()), 2)
+        before = {id(c): c.getTime() for c in self.timers()}
+        frame = Envelope(Kind.PTY_INPUT, stream=2, peer=1, payload=b"k").encode()
+        for _ in range(5):
+            self.clock.advance(1)
+            self.ide.receive(frame)
+        self.assertEqual({id(c): c.getTime() for c in self.timers()}, before)
+        self.assertEqual(self.ide.heard, 5.0)
+
+    def test_silence_counts_from_the_last_frame(self) -> None:
+        """
+        A tab last heard at 44 s is pinged every 15 s and closed for silence at
+        89 s, no earlier, though its timer had first come due at 45 s.
+        """
+        self.clock.pump([1.0] * 44)
+        self.ide.receive(Envelope(Kind.PONG).encode())
+        pings_before = self.ide_link.kinds().count(Kind.PING)
+        self.clock.pump([1.0] * 44)  # to 88 s
+        self.assertIsNone(self.ide_link.closed)
+        self.assertEqual(self.ide_link.kinds().count(Kind.PING) - pings_before, 3)  # 45, 60, 75
+        self.clock.advance(1)  # 89 s
+        self.assertEqual(
+            self.ide_link.closed, (closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
+        )
+        self.assertEqual(self.ide_link.kinds().count(Kind.PING) - pings_before, 3)
+
+    def test_subclass_hooks_see_every_frame(self) -> None:
+        """A hub that overrides C{_from_ide} (a tampering test relay) still gets every frame."""
+        seen: list[int] = []
+
+        @attrs.define
+        class Watching(Hub):
+            def _from_ide(self, source: Endpoint, envelope: Envelope, frame: bytes) -> None:
+                seen.append(envelope.kind)
+                super()._from_ide(source, envelope, frame)
+
+        hub = Watching(MemoryStore(), self.telemetry, self.clock)
+        bridge_link = FakeLink()
+        ide = hub.attach_ide("bob", FakeLink(), "c3")
+        hub.attach_bridge(
+            "bob",
+            1,
+            bridge_link,
+            "c4",
+            version="0.1.0",
+            label="l",
+            telemetry=False,
+            expires_at=9e9,
+            bridge_key="K",
+        )
+        frame = Envelope(Kind.PTY_INPUT, stream=1, peer=1).encode()
+        ide.receive(frame)
+        self.assertEqual(seen, [Kind.PTY_INPUT])
+        self.assertIs(bridge_link.sent[-1], frame)
