@@ -74,6 +74,9 @@ from coder1_wire.heartbeat import Heartbeat
 MAX_CHANNELS = 16
 #: Seconds the bridge waits to acknowledge input, so that one INPUT_ACK covers a burst.
 INPUT_ACK_DELAY = 0.05
+#: Seconds a channel may hold a stream without acknowledging anything before the
+#: bridge takes it for gone and ends it (its tab, if alive, makes a new one and resumes).
+SILENT_CHANNEL = 60.0
 #: How Autobahn reports a handshake the relay refused for the token (401), in onClose's reason.
 _REFUSED = re.compile(r'upgrade failed \[401\]: ([^"]*)')
 _COMMAND_KINDS = frozenset({Kind.CMD_START, Kind.CMD_STDIN, Kind.CMD_CANCEL})
@@ -131,13 +134,15 @@ class BridgeSession:
     _input_ack_timer: IDelayedCall | None = attrs.field(default=None, init=False)
     #: Stops every process once no tab has had a channel for the grace period.
     _grace_timer: IDelayedCall | None = attrs.field(default=None, init=False)
+    #: Looks for silent channels while a replay log is held.
+    _silence_timer: IDelayedCall | None = attrs.field(default=None, init=False)
     log: Logger = attrs.field(factory=Logger, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(
             self.clock,
             self._deliver,
-            lambda key: self._manager(key).hold(key[1]),
+            self._hold,
             lambda key: self._manager(key).release(key[1]),
             capacity=self.replay.capacity,
             window=self.replay.window,
@@ -146,6 +151,21 @@ class BridgeSession:
 
     def _manager(self, key: Key) -> ProcessManager[Any, Any, Any]:
         return self.terminals if key[0] == PTY else self.runner
+
+    def _hold(self, key: Key) -> None:
+        """A replay log is full: pause its process, and look for silent channels in a while."""
+        self._manager(key).hold(key[1])
+        if self._silence_timer is None:
+            self._silence_timer = self.clock.callLater(SILENT_CHANNEL, self._end_silent)
+
+    def _end_silent(self) -> None:
+        self._silence_timer = None
+        for number in self.outbox.silent(SILENT_CHANNEL):
+            self.log.info("ended a channel silent for {age} s", age=SILENT_CHANNEL)
+            self._drop_channel(number)
+            self._key_error(number, "no-channel", "silent too long; offer a key again")
+        if any(log.held for log in self.outbox.logs.values()):
+            self._silence_timer = self.clock.callLater(SILENT_CHANNEL, self._end_silent)
 
     def attach(self, link: Link) -> None:
         """A connection to the relay is open."""
@@ -198,6 +218,9 @@ class BridgeSession:
         """The bridge has stopped: no timer of the session's is left."""
         self.outbox.close()
         self._cancel_grace()
+        if self._silence_timer is not None and self._silence_timer.active():
+            self._silence_timer.cancel()
+        self._silence_timer = None
         if self._input_ack_timer is not None and self._input_ack_timer.active():
             self._input_ack_timer.cancel()
         self._input_ack_timer = None
@@ -417,6 +440,10 @@ class BridgeSession:
         except (BadResume, EnvelopeError) as e:
             self.log.warn("ignored a malformed RESUME: {reason}", reason=str(e))
             return
+        # A page load keeps one channel per bridge: its earlier ones are gone.
+        for earlier in self.outbox.of_client(client):
+            if earlier != number:
+                self._drop_channel(earlier)
         unknown = self.outbox.resume(number, client, streams)
         known = [k for k, _ in streams if k not in unknown]
         answer = {

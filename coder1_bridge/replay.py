@@ -215,6 +215,13 @@ class Follower:
     client: str | None
     sent: dict[Key, int] = attrs.field(factory=dict)
     acked: dict[Key, int] = attrs.field(factory=dict)
+    #: When it last took something in (or resumed), by the outbox's clock.
+    heard: float = 0.0
+
+    @property
+    def owing(self) -> bool:
+        """Whether something sent to it is not acknowledged yet."""
+        return any(self.sent[k] > self.acked[k] for k in self.sent)
 
 
 @attrs.frozen
@@ -314,7 +321,7 @@ class Outbox:
         has gone, to send what it is owed.
         """
         before = self.followers.get(channel)
-        follower = self.followers[channel] = Follower(channel, client)
+        follower = self.followers[channel] = Follower(channel, client, heard=self.clock.seconds())
         unknown = []
         for key, position in streams:
             log = self.logs.get(key)
@@ -361,6 +368,7 @@ class Outbox:
             if position <= follower.acked[key]:
                 continue
             follower.acked[key] = position
+            follower.heard = self.clock.seconds()
             log.acked = max(log.acked, position)
             self._trim(log)
             self._pump(follower, log)
@@ -377,6 +385,27 @@ class Outbox:
         self.followers.clear()
         for follower in gone:
             self._retrim(follower.sent)
+
+    def silent(self, age: float) -> list[int]:
+        """
+        The channels owed an acknowledgement that have not taken anything in for
+        C{age} seconds while a log they follow is held: tabs that are gone
+        without a word (the relay does not tell the bridge) or hung.
+        """
+        now = self.clock.seconds()
+        held = {key for key, log in self.logs.items() if log.held}
+        return [
+            f.channel
+            for f in self.followers.values()
+            if f.client is not None
+            and f.owing
+            and now - f.heard >= age
+            and any(key in held for key in f.sent)
+        ]
+
+    def of_client(self, client: str) -> list[int]:
+        """The channels that resumed as C{client}."""
+        return [f.channel for f in self.followers.values() if f.client == client]
 
     @property
     def resumed(self) -> int:

@@ -282,10 +282,17 @@ class Browser:
         return "; ".join(f"{c.name}={c.value}" for c in self.cookies)
 
     async def connect_ide(
-        self, origin: str | None = None, *, handshake: bool = True
+        self,
+        origin: str | None = None,
+        *,
+        handshake: bool = True,
+        connection: IDEConnection | None = None,
     ) -> IDEConnection:
-        """Open the IDE WebSocket with this browser's cookie (and channels to its bridges)."""
-        connection = IDEConnection(self.identity)
+        """
+        Open the IDE WebSocket with this browser's cookie (and channels to its
+        bridges), as C{connection} if given (a subclass that handles frames its way).
+        """
+        connection = connection or IDEConnection(self.identity)
         factory = IDEClientFactory(
             self.url.replace("https", "wss", 1) + "/ws/ide",
             connection,

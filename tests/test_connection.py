@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge.commands import CommandRunner
-from coder1_bridge.connection import MAX_CHANNELS, BridgeSession
+from coder1_bridge.connection import MAX_CHANNELS, SILENT_CHANNEL, BridgeSession
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
 from coder1_wire.e2e import Identity, Initiator, SecureChannel
@@ -183,6 +183,36 @@ class BridgeSessionTests(SynchronousTestCase):
         ack = channel.open(link.sent[-1])
         self.assertEqual(ack.kind, Kind.INPUT_ACK)
         self.assertEqual(ack.json(), {"input": [{"type": "pty", "stream": 5, "next": 4}]})
+
+    def test_silent_channel_ended(self) -> None:
+        """
+        A channel that holds a stream without acknowledging anything for a minute
+        is taken for gone (the relay does not tell the bridge when a tab goes):
+        it is ended with KEY_ERROR no-channel, and the stream is no longer held.
+        """
+        session, link, clock, _ = self.make()
+        session.outbox.capacity = 64 * 1024
+        channel = self.channel(session, link)
+        session.outbox.open(("cmd", 1), 1)
+        body = {"client": "tab", "streams": [{"type": "cmd", "stream": 1, "next": 0}]}
+        session.receive(channel.seal(control(Kind.RESUME, body, peer=1)).encode())
+        for _ in range(70):
+            session.send(Envelope(Kind.CMD_STDOUT, stream=1, peer=1, payload=b"x" * 1000))
+        self.assertTrue(session.outbox.logs[("cmd", 1)].held)
+        clock.advance(SILENT_CHANNEL - 1)
+        self.assertIn(channel.channel, session.channels)
+        clock.advance(1)
+        self.assertNotIn(channel.channel, session.channels)
+        self.assertEqual(link.sent[-1].kind, Kind.KEY_ERROR)
+        self.assertEqual(link.sent[-1].json()["error"], "no-channel")
+
+    def test_resume_replaces_the_page_loads_earlier_channel(self) -> None:
+        """A RESUME from a client ends that client's earlier channel: one page load, one channel."""
+        session, link, _, _ = self.make()
+        first, second = self.channel(session, link), self.channel(session, link)
+        self.resume(session, link, first)
+        self.resume(session, link, second)
+        self.assertEqual(list(session.channels), [second.channel])
 
     def test_grace_period(self) -> None:
         """

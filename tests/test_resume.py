@@ -1,0 +1,229 @@
+"""
+Lossless resume end to end (docs/protocol.md, section 5.7): a real relay in a
+process of its own, killed with SIGKILL mid-stream and started again; a real
+bridge; a command printing 50 MB of numbered lines; an IDE client that resumes
+as the page does.  Every line arrives exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from coder1_bridge.replay import CMD, Key, ReplaySettings
+from coder1_bridge.service import BridgeService
+from coder1_wire.envelope import Envelope, Kind, control
+from tests.loopback import (
+    Browser,
+    ChildRelay,
+    IDEConnection,
+    pair_bridge,
+    settle,
+    start_bridge,
+    start_child_relay,
+    stop_all,
+)
+
+#: Lines of `seq 1 LINES`: 6,000,000 lines, 52,888,896 bytes.
+LINES = 6_000_000
+STREAM = 7
+KEY: Key = (CMD, STREAM)
+
+
+def expected_output() -> bytes:
+    return b"".join(b"%d\n" % i for i in range(1, LINES + 1))
+
+
+class _Discard(list[bytes]):
+    """The raw frames: not kept (50 MB of them)."""
+
+    def append(self, item: bytes) -> None:
+        pass
+
+
+@attrs.define
+class _Connection(IDEConnection):
+    """An IDE connection that hands the command's frames to C{sink} and keeps no raw frames."""
+
+    sink: Callable[[IDEConnection, Envelope], bool] | None = None
+
+    def received(self, envelope: Envelope) -> None:
+        if self.sink is None or not self.sink(self, envelope):
+            super().received(envelope)
+
+
+@attrs.define
+class ResumingIDE:
+    """
+    What the IDE page does for one command's output, over any number of IDE
+    connections in turn: take frames in by byte position (dropping what it
+    has), acknowledge, and resume on every new channel.
+    """
+
+    browser: Browser
+    client: str = attrs.field(factory=lambda: secrets.token_urlsafe(12))
+    data: bytearray = attrs.field(factory=bytearray)
+    acked: int = 0
+    window: int = ReplaySettings().window
+    gaps: list[dict[str, Any]] = attrs.field(factory=list)
+    duplicates: int = 0
+    connections: int = 0
+    exit: Deferred[Envelope] = attrs.field(factory=Deferred)
+    progress: list[tuple[int, Deferred[None]]] = attrs.field(factory=list)
+    connection: IDEConnection | None = None
+
+    @property
+    def next(self) -> int:
+        return len(self.data)
+
+    async def connect(self) -> None:
+        """Connect (retrying while the relay is away), open a channel, RESUME."""
+        while True:
+            try:
+                connection = await self.browser.connect_ide(
+                    handshake=False,
+                    connection=_Connection(
+                        self.browser.identity, raw=_Discard(), sink=self._received
+                    ),
+                )
+                break
+            except Exception:
+                await deferLater(reactor, 0.2)
+        self.connection = connection
+        self.connections += 1
+        # The bridge reconnects on its own schedule: wait until the relay lists it.
+        await connection.wait_for(
+            lambda e: e.kind == Kind.PRESENCE and bool(e.json()["bridges"]), timeout=60
+        )
+        await connection.handshake(1)
+        stream = {"type": CMD, "stream": STREAM, "next": self.next}
+        body = {"client": self.client, "streams": [stream]}
+        connection.send(control(Kind.RESUME, body, peer=1))
+
+    def _received(self, connection: IDEConnection, envelope: Envelope) -> bool:
+        """Take in one of the command's frames (True), or leave the frame to the connection."""
+        if envelope.stream != STREAM or envelope.kind not in (
+            Kind.CMD_STDOUT,
+            Kind.CMD_STDERR,
+            Kind.CMD_EXIT,
+            Kind.GAP,
+        ):
+            return False
+        if connection is not self.connection:
+            return True  # a connection already given up
+        if envelope.kind == Kind.GAP:
+            self.gaps.append(envelope.json())
+            return True
+        end = envelope.seq + len(envelope.payload)
+        if end <= self.next:
+            self.duplicates += 1
+            return True
+        assert envelope.seq <= self.next, (envelope.seq, self.next)
+        if envelope.kind == Kind.CMD_EXIT:
+            if not self.exit.called:
+                self.exit.callback(envelope)
+            return True
+        self.data += envelope.payload[self.next - envelope.seq :]
+        if self.next - self.acked >= self.window // 2:
+            self.ack()
+        for reached in [p for p in self.progress if self.next >= p[0]]:
+            self.progress.remove(reached)
+            reached[1].callback(None)
+        return True
+
+    def ack(self) -> None:
+        assert self.connection is not None
+        self.acked = self.next
+        body = {"streams": [{"type": CMD, "stream": STREAM, "next": self.next}]}
+        if self.connection.close_code is None:
+            self.connection.send(control(Kind.ACK, body, peer=1))
+
+    def reached(self, size: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.progress.append((size, d))
+        return d
+
+
+class ChaosTests(TestCase):
+    timeout = 300
+
+    async def start(self) -> tuple[ChildRelay, BridgeService, ResumingIDE]:
+        self.state = FilePath(self.mktemp())
+        relay = await start_child_relay(self.state)
+        self.relays = [relay]
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.relays[-1].child.stop()))
+        browser = Browser(relay.as_service())
+        await browser.open_page()
+        config = await pair_bridge(browser, FilePath(self.mktemp()), _Null())
+        bridge = await start_bridge(config, max_delay=1.0)
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
+        ide = ResumingIDE(browser)
+        await ide.connect()
+        assert ide.connection is not None
+        start = control(Kind.CMD_START, {"argv": ["seq", "1", str(LINES)]}, stream=STREAM, peer=1)
+        ide.connection.send(start)
+        return relay, bridge, ide
+
+    async def kill_relay(self, relay: ChildRelay) -> None:
+        """SIGKILL the relay process, then start it again on the same port and state."""
+        os.kill(relay.pid, signal.SIGKILL)
+        await relay.child.ended
+        listen = f"--listen=tcp:{relay.port.port}:interface=127.0.0.1"
+        self.relays.append(await start_child_relay(self.state, listen))
+
+    async def finish(self, ide: ResumingIDE) -> None:
+        end = await ide.exit.addTimeout(240, reactor)
+        self.assertEqual(end.json()["exit_code"], 0)
+        expected = expected_output()
+        self.assertEqual(ide.gaps, [])
+        self.assertEqual(len(ide.data), len(expected))
+        self.assertEqual(hashlib.sha256(ide.data).digest(), hashlib.sha256(expected).digest())
+
+    async def test_relay_killed_twice(self) -> None:
+        """
+        The relay is SIGKILLed twice during a 50 MB output and started again; the
+        bridge and the IDE reconnect by themselves, the IDE resumes, and ends with
+        every line exactly once, in order (same length, same SHA-256).
+        """
+        relay, _bridge, ide = await self.start()
+        for at in (10_000_000, 30_000_000):
+            await ide.reached(at).addTimeout(120, reactor)
+            await self.kill_relay(self.relays[-1])
+            await ide.connect()
+        await self.finish(ide)
+        self.assertEqual(ide.connections, 3)
+        del relay
+
+    async def test_browser_side_drops_twice(self) -> None:
+        """
+        The IDE's connection is dropped (aborted, no close) twice during a 50 MB
+        output; each time it reconnects and resumes, and ends with every line
+        exactly once, in order.
+        """
+        _relay, _bridge, ide = await self.start()
+        for at in (10_000_000, 30_000_000):
+            await ide.reached(at).addTimeout(120, reactor)
+            assert ide.connection is not None and ide.connection.protocol is not None
+            transport: Any = ide.connection.protocol.transport
+            transport.abortConnection()
+            await ide.connection.lost
+            await ide.connect()
+        await self.finish(ide)
+        self.assertEqual(ide.connections, 3)
+
+
+class _Null:
+    def write(self, text: str) -> None:
+        pass
