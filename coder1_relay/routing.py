@@ -156,9 +156,11 @@ class Endpoint:
     heard: float = 0.0
     #: When it is next pinged.
     next_ping: float = math.inf
-    #: Its heartbeat: one timer that pings it and checks C{heard}; None once detached.
+    #: When its token expires (a bridge's; never for a tab).
+    expires_at: float = math.inf
+    #: Its one timer: pings it, checks C{heard}, and ends it at C{expires_at}; None
+    #: once detached.
     watch: IDelayedCall | None = None
-    expiry: IDelayedCall | None = None
     last_exit: int | None = None
     #: Stops and starts reading its connection; without one, holds are only counted.
     reader: Reader | None = None
@@ -289,15 +291,18 @@ class Hub:
         if old is not None:
             self.detach(old)
             old.close(closecodes.REPLACED, "this bridge connected again elsewhere")
-        endpoint = Endpoint(self, link, session, peer, telemetry, connection_id, reader=reader)
+        endpoint = Endpoint(
+            self,
+            link,
+            session,
+            peer,
+            telemetry,
+            connection_id,
+            expires_at=expires_at,
+            reader=reader,
+        )
         self._bridges.setdefault(session, {})[peer] = endpoint
         self._start(endpoint)
-        endpoint.expiry = self.clock.callLater(
-            max(0.0, expires_at - self.clock.seconds()),
-            lambda: self.disconnect_bridge(
-                session, peer, closecodes.EXPIRED, "token has expired; pair again"
-            ),
-        )
         if telemetry:
             self.telemetry.bridge_version(version)
         presence = Presence(peer, label, version, self.clock.seconds(), bridge_key)
@@ -313,8 +318,6 @@ class Hub:
         if endpoint.watch.active():
             endpoint.watch.cancel()
         endpoint.watch = None
-        if endpoint.expiry is not None and endpoint.expiry.active():
-            endpoint.expiry.cancel()
         if endpoint.counted:
             self.telemetry.connection_closed(endpoint.connection_id)
         # What it held is read again, and so is it, so that it can finish closing.
@@ -367,12 +370,23 @@ class Hub:
 
     def _rewatch(self, endpoint: Endpoint, now: float) -> None:
         """Set its timer for its next ping or the end of its allowed silence."""
-        due = min(endpoint.next_ping, endpoint.heard + self.settings.heartbeat_timeout)
+        due = min(
+            endpoint.next_ping,
+            endpoint.heard + self.settings.heartbeat_timeout,
+            endpoint.expires_at,
+        )
         endpoint.watch = self.clock.callLater(max(0.0, due - now), self._heartbeat, endpoint)
 
     def _heartbeat(self, endpoint: Endpoint) -> None:
-        """Its timer: close it if silent too long (L{_silent}), ping it when due."""
+        """
+        Its timer: end it when its token expires, close it if silent too long
+        (L{_silent}), ping it when due.
+        """
         now = self.clock.seconds()
+        if now >= endpoint.expires_at:
+            self.detach(endpoint)
+            endpoint.close(closecodes.EXPIRED, "token has expired; pair again")
+            return
         if now >= endpoint.heard + self.settings.heartbeat_timeout and self._silent(endpoint):
             # Its timer stays stopped; detach() (on close) forgets the rest.
             endpoint.close(closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")

@@ -38,6 +38,17 @@ _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
 
 
+#: What Autobahn keeps of the opening handshake for the connection's life (read only there).
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_response_data",
+)
+
 #: Not C{log} on the protocols: that would replace Autobahn's own logger, whose
 #: debug messages (dropped by default) include the handshake's token and cookie.
 _log = Logger()
@@ -108,7 +119,14 @@ class _RelayProtocol(WebSocketServerProtocol):
         return bool(super().processData())
 
     def _attached(self, endpoint: Endpoint) -> None:
-        """The hub took this connection: its endpoint now hears about the send buffer."""
+        """
+        The hub took this connection: its endpoint now hears about the send
+        buffer.  What Autobahn kept of the opening handshake (the raw request,
+        its parsed headers, the response: some KB per connection, and the
+        bridge's token or the browser's cookie) is not needed any more.
+        """
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
         self.endpoint = endpoint
         transport: Any = self.transport
         # twisted.web's HTTP channel, still registered, has had no say since the upgrade.
@@ -296,9 +314,10 @@ class BridgeProtocol(_RelayProtocol):
 
     def onOpen(self) -> None:
         assert self._attach is not None
+        attach, self._attach = self._attach, None
         self._attached(
             self.factory.context.hub.attach_bridge(
-                link=self, connection_id=secrets.token_hex(8), reader=self, **self._attach
+                link=self, connection_id=secrets.token_hex(8), reader=self, **attach
             )
         )
 

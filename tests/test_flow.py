@@ -383,6 +383,23 @@ class RelayProtocolTests(SynchronousTestCase):
             self.assertTrue(transport.streaming)
             self.assertEqual(transport.transport.bufferSize, 4096)
 
+    def test_handshake_forgotten_on_open(self) -> None:
+        """
+        Once open, a connection keeps nothing of its opening handshake (the raw
+        request, its headers, the response; for a bridge, what it was admitted
+        with), and frames still flow.
+        """
+        tab, tab_transport = self.open(_AdmittedTab)
+        bridge, _ = self.open(_AdmittedBridge)
+        for protocol in (tab, bridge):
+            self.assertIsNone(protocol.http_request_data)
+            self.assertIsNone(protocol.http_headers)
+            self.assertIsNone(protocol.http_response_data)
+        self.assertIsNone(bridge._attach)
+        frame = Envelope(Kind.CMD_STDOUT, 1, 0, 1, b"out").encode()
+        bridge.dataReceived(ws_frame(0x2, frame))
+        self.assertIn(frame, tab_transport.value())
+
     def test_slow_tab_holds_bridge_frames(self) -> None:
         """
         While the tab's transport has paused its producer, the bridge's socket

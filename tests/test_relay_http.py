@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -676,3 +677,39 @@ class AccelerationTests(TestCase):
 
         self.assertTrue(websocket.USES_NVX)
         self.assertTrue(xormasker.create_xor_masker.__module__.startswith("autobahn.nvx"))
+
+
+class AccessLogTests(TestCase):
+    """The access log: a line per request by default; none with C{access_log=False}."""
+
+    timeout = 30
+
+    async def requests_logged(self, **settings: Any) -> list[str]:
+        """The access-log lines of a page load and a session request to a fresh relay."""
+        lines: list[str] = []
+
+        @implementer(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            text = formatEvent(event)
+            if '"GET /' in text or '"POST /api/' in text:
+                lines.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        relay = await start_relay(FilePath(self.mktemp()), **settings)
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
+        browser = Browser(relay)
+        await browser.open_page()
+        status, _, _ = await browser.request(b"POST", "/api/session", {})
+        self.assertLess(status, 500)
+        return lines
+
+    async def test_on_by_default(self) -> None:
+        """Each request is a line: method and path, nothing of its body."""
+        lines = await self.requests_logged()
+        self.assertTrue(any('"POST /api/session' in line for line in lines), lines)
+
+    async def test_off(self) -> None:
+        """With C{access_log=False} no request is logged."""
+        self.assertEqual(await self.requests_logged(access_log=False), [])

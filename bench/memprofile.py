@@ -1,0 +1,108 @@
+"""
+Benchmark harness only: where an idle paired session's memory goes in the relay.
+
+Runs the relay (the real L{RelayService}, TLS and all) in this process under
+tracemalloc, pairs sessions with the capacity benchmark's client processes
+(L{bench.capacity_worker}), and compares two snapshots: after C{--warm} sessions and
+after C{--warm} + C{--sessions}.  Prints RSS per session, the Python allocations per
+session (what tracemalloc sees) and the lines that allocated most of them.
+
+    python -m bench.memprofile [--sessions 500] [--warm 20] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+from twisted.python.filepath import FilePath
+
+from bench import harness as h
+
+WORKERS = 2
+
+
+async def _main(reactor: Any, options: argparse.Namespace) -> None:
+    from coder1_relay.context import Limits
+    from coder1_relay.service import RelayService, RelaySettings
+
+    tracemalloc.start(options.depth)
+    state = FilePath(tempfile.mkdtemp(prefix="coder1-memprofile-"))
+    unlimited = Limits(
+        messages_per_second=1e6,
+        message_burst=1_000_000,
+        bridge_messages_per_second=1e6,
+        bridge_message_burst=1_000_000,
+    )
+    relay = RelayService(
+        reactor,
+        RelaySettings(listen="tcp:0:interface=127.0.0.1", state_dir=state, limits=unlimited),
+    )
+    relay.startService()
+    address: Any = (await relay.listening).getHost()
+    port = address.port
+    workers = []
+    try:
+        for i in range(WORKERS):
+            argv = [sys.executable, "-m", "bench.capacity_worker", str(port)]
+            argv += [str(Path(state.path, "dev-cert.pem")), str(i * 1_000_000), "4"]
+            worker = h.Process(f"worker{i}", argv, cwd=str(h.ROOT))
+            await worker.wait_for("worker ready", timeout=60)
+            workers.append(worker)
+
+        async def grow(total: int) -> None:
+            for i, worker in enumerate(workers):
+                share = total // WORKERS + (1 if i < total % WORKERS else 0)
+                worker.write(f"grow {share} 600\n".encode())
+            for worker in workers:
+                match = await worker.wait_for(r"held (\d+) (\{.*\})\n", timeout=900)
+                del worker.output[: match.end()]
+            await h.sleep(2.0)
+            gc.collect()
+
+        await grow(options.warm)
+        rss0 = h.memory(h.os.getpid())["rss"]
+        before = tracemalloc.take_snapshot()
+        await grow(options.warm + options.sessions)
+        rss1 = h.memory(h.os.getpid())["rss"]
+        after = tracemalloc.take_snapshot()
+        held = len(relay.context.hub.endpoints()) // 2
+        n = options.sessions
+        stats = after.compare_to(before, "traceback" if options.traceback else "lineno")
+        python = sum(s.size_diff for s in stats)
+        out = sys.stdout
+        out.write(f"sessions held: {held} (grew by {n})\n")
+        out.write(f"RSS per session: {(rss1 - rss0) / n / 1024:.1f} KiB (with tracemalloc)\n")
+        out.write(f"Python allocations per session: {python / n / 1024:.1f} KiB\n\n")
+        for stat in stats[: options.top]:
+            out.write(f"{stat.size_diff / n:8.0f} B/session {stat.count_diff / n:6.1f} blocks\n")
+            for line in stat.traceback.format()[-2 * options.depth :]:
+                out.write(f"    {line}\n")
+    finally:
+        for worker in workers:  # each closes its sessions on "quit", one after the other
+            if worker.running:
+                worker.write(b"quit\n")
+            await worker.stop(grace=30)
+        await relay.stopService()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.memprofile", description=__doc__)
+    p.add_argument("--sessions", type=int, default=500)
+    p.add_argument("--warm", type=int, default=20)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--depth", type=int, default=1, help="frames kept per allocation")
+    p.add_argument("--traceback", action="store_true", help="group by whole traceback")
+    options = p.parse_args()
+    react(lambda reactor: Deferred.fromCoroutine(_main(reactor, options)))
+
+
+if __name__ == "__main__":
+    main()
