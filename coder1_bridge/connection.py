@@ -195,6 +195,7 @@ class BridgeSession:
         if not self.full:
             self.runner.pause_output()
             self.terminals.pause_output()
+            self.outbox.blocked = True
         self.full.append(link)
 
     def resume_output(self, link: Link) -> None:
@@ -203,6 +204,7 @@ class BridgeSession:
             return
         self.full = [f for f in self.full if f is not link]
         if not self.full:
+            self.outbox.unblock()
             self.runner.resume_output()
             self.terminals.resume_output()
 

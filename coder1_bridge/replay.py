@@ -257,6 +257,9 @@ class Outbox:
     followers: dict[int, Follower] = attrs.field(factory=dict)
     #: Set when the bridge stops: nothing is held back any more, logs only keep their size.
     letting_go: bool = False
+    #: Set while the connection to the relay has more queued than it should:
+    #: nothing is sent from the logs until it has sent it (L{unblock}).
+    blocked: bool = False
     _ended: OrderedDict[Key, IDelayedCall | None] = attrs.field(factory=OrderedDict)
 
     # Streams.
@@ -435,7 +438,16 @@ class Outbox:
             if log is not None:
                 self._trim(log)
 
+    def unblock(self) -> None:
+        """The connection has sent what it had queued: send what each channel is owed."""
+        self.blocked = False
+        for channel in list(self.followers):
+            if not self.blocked:
+                self.flush(channel)
+
     def _pump(self, follower: Follower, log: ReplayLog) -> None:
+        if self.blocked:
+            return
         key = log.key
         sent, acked = follower.sent[key], follower.acked[key]
         if sent < log.start:
@@ -447,7 +459,7 @@ class Outbox:
             )
             sent = log.start
             acked = max(acked, log.start)
-        while sent < log.end and sent - acked < self.window:
+        while sent < log.end and sent - acked < self.window and not self.blocked:
             frame = log.piece(sent, min(MAX_CHUNK, self.window - (sent - acked)))
             self.deliver(follower.channel, frame)
             sent = frame.seq + len(frame.payload)

@@ -8,6 +8,7 @@ as the page does.  Every line arrives exactly once, in order.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -227,3 +228,99 @@ class ChaosTests(TestCase):
 class _Null:
     def write(self, text: str) -> None:
         pass
+
+
+@attrs.define
+class _TwoTerminals:
+    """An IDE following two terminals: counts a flood on one, watches for echo on the other."""
+
+    flood_bytes: int = 0
+    acked: int = 0
+    echo: bytes = b""
+    window: int = ReplaySettings().window
+    connection: IDEConnection | None = None
+    waiting: tuple[bytes, Deferred[int]] | None = None
+
+    def take(self, connection: IDEConnection, envelope: Envelope) -> bool:
+        if envelope.kind != Kind.PTY_OUTPUT:
+            return False
+        if envelope.stream == 1:
+            self.flood_bytes += len(envelope.payload)
+            if self.flood_bytes - self.acked >= self.window // 2:
+                self.acked = self.flood_bytes
+                body = {
+                    "streams": [
+                        {"type": "pty", "stream": 1, "next": envelope.seq + len(envelope.payload)}
+                    ]
+                }
+                connection.send(control(Kind.ACK, body, peer=1))
+        elif envelope.stream == 2:
+            self.echo += envelope.payload
+            if self.waiting is not None and self.waiting[0] in self.echo:
+                waiting, self.waiting = self.waiting[1], None
+                waiting.callback(self.flood_bytes)
+        return True
+
+
+#: Bytes of the flood that may arrive between a key and its echo (the median of 20):
+#: about what the bridge's connection queues before it stops sending (64 KiB), and
+#: the relay's, not a send window's worth per stream.
+AHEAD_BOUND = 128 * 1024
+
+
+class FloodTests(TestCase):
+    timeout = 120
+
+    async def test_echo_not_behind_a_flood(self) -> None:
+        """
+        One terminal floods output as fast as it can while keys are typed into
+        another: the flood's bytes that arrive between a key and its echo stay
+        within what the connections queue (L{AHEAD_BOUND}): while its connection
+        to the relay is full, the bridge sends nothing from its replay logs,
+        even within a window.
+        """
+        relay = await start_child_relay(FilePath(self.mktemp()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(relay.child.stop()))
+        browser = Browser(relay.as_service())
+        await browser.open_page()
+        config = await pair_bridge(browser, FilePath(self.mktemp()), _Null())
+        bridge = await start_bridge(config)
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
+        ide = _TwoTerminals()
+        connection = await browser.connect_ide(
+            handshake=False, connection=_Connection(browser.identity, raw=_Discard(), sink=ide.take)
+        )
+        await connection.wait_for(lambda e: e.kind == Kind.PRESENCE and bool(e.json()["bridges"]))
+        await connection.handshake(1)
+        connection.send(control(Kind.RESUME, {"client": "flood", "streams": []}, peer=1))
+        for stream, argv in (
+            (1, ["sh", "-c", "exec cat /dev/zero"]),
+            (2, ["sh", "-c", "stty raw -echo; exec cat"]),
+        ):
+            body = {"cols": 80, "rows": 24, "argv": argv}
+            connection.send(control(Kind.PTY_OPEN, body, stream=stream, peer=1))
+        # A reader slower than the flood (a busy tab): half the time it does not read.
+        assert connection.protocol is not None
+        transport: Any = connection.protocol.transport
+        ticks = itertools.count()
+        throttle = LoopingCall(
+            lambda: transport.pauseProducing() if next(ticks) % 2 else transport.resumeProducing()
+        )
+        throttle.start(0.05)
+        self.addCleanup(lambda: throttle.stop() if throttle.running else None)
+        while ide.flood_bytes < 4 * ide.window:
+            await deferLater(reactor, 0.05)
+        ahead = []
+        for n in range(20):
+            key = b"k%02d" % n
+            ide.waiting = (key, Deferred())
+            before = ide.flood_bytes
+            connection.send(Envelope(Kind.PTY_INPUT, 2, n + 1, 1, key))
+            after = await ide.waiting[1].addTimeout(30, reactor)
+            ahead.append(after - before)
+        ahead.sort()
+        self.assertLessEqual(ahead[len(ahead) // 2], AHEAD_BOUND, ahead)
+        throttle.stop()
+        transport.resumeProducing()
+        await connection.close()
