@@ -112,6 +112,14 @@ class Page:
 
         await self.call(press)
 
+    async def new_terminal(self) -> None:
+        """Once + Terminal is enabled, click it and wait for the new terminal's shell prompt."""
+        await self.wait(
+            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
+        )
+        await self.click("#new-terminal")
+        await self.wait_screen(r"[$#] *$", "a shell prompt")
+
     async def wait_screen(self, pattern: str, what: str) -> str:
         """Wait until the visible terminal shows a line matching C{pattern}."""
         text: str = await self.wait(
@@ -241,7 +249,8 @@ class BrowserTests(TestCase):
         )
         await page.shot(f"{prefix}03-verify")
 
-        self.bridge, _ = self.start_bridge(env)
+        self.bridge_env = env
+        self.bridge, self.bridge_process = self.start_bridge(env)
         await page.wait(
             "return document.querySelector(`.bridge[data-peer='${arguments[0]}']"
             "[data-connected='true']`)",
@@ -359,11 +368,7 @@ class BrowserTests(TestCase):
         bridge.
         """
         _, page = await self.paired_page()
-        await page.wait(
-            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
-        )
-        await page.click("#new-terminal")
-        await page.wait_screen(r"[$#] *$", "a shell prompt")
+        await page.new_terminal()
         await page.type("echo hello-$((6*7))-x\n")
         await page.wait_screen(r"^hello-42-x", "the command's output in the terminal")
         await page.shot("05-output")
@@ -469,11 +474,7 @@ class BrowserTests(TestCase):
         nothing.
         """
         relay, page = await self.paired_page("tamper-")
-        await page.wait(
-            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
-        )
-        await page.click("#new-terminal")
-        await page.wait_screen(r"[$#] *$", "a shell prompt")
+        await page.new_terminal()
         link = "window.coder1.links.get(window.coder1.current.peer)"
         channel = await page.js(f"return {link}.channel.id")
 
@@ -642,11 +643,7 @@ class BrowserTests(TestCase):
         twice, no GAP), and the keys typed during the outage run exactly once.
         """
         relay, page = await self.paired_page("resume-")
-        await page.wait(
-            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal"
-        )
-        await page.click("#new-terminal")
-        await page.wait_screen(r"[$#] *$", "a shell prompt")
+        await page.new_terminal()
         # Everything written to the terminal, in order, as text.
         await page.js(
             "const tab = window.coder1.current; const decoder = new TextDecoder();"
@@ -736,6 +733,80 @@ class BrowserTests(TestCase):
             f" {restarted - crashed:.1f} s, secure again {resumed - restarted:.1f} s later;"
             f" {found['written']} bytes of output written in all, position {found['next']}",
         )
+
+    async def test_a_terminal_its_restarted_bridge_lost_ends(self) -> None:
+        """
+        A terminal works; its bridge is killed (a crash: it cannot end its terminals first)
+        and a new one started from the same config (a bridge restart: its terminals are
+        gone). The page makes a new channel to it and sends RESUME with the tab; the bridge
+        answers RESUMED with the tab's stream as C{unknown}, so the tab ends, saying the
+        terminal is gone, rather than waiting for output that will never come. + Terminal
+        then opens a terminal on the new bridge that works.
+        """
+        _, page = await self.paired_page("gone-")
+        await page.new_terminal()
+        await page.type("echo hi-$((6*7))\n")
+        await page.wait_screen(r"^hi-42", "the command's output in the terminal")
+        tab = await page.js("return window.coder1.current.output.key")
+        peer = await page.js("return window.coder1.current.peer")
+        item = f".bridge[data-peer='{peer}']"
+        await page.shot("gone-05-working")
+
+        # Killed, as a crash or a reboot does: stopped, it would end its terminals first.
+        self.bridge_process.signalProcess("KILL")
+        await self.bridge.ended
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.connected !== 'true'",
+            item,
+            what="the page to see the bridge gone",
+        )
+        self.assertEqual(
+            await page.js("return window.coder1.current.state"),
+            "running",
+            "the tab ended before the bridge came back",
+        )
+        self.bridge, self.bridge_process = self.start_bridge(self.bridge_env)
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.connected === 'true'"
+            " && document.querySelector(arguments[0]).dataset.e2e === 'secure'",
+            item,
+            what="a new channel to the restarted bridge",
+            timeout=60,
+        )
+        await page.wait(
+            "return document.querySelector('.tab[aria-selected=\"true\"]').dataset.state"
+            " === 'exited'",
+            what="the terminal the restarted bridge does not know to end",
+        )
+        screen = await page.wait_screen(
+            r"\[this terminal is gone: its machine's bridge restarted",
+            "the notice that the terminal is gone",
+        )
+        self.assertRegex(screen, r"(?m)^hi-42")
+        self.assertEqual(await page.js("return window.coder1.current.output.key"), tab)
+        await page.shot("gone-06-ended")
+
+        await page.wait(
+            "return !document.querySelector('#new-terminal').disabled", what="+ Terminal again"
+        )
+        await page.click("#new-terminal")
+        await page.wait(
+            "return window.coder1.current.output.key !== arguments[0]",
+            tab,
+            what="a second tab",
+        )
+        await page.wait_screen(r"[$#] *$", "a shell prompt on the restarted bridge")
+        await page.type("echo again-$((6*7))\n")
+        await page.wait_screen(r"^again-42", "the new terminal's output")
+        self.assertEqual(await page.js("return document.querySelectorAll('.tab').length"), 2)
+        self.assertEqual(
+            await page.js("return document.querySelector('.tab').dataset.state"), "exited"
+        )
+        self.assertTrue(
+            await page.js("return document.querySelector('#e2e-error').hidden"),
+            await page.js("return document.querySelector('#e2e-error').textContent"),
+        )
+        await page.shot("gone-07-new-terminal")
 
     async def assert_encrypted(self, page: Page, canary: str) -> None:
         """

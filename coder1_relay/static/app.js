@@ -786,7 +786,14 @@ class App {
     link.resumed = true;
     this.acknowledger(link.peer).setWindow(body.window);
     const expected = positions(body.input);
+    // Streams the bridge has no log of: it restarted, or the terminal ended too long ago.
+    const gone = new Set((Array.isArray(body.unknown) ? body.unknown : [])
+      .filter((u) => u && u.type === "pty").map((u) => `pty:${u.stream}`));
     for (const tab of this.tabsOf(link.peer)) {
+      if (gone.has(tab.output.key) && tab.state !== "exited") {
+        tab.ended("[this terminal is gone: its machine's bridge restarted, or it ended long ago]");
+        continue;
+      }
       const next = expected.get(tab.output.key);
       if (first) tab.resume(next);
       else if (next !== undefined) tab.sender.confirm(next);
