@@ -380,6 +380,8 @@ def relay_supports(feature: str) -> bool:
     """
     if feature == "/api/pair/key":
         return b"post_pair_key" in (TREE / "coder1_relay" / "web.py").read_bytes()
+    if feature == "resume":
+        return b"RESUME = 0x40" in (TREE / "coder1_wire" / "envelope.py").read_bytes()
     return f'"{feature.lstrip("-")}"'.encode() in (TREE / "coder1_relay" / "tap.py").read_bytes()
 
 
@@ -738,6 +740,9 @@ class IDE:
     _answer: Deferred[Envelope] | None = None
     _presence: Deferred[None] = attrs.field(factory=Deferred)
     refused: int = 0
+    #: Whether the bridge resumes (section 5.7): output is then acknowledged.
+    resumed: bool = False
+    acked: dict[tuple[str, int], int] = attrs.field(factory=dict)
 
     def frame(self, raw: bytes) -> None:
         envelope = decode(raw)
@@ -759,6 +764,8 @@ class IDE:
             except IntegrityError:
                 self.refused += 1
                 return
+            if self.resumed:
+                self._acknowledge(envelope)
         if self.on_frame is not None:
             self.on_frame(envelope)
 
@@ -776,11 +783,38 @@ class IDE:
         self.link.send(initiator.offer().encode())
         answer = await with_timeout(self._answer, 30, "KEY_ANSWER")
         self.channel = initiator.accept(answer)
+        if relay_supports("resume"):
+            # As the page does (docs/protocol.md, 5.7): it then acknowledges output.
+            self.resumed = True
+            body = {"client": "bench", "streams": []}
+            self.send(Envelope(Kind.RESUME, 0, 0, peer, json.dumps(body).encode()))
+
+    def _acknowledge(self, envelope: Envelope) -> None:
+        """Acknowledge output every half window, as the page does."""
+        kind = _OUTPUT_TYPES.get(envelope.kind)
+        if kind is None:
+            return
+        key = (kind, envelope.stream)
+        position = envelope.seq + len(envelope.payload)
+        if position - self.acked.get(key, 0) >= RESUME_WINDOW // 2:
+            self.acked[key] = position
+            body = {"streams": [{"type": kind, "stream": envelope.stream, "next": position}]}
+            self.send(Envelope(Kind.ACK, 0, 0, envelope.peer, json.dumps(body).encode()))
 
     def send(self, envelope: Envelope) -> None:
         if self.channel is not None and is_end_to_end(envelope.kind):
             envelope = self.channel.seal(envelope)
         self.link.send(envelope.encode())
+
+
+#: The bridge's default send window; the IDE acknowledges every half of it.
+RESUME_WINDOW = 512 * 1024
+_OUTPUT_TYPES: dict[int, str] = {
+    Kind.PTY_OPENED: "pty",
+    Kind.PTY_OUTPUT: "pty",
+    Kind.CMD_STDOUT: "cmd",
+    Kind.CMD_STDERR: "cmd",
+}
 
 
 async def start_bridge(relay: Relay, pairing: Pairing) -> Process:

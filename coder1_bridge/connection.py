@@ -474,6 +474,25 @@ class BridgeSession:
                 self._watch(float(interval))
         elif kind == Kind.ERROR:
             self.log.warn("the relay reported an error: {error}", error=_error_code(envelope))
+        elif kind == Kind.GONE:
+            self._gone(envelope)
+
+    def _gone(self, envelope: Envelope) -> None:
+        """
+        The relay says a tab's connection is gone: forget the channels it had,
+        so that what they follow is no longer held for them.  (A relay that says
+        so falsely only makes a live tab make a new channel and resume.)
+        """
+        try:
+            channels = envelope.json().get("channels")
+        except (EnvelopeError, AttributeError):
+            channels = None
+        if not isinstance(channels, list):
+            self.log.warn("ignored a malformed GONE")
+            return
+        for number in channels[:64]:
+            if isinstance(number, int) and number in self.channels:
+                self._drop_channel(number)
 
     def report_crash(self, error: BaseException) -> None:
         """Send a content-free crash report, unless telemetry is off."""

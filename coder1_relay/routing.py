@@ -60,6 +60,7 @@ per frame).
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from typing import Any, Protocol
@@ -93,6 +94,9 @@ _NO_BRIDGES: dict[int, Endpoint] = {}
 _NO_IDES: frozenset[Endpoint] = frozenset()
 #: Plain ints: comparing with an IntEnum member costs a call.
 _CMD_START, _CMD_EXIT = int(Kind.CMD_START), int(Kind.CMD_EXIT)
+_KEY_OFFER = int(Kind.KEY_OFFER)
+#: Channels remembered per tab and bridge, to tell the bridge when the tab is gone.
+MAX_OFFERED = 32
 _PING, _PONG = Envelope(Kind.PING).encode(), Envelope(Kind.PONG).encode()
 
 
@@ -169,6 +173,9 @@ class Endpoint:
     #: Why its connection is not read now: the congested endpoints it would
     #: send to (itself included), and L{RATE}.
     holds: set[object] = attrs.field(factory=set)
+    #: A tab's channels, by bridge: the C{channel} of each KEY_OFFER it sent,
+    #: so that the bridge hears (GONE) when the tab's connection is.
+    offered: dict[int, list[int]] = attrs.field(factory=dict)
 
     @property
     def is_bridge(self) -> bool:
@@ -331,6 +338,7 @@ class Hub:
             ides.discard(endpoint)
             if not ides:
                 self._ides.pop(endpoint.session, None)
+            self._gone(endpoint)
             return
         bridges = self._bridges.get(endpoint.session, {})
         if bridges.get(endpoint.peer) is endpoint:
@@ -506,7 +514,31 @@ class Hub:
             return
         if kind == _CMD_START and bridge.counted:
             self.telemetry.command_started()
+        elif kind == _KEY_OFFER:
+            self._offered(source, peer, frame)
         bridge.link.send(frame)
+
+    def _offered(self, source: Endpoint, peer: int, frame: bytes) -> None:
+        """Note the channel a tab's KEY_OFFER names (public, as the offer is)."""
+        try:
+            channel = json.loads(frame[HEADER_SIZE:]).get("channel")
+        except (ValueError, AttributeError):
+            return  # the bridge refuses it
+        if not isinstance(channel, int) or isinstance(channel, bool) or not 0 < channel < 2**32:
+            return
+        channels = source.offered.setdefault(peer, [])
+        if channel not in channels:
+            channels.append(channel)
+            del channels[:-MAX_OFFERED]
+
+    def _gone(self, ide: Endpoint) -> None:
+        """A tab's connection is gone: its bridges forget its channels (GONE)."""
+        bridges = self._bridges.get(ide.session, _NO_BRIDGES)
+        for peer, channels in ide.offered.items():
+            bridge = bridges.get(peer)
+            if bridge is not None:
+                bridge.link.send(control(Kind.GONE, {"channels": channels}, peer=peer).encode())
+        ide.offered = {}
 
     def _to_browsers(
         self, source: Endpoint, kind: int, peer: int, stream: int, frame: bytes

@@ -48,6 +48,8 @@ class Kind(enum.IntEnum):
     PONG = 0x06
     CRASH = 0x07
     PAIRED = 0x08
+    #: relay -> bridge: the IDE connection that offered these channels is gone
+    GONE = 0x09
 
     # end to end, browser -> bridge
     CMD_START = 0x10

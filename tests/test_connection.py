@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
+import hypothesis
+from hypothesis import strategies as st
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -212,6 +215,49 @@ class BridgeSessionTests(SynchronousTestCase):
         first, second = self.channel(session, link), self.channel(session, link)
         self.resume(session, link, first)
         self.resume(session, link, second)
+        self.assertEqual(list(session.channels), [second.channel])
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(
+        kind=st.sampled_from([Kind.RESUME, Kind.ACK]),
+        body=st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["client", "streams", "type", "stream", "next", "x"]),
+                    inner,
+                    max_size=5,
+                )
+            ),
+            max_leaves=20,
+        ),
+    )
+    def test_malformed_resume_and_ack(self, kind: Kind, body: object) -> None:
+        """
+        RESUME and ACK bodies of any shape (JSON of any type, wrong keys, values
+        out of range) never raise out of the session: a bad one is ignored, and
+        the channel goes on (a PTY_LIST still gets its listing).
+        """
+        session, link, _, _ = self.make()
+        channel = self.channel(session, link)
+        payload = json.dumps(body).encode()
+        before = len(link.sent)
+        session.receive(channel.seal(Envelope(kind, 0, 0, 1, payload)).encode())
+        session.receive(channel.seal(Envelope(Kind.PTY_LIST, 0, 0, 1)).encode())
+        replies = [channel.open(frame) for frame in link.sent[before:]]
+        self.assertEqual(replies[-1].kind, Kind.PTY_LISTING)
+        self.assertNotIn(Kind.KEY_ERROR, [r.kind for r in replies])
+
+    def test_gone_forgets_channels(self) -> None:
+        """GONE from the relay ends the channels it names (their tab's connection is gone)."""
+        session, link, _, _ = self.make()
+        first, second = self.channel(session, link), self.channel(session, link)
+        body = {"channels": [first.channel, 12345, "junk"]}
+        session.receive(control(Kind.GONE, body).encode())
+        self.assertEqual(list(session.channels), [second.channel])
+        session.receive(control(Kind.GONE, {"channels": "all"}).encode())
+        session.receive(Envelope(Kind.GONE, payload=b"\xff").encode())
         self.assertEqual(list(session.channels), [second.channel])
 
     def test_grace_period(self) -> None:

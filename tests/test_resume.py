@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from coder1_bridge.replay import CMD, Key, ReplaySettings
+from coder1_bridge.replay import CMD, PTY, Key, ReplaySettings
 from coder1_bridge.service import BridgeService
 from coder1_wire.envelope import Envelope, Kind, control
 from tests.loopback import (
@@ -324,3 +324,75 @@ class FloodTests(TestCase):
         throttle.stop()
         transport.resumeProducing()
         await connection.close()
+
+
+class OverflowTests(TestCase):
+    timeout = 60
+
+    async def test_terminal_overflow_is_marked(self) -> None:
+        """
+        A terminal prints 1 MB while no page follows it, with a 64 KiB replay
+        buffer: the program is not held (it ends), and the page that comes back
+        gets a GAP saying exactly how many bytes went, then the last of the
+        output up to PTY_EXIT, with no silent hole.
+        """
+        relay = await start_child_relay(FilePath(self.mktemp()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(relay.child.stop()))
+        browser = Browser(relay.as_service())
+        await browser.open_page()
+        config = await pair_bridge(browser, FilePath(self.mktemp()), _Null())
+        replay = ReplaySettings(capacity=64 * 1024)
+        bridge = await start_bridge(config, replay=replay)
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
+
+        frames: list[Envelope] = []
+
+        def take(connection: IDEConnection, envelope: Envelope) -> bool:
+            if envelope.stream != 3:
+                return False
+            frames.append(envelope)
+            return True
+
+        async def connect() -> IDEConnection:
+            connection = await browser.connect_ide(
+                handshake=False, connection=_Connection(browser.identity, sink=take)
+            )
+            await connection.wait_for(
+                lambda e: e.kind == Kind.PRESENCE and bool(e.json()["bridges"])
+            )
+            await connection.handshake(1)
+            return connection
+
+        first = await connect()
+        first.send(control(Kind.RESUME, {"client": "a", "streams": []}, peer=1))
+        script = "sleep 1; head -c 1000000 /dev/zero | tr '\\0' a; echo; echo END"
+        body = {"cols": 80, "rows": 24, "argv": ["sh", "-c", script]}
+        first.send(control(Kind.PTY_OPEN, body, stream=3, peer=1))
+        while not frames:
+            await deferLater(reactor, 0.05)
+        [opened] = frames
+        self.assertEqual((opened.kind, opened.seq), (Kind.PTY_OPENED, 0))
+        await first.close()
+        # The program runs and ends meanwhile (a terminal is never held without a page).
+        log = bridge.session.outbox.logs[(PTY, 3)]
+        while not log.ended:
+            await deferLater(reactor, 0.1)
+        frames.clear()
+        second = await connect()
+        resumed_from = len(opened.payload)
+        stream = {"type": PTY, "stream": 3, "next": resumed_from}
+        second.send(control(Kind.RESUME, {"client": "b", "streams": [stream]}, peer=1))
+        while not frames or frames[-1].kind != Kind.PTY_EXIT:
+            await deferLater(reactor, 0.05)
+        gap, *rest = frames
+        self.assertEqual(gap.kind, Kind.GAP)
+        said = gap.json()
+        self.assertEqual((said["from"], said["to"]), (resumed_from, gap.seq))
+        self.assertEqual(said["bytes"], gap.seq - resumed_from)
+        self.assertGreater(said["bytes"], 900_000)
+        output = b"".join(f.payload for f in rest if f.kind == Kind.PTY_OUTPUT)
+        self.assertEqual(rest[0].seq, gap.seq)
+        self.assertEqual(gap.seq + len(output) + len(rest[-1].payload), log.end)
+        self.assertTrue(output.rstrip().endswith(b"END"), output[-40:])
+        await second.close()

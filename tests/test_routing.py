@@ -95,6 +95,28 @@ class HubTests(HubCase):
         self.assertIn(frame, second.sent)
         self.assertNotIn(frame, stranger.sent)
 
+    def test_gone_tells_the_bridge(self) -> None:
+        """
+        When a tab's connection goes, the bridges it offered channels to hear
+        which (GONE), so that they stop holding output for them; the offer
+        itself was forwarded untouched, and a malformed one is only forwarded.
+        """
+        for channel in (7, 8, 7):
+            offer = control(Kind.KEY_OFFER, {"channel": channel, "x": 1}, peer=1).encode()
+            self.ide.receive(offer)
+            self.assertIs(self.bridge_link.sent[-1], offer)
+        self.ide.receive(Envelope(Kind.KEY_OFFER, peer=1, payload=b"{not json").encode())
+        self.hub.detach(self.ide)
+        gone = decode(self.bridge_link.sent[-1])
+        self.assertEqual((gone.kind, gone.peer, gone.json()), (Kind.GONE, 1, {"channels": [7, 8]}))
+
+    def test_gone_is_not_for_parties(self) -> None:
+        """A party that sends GONE itself is closed, like any control frame not its to send."""
+        self.bridge.receive(control(Kind.GONE, {"channels": [1]}, peer=1).encode())
+        self.assertEqual(
+            self.bridge_link.closed, (closecodes.PROTOCOL_ERROR, "control frame not allowed here")
+        )
+
     def test_no_fallback_route(self) -> None:
         """A frame for a bridge number not connected in this session gets an error, not a route."""
         mallory = FakeLink()
