@@ -184,7 +184,8 @@ class ReplayLog:
         chunk = self._chunks[at]
         offset = position - chunk.position
         if chunk.kind in _OUTPUT:
-            data = bytes(chunk.data[offset : offset + max(1, most)])
+            # One copy, through a view that is gone before the chunk can grow again.
+            data = bytes(memoryview(chunk.data)[offset : offset + max(1, most)])
         else:
             data = bytes(chunk.data)  # JSON is never cut
         return Envelope(chunk.kind, self.key[1], chunk.position + offset, self.peer, data)
