@@ -95,10 +95,13 @@ class TokenBucket:
         self._stamp = self.clock.seconds()
 
     def _refill(self) -> float:
+        # Once per frame: plain comparisons, no min() or max().
         now = self.clock.seconds()
-        elapsed = max(0.0, now - self._stamp)
+        elapsed = now - self._stamp
         self._stamp = now
-        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        if elapsed > 0.0:
+            tokens = self._tokens + elapsed * self.rate
+            self._tokens = tokens if tokens < self.burst else float(self.burst)
         return self._tokens
 
     def allow(self) -> bool:

@@ -463,11 +463,12 @@ class Hub:
                 and not flags
                 and FIRST_END_TO_END <= kind <= LAST_END_TO_END
             ):
-                if bool(kind & TO_BROWSER_BIT) != source.is_bridge:
+                # source.peer, not is_bridge: this runs for every frame.
+                if (not kind & TO_BROWSER_BIT) != (not source.peer):
                     source.close(closecodes.PROTOCOL_ERROR, "frame kind travels the other way")
                 elif self._envelope_hooks:
                     self._checked_route(source, frame)
-                elif source.is_bridge:
+                elif source.peer:
                     self._to_browsers(source, kind, peer, stream, frame)
                 else:
                     self._to_bridge(source, kind, peer, stream, frame)

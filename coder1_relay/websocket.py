@@ -65,6 +65,8 @@ class _RelayProtocol(WebSocketServerProtocol):
     _bucket: TokenBucket | None = None
     #: Handles the frames held while the connection was not read, once released.
     _read_held: IDelayedCall | None = None
+    #: Between L{pause_reading} and L{resume_reading}: frames already read wait.
+    _paused = False
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""
@@ -85,6 +87,7 @@ class _RelayProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def pause_reading(self) -> None:
+        self._paused = True
         transport: Any = self.transport  # TLS, which passes this on to TCP
         if transport is not None:
             transport.pauseProducing()
@@ -94,6 +97,7 @@ class _RelayProtocol(WebSocketServerProtocol):
         Read the socket again, and the frames held in Autobahn's buffer in a
         moment: not from inside the hub, which is releasing holds.
         """
+        self._paused = False
         if self.state not in (
             WebSocketServerProtocol.STATE_OPEN,
             WebSocketServerProtocol.STATE_CLOSING,
@@ -114,9 +118,9 @@ class _RelayProtocol(WebSocketServerProtocol):
 
     def processData(self) -> bool:
         # Autobahn handles the frames it has buffered one per call, until this says no.
-        if self.endpoint is not None and self.endpoint.held:
+        if self._paused:
             return False
-        return bool(super().processData())
+        return bool(WebSocketServerProtocol.processData(self))
 
     def _attached(self, endpoint: Endpoint) -> None:
         """
@@ -163,8 +167,9 @@ class _RelayProtocol(WebSocketServerProtocol):
     # Counted per frame, not per message: a message cut in a thousand frames
     # costs the relay a thousand frames' work.  Pings and pongs count too.
     def onMessageFrameBegin(self, length: int) -> None:
-        self._frame_arrived()
-        super().onMessageFrameBegin(length)
+        if self._bucket is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self._spend()
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
     def onPing(self, payload: bytes) -> None:
         self._frame_arrived()
