@@ -5,17 +5,22 @@ Runs the relay (the real L{RelayService}, TLS and all) in this process under
 tracemalloc, pairs sessions with the capacity benchmark's client processes
 (L{bench.capacity_worker}), and compares two snapshots: after C{--warm} sessions and
 after C{--warm} + C{--sessions}.  Prints RSS per session, the Python allocations per
-session (what tracemalloc sees) and the lines that allocated most of them.
+session (what tracemalloc sees) and the lines that allocated most of them.  With
+C{--profile FILE} it profiles the relay (cProfile, no tracemalloc) while it pairs the
+sessions instead, and prints its CPU per pairing.
 
-    python -m bench.memprofile [--sessions 500] [--warm 20] [--top 25]
+    python -m bench.memprofile [--sessions 500] [--warm 20] [--top 25] [--profile FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import pstats
 import sys
 import tempfile
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,8 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
     from coder1_relay.context import Limits
     from coder1_relay.service import RelayService, RelaySettings
 
-    tracemalloc.start(options.depth)
+    if not options.profile:
+        tracemalloc.start(options.depth)
     state = FilePath(tempfile.mkdtemp(prefix="coder1-memprofile-"))
     unlimited = Limits(
         messages_per_second=1e6,
@@ -68,6 +74,9 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
             gc.collect()
 
         await grow(options.warm)
+        if options.profile:
+            await _profile(grow, options)
+            return
         rss0 = h.memory(h.os.getpid())["rss"]
         before = tracemalloc.take_snapshot()
         await grow(options.warm + options.sessions)
@@ -93,6 +102,18 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
         await relay.stopService()
 
 
+async def _profile(grow: Any, options: argparse.Namespace) -> None:
+    profile = cProfile.Profile()
+    cpu = time.process_time()
+    profile.enable()
+    await grow(options.warm + options.sessions)
+    profile.disable()
+    cpu = time.process_time() - cpu
+    profile.dump_stats(options.profile)
+    sys.stdout.write(f"relay CPU per pairing (profiled): {cpu / options.sessions * 1000:.1f} ms\n")
+    pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(options.top)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.memprofile", description=__doc__)
     p.add_argument("--sessions", type=int, default=500)
@@ -100,6 +121,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--depth", type=int, default=1, help="frames kept per allocation")
     p.add_argument("--traceback", action="store_true", help="group by whole traceback")
+    p.add_argument("--profile", help="cProfile the relay while it pairs, to this file")
     options = p.parse_args()
     react(lambda reactor: Deferred.fromCoroutine(_main(reactor, options)))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import secrets
 from http.cookies import CookieError, SimpleCookie
+from types import FunctionType
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -330,6 +331,10 @@ class BridgeProtocol(_RelayProtocol):
 class RelayWebSocketFactory(WebSocketServerFactory):
     """A factory carrying the relay context, with explicit limits."""
 
+    #: C{protocol} with this factory's options as class attributes (L{buildProtocol}).
+    _configured: type[_RelayProtocol] | None = None
+    _options: dict[str, Any] | None = None
+
     def __init__(self, context: RelayContext, protocol: type[_RelayProtocol]) -> None:
         super().__init__(url=context.public_url.replace("https", "wss", 1))
         self.context = context
@@ -350,6 +355,29 @@ class RelayWebSocketFactory(WebSocketServerFactory):
             # them (CRIME/BREACH), and end-to-end ciphertext does not compress anyway.
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """
+        A connection whose options come with its class.  Autobahn copies its
+        thirty options from the factory onto every new connection and formats
+        them (pprint) for a debug line that is then dropped: about half a
+        millisecond of a pairing's CPU and thirty entries in each connection's
+        dict.  A subclass made once per set of options has them as class
+        attributes, and nothing to copy (made anew when an option changes).
+        """
+        base = self.protocol
+        options = {name: getattr(self, name) for name in base.CONFIG_ATTRS}
+        if self._configured is None or options != self._options:
+            self._options = options
+            as_attributes = {
+                # A function as a class attribute would become a method.
+                name: staticmethod(value) if isinstance(value, FunctionType) else value
+                for name, value in options.items()
+            }
+            self._configured = type(base.__name__, (base,), {**as_attributes, "CONFIG_ATTRS": ()})
+        protocol = self._configured()
+        protocol.factory = self
+        return protocol
 
 
 def _cookie(header: str, name: str) -> str | None:

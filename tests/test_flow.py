@@ -19,6 +19,7 @@ import time
 from typing import Any, cast
 
 import attrs
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -382,6 +383,22 @@ class RelayProtocolTests(SynchronousTestCase):
             self.assertIs(transport.producer, protocol.endpoint)
             self.assertTrue(transport.streaming)
             self.assertEqual(transport.transport.bufferSize, 4096)
+
+    def test_options_on_the_class(self) -> None:
+        """
+        A connection gets its options from its class, made once per set of
+        options: nothing is copied into it, and a changed option makes a new one.
+        """
+        factory = RelayWebSocketFactory(self.context, _AdmittedTab)
+        first: Any = factory.buildProtocol(None)
+        self.assertIsInstance(first, _AdmittedTab)
+        self.assertIs(first.factory, factory)
+        self.assertEqual(first.maxMessagePayloadSize, self.limits.max_message_size)
+        self.assertEqual(set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(first)), set())
+        self.assertIsNone(first.perMessageCompressionAccept([object()]))  # not a method
+        self.assertIs(type(factory.buildProtocol(None)), type(first))
+        factory.setProtocolOptions(maxMessagePayloadSize=10)
+        self.assertEqual(factory.buildProtocol(None).maxMessagePayloadSize, 10)
 
     def test_handshake_forgotten_on_open(self) -> None:
         """
