@@ -192,8 +192,12 @@ class MemoryStore:
     _presence: dict[str, dict[int, Presence]] = attrs.field(factory=dict)
     #: The earliest expiry of a revocation or bridge record: nothing to prune before it.
     _next_expiry: float = math.inf
-    #: Per session, its part of the file (C{"session":[records]}), until its records change.
+    #: Per session, its parts of the file, kept between writes: C{"session":[records]}
+    #: and C{"session":N} (its last bridge number).  A write joins them; only those
+    #: of the sessions in C{_stale} are made anew.
     _fragments: dict[str, str] = attrs.field(factory=dict)
+    _peer_parts: dict[str, str] = attrs.field(factory=dict)
+    _stale: set[str] = attrs.field(factory=set)
     #: Callers whose changes are made but not yet written; the next write is theirs.
     _waiting: list[Deferred[None]] = attrs.field(factory=list)
     #: The next write, scheduled for the next reactor turn.
@@ -216,6 +220,7 @@ class MemoryStore:
             for session, records in saved["bridges"].items()
         }
         self._next_expiry = self._earliest_expiry()
+        self._stale.update(self._bridges, self._peers)
 
     def _earliest_expiry(self) -> float:
         return min(
@@ -235,7 +240,7 @@ class MemoryStore:
             live = {p: r for p, r in records.items() if r.expires_at > now}
             if len(live) == len(records):
                 continue
-            self._fragments.pop(session, None)
+            self._stale.add(session)
             if live:
                 self._bridges[session] = live
             else:
@@ -261,18 +266,20 @@ class MemoryStore:
 
     def _snapshot(self) -> bytes:
         """The durable state as the file holds it."""
-        parts = []
-        for session, records in self._bridges.items():
-            part = self._fragments.get(session)
-            if part is None:
-                part = self._fragments[session] = (
-                    json.dumps(session)
-                    + ":"
-                    + json.dumps([attrs.asdict(r) for r in records.values()])
-                )
-            parts.append(part)
-        revoked, peers = json.dumps(self._revoked), json.dumps(self._peers)
-        return f'{{"revoked":{revoked},"peers":{peers},"bridges":{{{",".join(parts)}}}}}'.encode()
+        for session in self._stale:
+            name = json.dumps(session)
+            records = self._bridges.get(session)
+            if records:
+                listed = json.dumps([attrs.asdict(r) for r in records.values()])
+                self._fragments[session] = f"{name}:{listed}"
+            else:
+                self._fragments.pop(session, None)
+            if session in self._peers:
+                self._peer_parts[session] = f"{name}:{self._peers[session]}"
+        self._stale.clear()
+        revoked = json.dumps(self._revoked)
+        peers, bridges = ",".join(self._peer_parts.values()), ",".join(self._fragments.values())
+        return f'{{"revoked":{revoked},"peers":{{{peers}}},"bridges":{{{bridges}}}}}'.encode()
 
     def _flush(self) -> None:
         """Write everything once for all waiting callers; then those who came meanwhile."""
@@ -369,11 +376,12 @@ class MemoryStore:
 
     def next_peer(self, session: str) -> Deferred[int]:
         self._peers[session] = self._peers.get(session, 0) + 1
+        self._stale.add(session)
         return succeed(self._peers[session])
 
     def add_bridge(self, session: str, record: BridgeRecord) -> Deferred[None]:
         self._bridges.setdefault(session, {})[record.peer] = record
-        self._fragments.pop(session, None)
+        self._stale.add(session)
         self._next_expiry = min(self._next_expiry, record.expires_at)
         return self._changed(record.paired_at)
 
@@ -384,7 +392,7 @@ class MemoryStore:
         if record is None or record.bridge_key:
             return succeed(None)
         self._bridges[session][peer] = attrs.evolve(record, bridge_key=bridge_key, code="")
-        self._fragments.pop(session, None)
+        self._stale.add(session)
         updated = attrs.evolve(record, bridge_key=bridge_key)
         return self._changed(record.paired_at).addCallback(lambda _: updated)
 

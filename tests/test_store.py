@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from coder1_relay import store as store_module
 from coder1_relay.store import BridgeRecord, MemoryStore, write_in_place
 
 KEY = "R" * 87
@@ -161,6 +162,38 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(
             [r.jti for r in self.successResultOf(restarted.bridges("t", 300.0))], ["keep", "new"]
         )
+
+    def test_only_changed_sessions_encoded(self) -> None:
+        """
+        A write encodes again only the sessions that changed since the last
+        one; the file still holds every session's bridges and numbers.
+        """
+        for i in range(20):
+            self.successResultOf(self.store.next_peer(f"s{i}"))
+            self.store.add_bridge(f"s{i}", record(1, f"jti-{i}"))
+        self.clock.advance(0)
+        self.writer.finish()
+        encoded: list[BridgeRecord] = []
+        real = attrs.asdict
+
+        def counting(record: Any) -> dict[str, Any]:
+            encoded.append(record)
+            return real(record)
+
+        self.patch(store_module.attrs, "asdict", counting)
+        self.successResultOf(self.store.next_peer("s3"))
+        self.successResultOf(self.store.next_peer("lone"))
+        self.store.add_bridge("s3", record(2, "jti-3b"))
+        self.clock.advance(0)
+        self.writer.finish()
+        self.assertEqual([r.jti for r in encoded], ["jti-3", "jti-3b"])
+        saved = self.saved()
+        self.assertEqual(len(saved["bridges"]), 20)
+        self.assertEqual(saved["peers"]["s3"], 2)
+        self.assertEqual(saved["peers"]["lone"], 1)
+        restarted = MemoryStore(path=self.file)
+        self.assertEqual(self.successResultOf(restarted.next_peer("s0")), 2)
+        self.assertEqual(len(self.successResultOf(restarted.bridges("s3", 1e9))), 2)
 
     def test_flushed(self) -> None:
         """C{flushed} fires once every change so far is on disk: at once when there is none."""
