@@ -467,7 +467,10 @@ class Outbox:
         follower.sent[key], follower.acked[key] = sent, acked
 
     def _trim(self, log: ReplayLog) -> None:
-        """Drop what may go while the log is over its size; hold the process while it still is."""
+        """
+        Drop what may go (a terminal's while its log is over its size); hold the
+        process while the log still is.
+        """
         following = [
             f.acked[log.key] for f in self.followers.values() if log.key in f.sent and f.client
         ]
@@ -477,7 +480,9 @@ class Outbox:
             floor = log.end
         else:
             floor = log.acked
-        log.drop_before(floor, self.capacity)
+        # A terminal's log is its scrollback, kept up to its size for a page that
+        # re-attaches; what a command printed is not wanted again once taken in.
+        log.drop_before(floor, self.capacity if log.key[0] == PTY else 0)
         full = log.weight > self.capacity and not log.ended and not self.letting_go
         if full and not log.held:
             log.held = True

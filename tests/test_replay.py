@@ -139,6 +139,8 @@ class OutboxTests(SynchronousTestCase):
         box.ack(1, [(COMMAND, 70_000)])
         self.assertEqual(self.h.held, [])
         self.assertEqual(self.h.bytes_to(1, COMMAND), b"y" * 70_000)
+        # What a command printed goes as soon as it is taken in.
+        self.assertEqual((box.logs[COMMAND].start, box.logs[COMMAND].weight), (70_000, 0))
 
     def test_slow_page_holds_a_terminal(self) -> None:
         """A page that follows a terminal but does not acknowledge holds it: nothing is dropped."""

@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from coder1_bridge.replay import CMD, PTY, Key, ReplaySettings
+from coder1_bridge.replay import CMD, MAX_CHUNK, PTY, Key, ReplaySettings
 from coder1_bridge.service import BridgeService
 from coder1_wire.envelope import Envelope, Kind, control
 from tests.loopback import (
@@ -263,9 +263,11 @@ class _TwoTerminals:
 
 
 #: Bytes of the flood that may arrive between a key and its echo (the median of 20):
-#: about what the bridge's connection queues before it stops sending (64 KiB), and
-#: the relay's, not a send window's worth per stream.
-AHEAD_BOUND = 128 * 1024
+#: at most what one stream may have in flight to a tab (the send window, overshot by
+#: at most one chunk) and what the relay queues for the tab before it holds the
+#: bridge.  Without flow control all the way (the relay forwarding whatever comes),
+#: megabytes would queue ahead of the echo.
+AHEAD_BOUND = ReplaySettings().window + MAX_CHUNK + 64 * 1024
 
 
 class FloodTests(TestCase):
@@ -275,9 +277,8 @@ class FloodTests(TestCase):
         """
         One terminal floods output as fast as it can while keys are typed into
         another: the flood's bytes that arrive between a key and its echo stay
-        within what the connections queue (L{AHEAD_BOUND}): while its connection
-        to the relay is full, the bridge sends nothing from its replay logs,
-        even within a window.
+        within what may be in flight (L{AHEAD_BOUND}): a window per stream, and
+        nothing from the replay logs while the bridge's connection is full.
         """
         relay = await start_child_relay(FilePath(self.mktemp()))
         self.addCleanup(lambda: Deferred.fromCoroutine(relay.child.stop()))
