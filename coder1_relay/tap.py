@@ -99,6 +99,14 @@ class Options(usage.Options):
         "frames between browsers and their paired bridges over TLS 1.3 WebSockets. With no "
         "options it listens on 127.0.0.1:8443 with a self-signed development certificate."
     )
+    optFlags = [
+        [
+            "no-access-log",
+            None,
+            "Log no line per HTTP request (the access log has address, method, path, "
+            "status, size, referrer and user agent; never a body, cookie or token).",
+        ],
+    ]
     optParameters = [
         [
             "listen",
@@ -187,6 +195,7 @@ class Options(usage.Options):
             allowed_origins=tuple(self["allowed-origin"]),
             token_lifetime=self["token-days"] * 86400.0,
             limits=self.limits(),
+            access_log=not self["no-access-log"],
             # WebSockets go idle by the heartbeat: one idle timeout for both.
             hub=attrs.evolve(
                 HubSettings(),

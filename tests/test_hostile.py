@@ -716,6 +716,10 @@ class LimitsTests(SynchronousTestCase):
         )
         self.assertEqual(settings.hub.heartbeat_timeout, 90.0)
         self.assertEqual(Options().settings().limits, Limits())
+        self.assertTrue(Options().settings().access_log)
+        quiet = Options()
+        quiet.parseOptions(["--no-access-log"])
+        self.assertFalse(quiet.settings().access_log)
         for bad in (["--message-burst=0"], ["--idle-timeout=10"], ["--new-connection-burst=-5"]):
             self.assertRaises(usage.UsageError, Options().parseOptions, bad)
 
