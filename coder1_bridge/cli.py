@@ -89,7 +89,7 @@ async def call_relay(
         raise CLIError(f"talking to the relay at {relay.url} failed: {_describe(e)}") from None
     try:
         decoded = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         decoded = {}
     return response.code, decoded if isinstance(decoded, dict) else {}
 

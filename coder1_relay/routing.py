@@ -523,7 +523,7 @@ class Hub:
         """Note the channel a tab's KEY_OFFER names (public, as the offer is)."""
         try:
             channel = json.loads(frame[HEADER_SIZE:]).get("channel")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return  # the bridge refuses it
         if not isinstance(channel, int) or isinstance(channel, bool) or not 0 < channel < 2**32:
             return

@@ -124,7 +124,8 @@ class Envelope:
         """The payload decoded as JSON (for control and structured frames)."""
         try:
             return json.loads(self.payload)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            # RecursionError: nested deeper than the parser goes ("[[[[...").
             raise EnvelopeError("payload is not JSON") from e
 
 

@@ -12,7 +12,7 @@ from coder1_relay.routing import Endpoint, Hub, HubSettings
 from coder1_relay.store import MemoryStore
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
-from coder1_wire.envelope import Envelope, Kind, control, decode
+from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control, decode
 
 
 @attrs.define(eq=False)
@@ -109,6 +109,22 @@ class HubTests(HubCase):
         self.hub.detach(self.ide)
         gone = decode(self.bridge_link.sent[-1])
         self.assertEqual((gone.kind, gone.peer, gone.json()), (Kind.GONE, 1, {"channels": [7, 8]}))
+
+    def test_deeply_nested_json(self) -> None:
+        """
+        JSON nested deeper than the parser goes is "not JSON" (EnvelopeError),
+        not a RecursionError: a KEY_OFFER of it is forwarded and noted as
+        naming no channel, and a bridge's CRASH of it is refused quietly.
+        """
+        deep = b"[" * 100_000
+        self.assertRaises(EnvelopeError, Envelope(Kind.CRASH, payload=deep).json)
+        offer = Envelope(Kind.KEY_OFFER, peer=1, payload=deep).encode()
+        self.ide.receive(offer)
+        self.assertIs(self.bridge_link.sent[-1], offer)
+        self.bridge.receive(Envelope(Kind.CRASH, peer=1, payload=deep).encode())
+        self.assertIsNone(self.bridge_link.closed)
+        self.hub.detach(self.ide)
+        self.assertNotEqual(decode(self.bridge_link.sent[-1]).kind, Kind.GONE)
 
     def test_gone_is_not_for_parties(self) -> None:
         """A party that sends GONE itself is closed, like any control frame not its to send."""
