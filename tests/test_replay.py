@@ -198,6 +198,20 @@ class OutboxTests(SynchronousTestCase):
         box.publish(output(TERMINAL, b"yours"))
         self.assertEqual([f.payload for f in self.h.to(1)], [b"yours"])
 
+    def test_nothing_sent_while_blocked(self) -> None:
+        """
+        While the connection to the relay is full (blocked), nothing is sent from
+        the logs, even within a window; unblocking sends what each channel is owed.
+        """
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.blocked = True
+        box.publish(output(TERMINAL, b"held back"))
+        self.assertEqual(self.h.to(1), [])
+        box.unblock()
+        self.assertEqual(self.h.bytes_to(1, TERMINAL), b"held back")
+
     def test_close_leaves_no_timer(self) -> None:
         """Closing the outbox forgets the ended logs and cancels their timers."""
         box = self.h.make(grace=60)
