@@ -60,7 +60,7 @@ MAX_CHUNK = 64 * 1024
 #: tiny frames cannot hold more memory than the log's size says.
 CHUNK_OVERHEAD = 64
 #: Ended streams whose logs are kept (for a page that comes back) before the oldest goes.
-MAX_ENDED = 64
+MAX_ENDED = 16
 #: Page loads whose input numbers are remembered before the oldest is forgotten.
 MAX_CLIENTS = 64
 #: Streams whose input numbers are remembered per page load.

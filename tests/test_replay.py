@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from coder1_bridge.replay import (
     CHUNK_OVERHEAD,
     CMD,
+    MAX_ENDED,
     PTY,
     BadResume,
     InputLedger,
@@ -175,6 +176,15 @@ class OutboxTests(SynchronousTestCase):
         self.h.clock.advance(1)
         self.assertNotIn(COMMAND, box.logs)
         self.assertEqual(box.resume(1, "tab", [(COMMAND, 0)]), [COMMAND])
+
+    def test_ended_logs_are_few(self) -> None:
+        """At most MAX_ENDED ended streams keep their logs: the oldest goes first."""
+        box = self.h.make(grace=0)
+        for stream in range(MAX_ENDED + 1):
+            box.open((CMD, stream), 1)
+            box.publish(Envelope(Kind.CMD_EXIT, stream, 0, 1, b"{}"))
+        self.assertNotIn((CMD, 0), box.logs)
+        self.assertEqual(len(box.logs), MAX_ENDED)
 
     def test_old_page_gets_everything_live(self) -> None:
         """A channel that never resumed gets every frame as it comes, counted as delivered."""
