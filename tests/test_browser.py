@@ -15,7 +15,7 @@ import re
 import shutil
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -197,13 +197,16 @@ class BrowserTests(TestCase):
         await deferToThread(driver.execute_cdp_cmd, "Network.enable", {})
         return Page(driver)
 
-    async def paired_page(self, prefix: str = "") -> tuple[RelayService, Page]:
+    async def paired_page(
+        self, prefix: str = "", bridge_args: Sequence[str] = ()
+    ) -> tuple[RelayService, Page]:
         """
         A relay, a bridge and a page, paired as a person does it: the page shows a code,
         C{coder1-bridge pair} redeems it, both show the same verification code, and
-        C{coder1-bridge start} connects. Until the person confirms that the codes match the
-        page does not use the bridge (it shows it unverified, sends it nothing end to end, and
-        + Terminal stays disabled); once they do, it opens a channel to it.
+        C{coder1-bridge start} (given C{bridge_args} too) connects. Until the person confirms
+        that the codes match the page does not use the bridge (it shows it unverified, sends it
+        nothing end to end, and + Terminal stays disabled); once they do, it opens a channel to
+        it.
         """
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         self.state_dir = FilePath(self.mktemp())
@@ -250,7 +253,7 @@ class BrowserTests(TestCase):
         await page.shot(f"{prefix}03-verify")
 
         self.bridge_env = env
-        self.bridge, self.bridge_process = self.start_bridge(env)
+        self.bridge, self.bridge_process = self.start_bridge(env, bridge_args)
         await page.wait(
             "return document.querySelector(`.bridge[data-peer='${arguments[0]}']"
             "[data-connected='true']`)",
@@ -301,10 +304,10 @@ class BrowserTests(TestCase):
         assert printed is not None and number is not None, pairing.output
         return env, int(number.group(1)), printed.group(1).decode()
 
-    def start_bridge(self, env: dict[str, str]) -> tuple[Collect, Any]:
-        """C{coder1-bridge start} in C{env}, stopped at cleanup."""
+    def start_bridge(self, env: dict[str, str], args: Sequence[str] = ()) -> tuple[Collect, Any]:
+        """C{coder1-bridge start} in C{env}, with C{args} after it, stopped at cleanup."""
         bridge = Collect(r"refused this bridge: (.*)\.")
-        process = spawn(bridge, [BRIDGE, "start"], env)
+        process = spawn(bridge, [BRIDGE, "start", *args], env)
         self.addCleanup(lambda: _stop(process, bridge))
         return bridge, process
 
@@ -733,6 +736,89 @@ class BrowserTests(TestCase):
             f" {restarted - crashed:.1f} s, secure again {resumed - restarted:.1f} s later;"
             f" {found['written']} bytes of output written in all, position {found['next']}",
         )
+
+    async def test_output_dropped_while_the_page_was_away_is_shown(self) -> None:
+        """
+        With C{--replay-buffer 65536}, a terminal runs a command that waits 3 s and then
+        prints 2 MB; the relay is killed while it waits, so no page follows the terminal
+        while it prints, and the bridge keeps only the last 64 KiB. When the relay is back
+        the page resumes and the bridge sends GAP first: the terminal shows the dim line
+        C{[N bytes of output were dropped while this page was away]} with N over a million,
+        then the end of the output (its last line and C{done-42}), and still takes commands.
+        """
+        relay, page = await self.paired_page("gap-", ["--replay-buffer", "65536"])
+        await page.new_terminal()
+        marker = FilePath(self.mktemp()).path
+        # Lines of 62 bytes, so that the 64 KiB kept (about 1,060 lines) and the GAP line
+        # before them fit in the terminal's 5,000 lines of scrollback.
+        lines = 33000
+        command = (
+            f"echo started > {marker}; sleep 3; seq -f %060g 1 {lines};"
+            f" echo done-$((6*7)); echo finished > {marker}"
+        )
+        await page.js("window.coder1.current.term.paste(arguments[0])", command)
+        await page.type("\n")
+        deadline = reactor.seconds() + 10
+        while not os.path.exists(marker):  # the bridge has the Enter: the command runs
+            self.assertLess(reactor.seconds(), deadline, "the command did not start")
+            await deferLater(reactor, 0.05)
+
+        port = relay.port.getHost().port  # type: ignore[union-attr]
+        await crash_relay(relay)
+        await page.wait(
+            "return document.querySelector('#connection-state').dataset.state !== 'connected'",
+            what="the page to see the relay gone",
+        )
+        await page.shot("gap-05-outage")
+        deadline = reactor.seconds() + 20
+        while FilePath(marker).getContent() != b"finished\n":
+            self.assertLess(reactor.seconds(), deadline, "the command did not finish")
+            await deferLater(reactor, 0.1)
+        await deferLater(reactor, 0.5)  # for the bridge to read the last of it
+        self.relay = await start_relay(self.state_dir, listen=f"tcp:{port}:interface=127.0.0.1")
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
+        await page.wait(
+            "return document.querySelector('.bridge[data-e2e=\"secure\"]')",
+            what="a new channel through the restarted relay",
+            timeout=60,
+        )
+
+        # The whole of xterm's buffer, scrollback included: what the person can scroll to.
+        read_buffer = (
+            "const b = window.coder1.current.term.buffer.active; const rows = [];"
+            "for (let i = 0; i < b.length; i += 1) rows.push(b.getLine(i).translateToString(true));"
+            "return rows.join('\\n');"
+        )
+        await page.wait(
+            read_buffer.replace("return ", "const text = ") + "; return /^done-42$/m.test(text);",
+            what="the end of the output after the resume",
+            timeout=30,
+        )
+        await page.shot("gap-06-resumed")
+        text: str = await page.js(read_buffer)
+        gap = re.search(
+            r"^\[(\d+) bytes of output were dropped while this page was away\]$", text, re.M
+        )
+        assert gap is not None, text[-3000:]
+        dropped = int(gap.group(1))
+        self.assertGreater(dropped, 1_000_000)
+        self.assertLess(dropped, 62 * lines)
+        after = text[gap.end() :]
+        self.assertRegex(after, rf"(?m)^{lines:060d}\n^done-42$")
+        self.assertEqual(len(re.findall(r"bytes of output were dropped", text)), 1, text)
+        self.assertNotRegex(after, rf"(?m)^{1:060d}$", "output from before the gap after it")
+        gaps = [
+            payload
+            for way, payload in await page.websocket_frames()
+            if way == "Received" and len(payload) >= HEADER_SIZE and payload[1] == Kind.GAP
+        ]
+        self.assertEqual(len(gaps), 1, "the page did not get exactly one GAP frame")
+
+        await page.type("echo ok-$((6*7))\n")
+        await page.wait_screen(r"^ok-42", "a command after the resume")
+        self.assertTrue(await page.js("return document.querySelector('#e2e-error').hidden"))
+        await page.shot("gap-07-usable")
+        _log.info("{summary}", summary=f"gap: {dropped} bytes dropped while the page was away")
 
     async def test_a_terminal_its_restarted_bridge_lost_ends(self) -> None:
         """
