@@ -411,11 +411,6 @@ class Outbox:
         """The channels that resumed as C{client}."""
         return [f.channel for f in self.followers.values() if f.client == client]
 
-    @property
-    def resumed(self) -> int:
-        """How many channels have sent a RESUME."""
-        return sum(1 for f in self.followers.values() if f.client is not None)
-
     def close(self) -> None:
         """The bridge has stopped: forget every log (and the timers that would)."""
         for key in list(self.logs):
@@ -518,7 +513,3 @@ class InputLedger:
     def next(self, client: str, key: Key) -> int | None:
         """The next number expected from C{client} on C{key}; None if none was seen."""
         return self._clients.get(client, {}).get(key)
-
-    def forget(self, key: Key) -> None:
-        for streams in self._clients.values():
-            streams.pop(key, None)

@@ -8,6 +8,7 @@ as the page does.  Every line arrives exactly once, in order.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import secrets
@@ -168,7 +169,7 @@ class ChaosTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(self.relays[-1].child.stop()))
         browser = Browser(relay.as_service())
         await browser.open_page()
-        config = await pair_bridge(browser, FilePath(self.mktemp()), _Null())
+        config = await pair_bridge(browser, FilePath(self.mktemp()), io.StringIO())
         bridge = await start_bridge(config, max_delay=1.0)
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
@@ -227,11 +228,6 @@ class ChaosTests(TestCase):
         self.assertEqual(ide.connections, 3)
 
 
-class _Null:
-    def write(self, text: str) -> None:
-        pass
-
-
 @attrs.define
 class _TwoTerminals:
     """An IDE following two terminals: counts a flood on one, watches for echo on the other."""
@@ -287,7 +283,7 @@ class FloodTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(relay.child.stop()))
         browser = Browser(relay.as_service())
         await browser.open_page()
-        config = await pair_bridge(browser, FilePath(self.mktemp()), _Null())
+        config = await pair_bridge(browser, FilePath(self.mktemp()), io.StringIO())
         bridge = await start_bridge(config)
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
@@ -344,7 +340,7 @@ class OverflowTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(relay.child.stop()))
         browser = Browser(relay.as_service())
         await browser.open_page()
-        config = await pair_bridge(browser, FilePath(self.mktemp()), _Null())
+        config = await pair_bridge(browser, FilePath(self.mktemp()), io.StringIO())
         replay = ReplaySettings(capacity=64 * 1024)
         bridge = await start_bridge(config, replay=replay)
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
