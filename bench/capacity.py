@@ -27,12 +27,14 @@ from typing import Any
 
 from bench import harness as h
 from bench.stats import Metric, Table, percentile
+from coder1_relay.context import FD_RESERVE
 
 WARMUP = 10
 #: At most this long for one step's pairings (each worker stops starting new ones).
 STEP_SECONDS = 240.0
-#: File descriptors a relay needs beside its sockets (stdio, epoll, waker, listener, files).
-SPARE_FDS = 40
+#: File descriptors a relay keeps beside its connections: its --max-connections
+#: default leaves them out of the open-file limit.
+SPARE_FDS = FD_RESERVE
 
 
 def fd_capacity() -> int:

@@ -1,33 +1,35 @@
 """
-C{coder1-bridge}: pair with a relay, run, check, forget.
+C{coder1-bridge}: pair with a relay, run, check, forget; run at login; diagnose.
 
     coder1-bridge pair [--relay URL] [--ca-cert PEM] [--label NAME] [CODE]
-    coder1-bridge start [--label NAME]
+    coder1-bridge start [--label NAME] [--verbose] [--replay-buffer ...]
     coder1-bridge status
     coder1-bridge unpair
+    coder1-bridge doctor [--relay URL] [--ca-cert PEM]
+    coder1-bridge service install|uninstall|status
+
+This module reads the command line, asks what must be asked before the
+reactor runs (a pairing code), and hands over to the module of each
+command.  No traceback reaches the person: a failure is a sentence or two
+(L{Problem}) on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from io import BytesIO
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TextIO
 
+import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.task import react
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import Logger, globalLogBeginner
 from twisted.python.filepath import FilePath
-from twisted.web.client import Agent, FileBodyProducer, readBody
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
+from coder1_bridge import doctor, foreground, pairing, service_install, status
 from coder1_bridge.config import (
     DEFAULT_RELAY,
     BridgeConfig,
@@ -37,206 +39,109 @@ from coder1_bridge.config import (
     parse_relay_url,
     refuse_root,
 )
+from coder1_bridge.output import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ForegroundObserver,
+    Problem,
+    detailed_observer,
+)
 from coder1_bridge.replay import ReplaySettings
-from coder1_bridge.service import BridgeService, default_label
-from coder1_wire.crash import telemetry_enabled
-from coder1_wire.e2e import E2EError, Identity, b64u, check_public_key, unb64u
+from coder1_bridge.service import default_label
 from coder1_wire.secretfile import InsecureFileError
-from coder1_wire.tls import client_tls_options
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
-
-
-class CLIError(Exception):
-    """A failure to explain to the user in one line."""
-
-
-@implementer(IPolicyForHTTPS)
-class _RelayTrust:
-    """Verifies the relay like the WebSocket does: TLS 1.3, hostname, given CA or system roots."""
-
-    def __init__(self, ca_cert_pem: str | None) -> None:
-        self.ca = ca_cert_pem.encode() if ca_cert_pem else None
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return client_tls_options(hostname.decode("idna"), self.ca)
+_log = Logger()
+CODE_PROMPT = "Pairing code shown in the IDE: "
+#: Said when the CLI itself failed unexpectedly.
+CRASHED = (
+    "something went wrong inside coder1-bridge. Run it again with --verbose to see what, "
+    "and please report it."
+)
 
 
-async def call_relay(
-    reactor: Any,
-    relay: RelayAddress,
-    method: bytes,
-    path: str,
-    *,
-    body: dict[str, Any] | None = None,
-    token: str | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """One JSON request to the relay's API: (status, decoded body)."""
-    headers = Headers({b"User-Agent": [b"coder1-bridge"]})
-    if token is not None:
-        headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())
-    producer = None
-    if body is not None:
-        headers.addRawHeader(b"Content-Type", b"application/json")
-        producer = FileBodyProducer(BytesIO(json.dumps(body).encode()))
-    agent = Agent(reactor, contextFactory=_RelayTrust(relay.ca_cert_pem))
-    try:
-        response = await agent.request(method, (relay.url + path).encode(), headers, producer)
-        raw = await readBody(response)
-    except (ConnectError, DNSLookupError) as e:
-        raise CLIError(f"cannot reach the relay at {relay.url}: {e.__class__.__name__}") from None
-    except Exception as e:
-        raise CLIError(f"talking to the relay at {relay.url} failed: {_describe(e)}") from None
-    try:
-        decoded = json.loads(raw)
-    except (ValueError, RecursionError):
-        decoded = {}
-    return response.code, decoded if isinstance(decoded, dict) else {}
+@attrs.frozen
+class Console:
+    """How the CLI asks the person something: C{ask} raises EOFError at the end of input."""
+
+    ask: Callable[[str], str]
+    interactive: bool
 
 
-def _describe(error: Exception) -> str:
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        return "; ".join(str(r.value) for r in reasons)
-    return str(error) or error.__class__.__name__
+def terminal_console(stdin: TextIO, out: TextIO) -> Console:
+    """Questions on the terminal (or whatever stdin is), asked before the reactor runs."""
+
+    def ask(prompt: str) -> str:
+        out.write(prompt)
+        out.flush()
+        line = stdin.readline()
+        if not line:
+            out.write("\n")
+            raise EOFError
+        return line
+
+    return Console(ask, stdin.isatty())
 
 
-async def pair(
-    reactor: Any, directory: FilePath[str], relay: RelayAddress, code: str, label: str, out: TextIO
-) -> BridgeConfig:
-    """Redeem C{code} at C{relay} and save the pairing (mode 0600)."""
-    code = code.strip().replace(" ", "").replace("-", "")
-    status, body = await call_relay(
-        reactor, relay, b"POST", "/api/pair", body={"code": code, "label": label}
-    )
-    if status != 200:
-        raise CLIError(f"pairing refused: {body.get('message', f'HTTP {status}')}")
-    token = str(body["token"])
-    try:
-        browser_key = str(body.get("browser_key"))
-        check_public_key(unb64u(browser_key))
-    except E2EError:
-        await call_relay(reactor, relay, b"DELETE", "/api/token", token=token)
-        raise CLIError("the relay sent no usable browser key; nothing was saved") from None
-    # Our key goes out only now that we hold the browser's: a relay faking both
-    # sides had to pick the key it gave us before seeing ours (docs/e2e.md).
-    identity = Identity.generate()
-    status, answer = await call_relay(
-        reactor,
-        relay,
-        b"POST",
-        "/api/pair/key",
-        body={"bridge_key": b64u(identity.public_raw)},
-        token=token,
-    )
-    if status != 200:
-        # Do not leave a half-paired bridge behind: it would count against the session's
-        # limit and, having no key, never show up in the IDE to be revoked there.
-        await call_relay(reactor, relay, b"DELETE", "/api/token", token=token)
-        raise CLIError(f"pairing refused: {answer.get('message', f'HTTP {status}')}")
-    config = BridgeConfig(relay, token, int(body["peer"]), browser_key, identity)
-    config.save(directory)
-    out.write(
-        f"Paired with {relay.url} as bridge #{config.peer} ({label}); the pairing is valid "
-        f"until {_when(body['expires_at'])}.\n\n"
-        f"    Verification code: {config.verification}\n\n"
-        "Check that the IDE shows the same verification code. If it does not, someone may be\n"
-        "intercepting the pairing: run `coder1-bridge unpair` and pair again.\n\n"
-        "Run the bridge with: coder1-bridge start\n"
-    )
-    return config
-
-
-async def status(reactor: Any, directory: FilePath[str], out: TextIO) -> int:
-    """Say whether this machine is paired, to which relay, and whether the relay accepts it."""
-    config = BridgeConfig.load(directory)
-    if config is None:
-        out.write("Not paired. Pair with: coder1-bridge pair CODE\n")
-        return EXIT_FAILED
-    out.write(
-        f"Paired with {config.relay.url} as bridge #{config.peer}; "
-        f"verification code {config.verification}.\n"
-    )
-    code, body = await call_relay(reactor, config.relay, b"GET", "/api/token", token=config.token)
-    if code == 200:
-        out.write(
-            f"The relay accepts this bridge's token (valid until {_when(body['expires_at'])}).\n"
-        )
-        return EXIT_OK
-    out.write(f"The relay refuses this bridge's token: {body.get('message', f'HTTP {code}')}.\n")
-    return EXIT_REFUSED
-
-
-async def unpair(reactor: Any, directory: FilePath[str], out: TextIO) -> int:
-    """Revoke this bridge's token at the relay (if it can be reached), then forget it."""
-    config = BridgeConfig.load(directory)
-    if config is None:
-        out.write("Not paired.\n")
-        return EXIT_OK
-    try:
-        code, body = await call_relay(
-            reactor, config.relay, b"DELETE", "/api/token", token=config.token
-        )
-    except CLIError as e:
-        code, body = 0, {"message": str(e)}
-    if code == 200:
-        out.write("The relay revoked this bridge's token.\n")
-    else:
-        out.write(
-            f"Could not revoke the token at the relay ({body.get('message', f'HTTP {code}')}); "
-            "revoke it from the IDE's bridge list.\n"
-        )
-    BridgeConfig.forget(directory)
-    out.write(f"Forgot the pairing with {config.relay.url}.\n")
-    return EXIT_OK
-
-
-async def start(
-    reactor: Any,
-    config: BridgeConfig,
-    label: str,
-    out: TextIO,
-    replay: ReplaySettings | None = None,
-) -> int:
-    """Run the bridge until interrupted, or until the relay refuses its token."""
-    service = BridgeService(
-        reactor, config, telemetry=telemetry_enabled(os.environ), label=label, replay=replay
-    )
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    out.write(f"coder1-bridge connecting to {config.relay.url} (Ctrl-C to stop)\n")
-    reason = await service.refused
-    await service.stopService()
-    out.write(f"The relay refused this bridge: {reason}. Pair again: coder1-bridge pair CODE\n")
-    return EXIT_REFUSED
-
-
-def _when(timestamp: Any) -> str:
-    return datetime.fromtimestamp(float(timestamp), UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _no_input(prompt: str) -> str:
+    raise EOFError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="coder1-bridge", description="Run the Coder1 IDE's commands on this machine."
+    # Accepted before the subcommand and after it; SUPPRESS keeps the one given.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config-dir",
+        default=argparse.SUPPRESS,
+        help="where the pairing is kept (default: ~/.config/coder1-bridge)",
     )
-    parser.add_argument("--config-dir", help="where the pairing is kept (default: XDG config dir)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pair", help="pair with a relay using the code the IDE shows")
-    p.add_argument("code", nargs="?", help="the 6-digit code (prompted for when left out)")
-    s = sub.add_parser("start", help="connect and run commands (pairs first if needed)")
-    for command in (p, s):
+    common.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log everything, with timestamps (what the daemon's log keeps)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="coder1-bridge",
+        description="Run the Coder1 IDE's terminals and commands on this machine.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("pair", parents=[common], help="pair with the code the IDE shows")
+    p.add_argument("code", nargs="?", help="the 6-digit code (asked for when left out)")
+    s = sub.add_parser(
+        "start", parents=[common], help="connect and run terminals (pairs first if need be)"
+    )
+    d = sub.add_parser("doctor", parents=[common], help="check what the bridge needs, step by step")
+    for command in (p, s, d):
         command.add_argument(
             "--relay",
-            default=DEFAULT_RELAY,
-            help=f"relay URL to pair with (default {DEFAULT_RELAY})",
+            default=None,
+            help=f"the relay's URL (default: the paired relay, else {DEFAULT_RELAY})",
         )
         command.add_argument(
-            "--ca-cert", help="PEM file to trust for the relay (dev or self-hosted)"
+            "--ca-cert",
+            metavar="PEM",
+            help="the relay's certificate to trust (a development or self-hosted relay)",
         )
-        command.add_argument("--label", default=default_label(), help="name shown in the IDE")
+    for command in (p, s):
+        command.add_argument(
+            "--label", default=None, help="name shown in the IDE (default: host name)"
+        )
     add_replay_arguments(s)
-    sub.add_parser("status", help="show the pairing and whether the relay accepts it")
-    sub.add_parser("unpair", help="forget the pairing")
+    sub.add_parser(
+        "status",
+        parents=[common],
+        help="the pairing, the running bridge, and whether the relay accepts it",
+    )
+    sub.add_parser("unpair", parents=[common], help="revoke the token and forget the pairing")
+    svc = sub.add_parser("service", parents=[common], help="run the bridge at every login")
+    svc.add_argument(
+        "action",
+        choices=["install", "uninstall", "status"],
+        help="install (and start), uninstall (and stop), or show the service",
+    )
     return parser
 
 
@@ -265,70 +170,218 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def replay_settings(args: argparse.Namespace) -> ReplaySettings:
+def _replay_settings(args: argparse.Namespace) -> ReplaySettings:
     try:
         return ReplaySettings(args.replay_buffer, args.send_window, args.grace_period)
     except ValueError as e:
-        raise CLIError(f"bad replay option: {e}") from None
+        raise Problem(f"Bad replay option: {e}.") from None
 
 
 def _relay_address(args: argparse.Namespace) -> RelayAddress:
     try:
-        url = parse_relay_url(args.relay)
+        url = parse_relay_url(args.relay or DEFAULT_RELAY)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise Problem(f"{str(e).capitalize()}.") from None
     ca = None
     if args.ca_cert:
+        path = FilePath(os.path.expanduser(args.ca_cert))
         try:
-            ca = FilePath(args.ca_cert).getContent().decode("ascii")
-        except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"cannot read --ca-cert: {e}") from None
+            ca = path.getContent().decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            raise Problem(
+                f"Cannot read the certificate {path.path} (--ca-cert): give the relay's "
+                "certificate file, such as ~/.local/state/coder1-relay/dev-cert.pem."
+            ) from None
     return RelayAddress(url, ca)
 
 
-def run(argv: Sequence[str], *, reactor: Any, out: TextIO, prompt: Any = input) -> Deferred[int]:
-    """Do what C{argv} says; the result is the exit code."""
+def _directory(args: argparse.Namespace, environ: Mapping[str, str]) -> FilePath[str]:
+    given = getattr(args, "config_dir", None)
+    return FilePath(os.path.abspath(os.path.expanduser(given))) if given else config_dir(environ)
+
+
+def _load(directory: FilePath[str]) -> BridgeConfig | None:
+    try:
+        return BridgeConfig.load(directory)
+    except (InsecureFileError, StalePairingError) as e:
+        raise Problem(f"{e}.") from None
+
+
+def prepare(
+    args: argparse.Namespace, console: Console, out: TextIO, environ: Mapping[str, str]
+) -> None:
+    """
+    Ask what must be asked before the reactor runs: a pairing code (the
+    reactor would keep Ctrl-C from interrupting a question).  Puts it in
+    C{args.code}.
+    """
+    if args.command == "pair":
+        args.code = pairing.check_code(args.code) if args.code is not None else None
+        if args.code is None:
+            args.code = _code_from(console, out)
+    elif args.command == "start" and _load(_directory(args, environ)) is None:
+        if not console.interactive:
+            raise Problem(
+                "This machine is not paired yet, and there is no terminal to ask for a pairing "
+                "code on. Pair it first: coder1-bridge pair CODE"
+            )
+        out.write(
+            "This machine is not paired yet. In the IDE, click “Bridge”: it shows a pairing "
+            "code to type here.\n"
+        )
+        args.code = _code_from(console, out)
+
+
+def _code_from(console: Console, out: TextIO) -> str:
+    while True:
+        try:
+            text = console.ask(CODE_PROMPT)
+        except EOFError:
+            raise Problem(
+                "No pairing code was given. In the IDE, click “Bridge”, then run: "
+                "coder1-bridge pair CODE"
+            ) from None
+        try:
+            return pairing.check_code(text)
+        except Problem as e:
+            if not console.interactive:
+                raise
+            out.write(f"{e}\n")
+
+
+async def dispatch(
+    args: argparse.Namespace, reactor: Any, out: TextIO, environ: Mapping[str, str]
+) -> int:
+    """Run the command C{args} name (after L{prepare}); its exit status."""
+    directory = _directory(args, environ)
+    command = args.command
+    if command == "pair":
+        label = args.label or default_label()
+        relay = _relay_address(args)
+        await pairing.pair(reactor, directory, relay, args.code, label, out, environ)
+        return EXIT_OK
+    if command == "start":
+        replay = _replay_settings(args)
+        config = _load(directory)
+        if config is None:
+            relay = _relay_address(args)
+            label = args.label or default_label()
+            config = await pairing.pair(
+                reactor, directory, relay, args.code, label, out, environ, starting=True
+            )
+        label = args.label or config.label or default_label()
+        return await foreground.start(reactor, directory, config, label, replay, out, environ)
+    if command == "status":
+        return await status.status(reactor, directory, out, environ)
+    if command == "unpair":
+        await pairing.unpair(reactor, directory, out, environ)
+        return EXIT_OK
+    if command == "doctor":
+        checks = doctor.Doctor(reactor, directory, environ, out)
+        if args.relay or args.ca_cert:
+            checks.relay = _relay_address(args)
+        return await checks.run()
+    where = service_install.platform(environ)
+    if args.action == "install":
+        return await service_install.install(reactor, directory, out, environ, where)
+    if args.action == "uninstall":
+        return await service_install.uninstall(reactor, out, environ, where)
+    return await service_install.service_status(reactor, out, environ, where)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    reactor: Any,
+    out: TextIO,
+    err: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+    console: Console | None = None,
+) -> Deferred[int]:
+    """
+    Do what C{argv} says, asking C{console} if need be (by default there is
+    nobody to ask); the result is the exit status.
+    """
+    err = out if err is None else err
+    environ = os.environ if environ is None else environ
     args = _parser().parse_args(argv)
-    directory = FilePath(args.config_dir) if args.config_dir else config_dir()
 
     async def go() -> int:
-        try:
-            if args.command == "pair":
-                relay = _relay_address(args)
-                code = args.code or prompt("Pairing code shown in the IDE: ")
-                await pair(reactor, directory, relay, code, args.label, out)
-                return EXIT_OK
-            if args.command == "status":
-                return await status(reactor, directory, out)
-            if args.command == "unpair":
-                return await unpair(reactor, directory, out)
-            config = BridgeConfig.load(directory)
-            if config is None:
-                out.write("Not paired yet.\n")
-                code = prompt("Pairing code shown in the IDE: ")
-                config = await pair(reactor, directory, _relay_address(args), code, args.label, out)
-            return await start(reactor, config, args.label, out, replay_settings(args))
-        except (CLIError, InsecureFileError, StalePairingError) as e:
-            out.write(f"coder1-bridge: {e}\n")
-            return EXIT_FAILED
+        prepare(args, console or Console(_no_input, interactive=False), out, environ)
+        return await dispatch(args, reactor, out, environ)
 
-    return Deferred.fromCoroutine(go())
+    return Deferred.fromCoroutine(_said(go(), err))
+
+
+async def _said(work: Coroutine[Any, Any, int], err: TextIO) -> int:
+    """The exit status of C{work}, with its L{Problem}, if any, said on C{err}."""
+    try:
+        return await work
+    except (InsecureFileError, StalePairingError) as e:
+        err.write(f"coder1-bridge: {e}.\n")
+        return EXIT_FAILED
+    except Problem as e:
+        err.write(f"coder1-bridge: {e}\n")
+        return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The console script."""
+    """The console script: exits with the command's status, never with a traceback."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        sys.stdout.write("\nInterrupted.\n")
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+def _main(argv: list[str]) -> int:
     refuse_root(os.geteuid())
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["start"]:
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    args = _parser().parse_args(argv)
+    environ = os.environ
+    observer = (
+        detailed_observer(sys.stdout, environ)
+        if getattr(args, "verbose", False)
+        else ForegroundObserver(sys.stdout)
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    try:
+        prepare(args, terminal_console(sys.stdin, sys.stdout), sys.stdout, environ)
+    except Problem as e:
+        sys.stderr.write(f"coder1-bridge: {e}\n")
+        return EXIT_FAILED
 
-    def once(reactor: Any) -> Deferred[None]:
-        d = run(argv, reactor=reactor, out=sys.stdout)
+    return _react(lambda reactor: _said(dispatch(args, reactor, sys.stdout, environ), sys.stderr))
 
-        def exit_with(code: int) -> None:
-            if code:
-                raise SystemExit(code)
 
-        return d.addCallback(exit_with)
+def _react(work: Callable[[Any], Any]) -> int:
+    """
+    Run C{work} with the reactor: its exit status; or, if a signal stopped
+    the reactor first (Ctrl-C in the middle of a request), 130.
+    """
+    from twisted.internet import reactor
 
-    react(once)
+    running: Any = reactor
+    result: list[int] = []
+
+    def begin() -> None:
+        d = Deferred.fromCoroutine(work(running))
+
+        def crashed(failure: Any) -> int:
+            _log.failure("coder1-bridge failed", failure)
+            sys.stderr.write(f"coder1-bridge: {CRASHED}\n")
+            return EXIT_FAILED
+
+        def stop(code: int) -> None:
+            result.append(code)
+            with contextlib.suppress(ReactorNotRunning):
+                running.stop()
+
+        d.addErrback(crashed).addCallback(stop)
+
+    running.callWhenRunning(begin)
+    running.run()
+    if not result:
+        sys.stdout.write("\nInterrupted.\n")
+        return EXIT_INTERRUPTED
+    return result[0]

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
+from twisted.python.failure import Failure
 
 from coder1_bridge import processes
 from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control
@@ -50,6 +51,9 @@ class CommandSettings:
     default_timeout: float | None = None
     #: Runs "shell" requests as ``[shell, "-l", "-c", line]``.
     shell: str = attrs.field(factory=processes.login_shell)
+    #: Seconds a command's output stays open after its program ended, when a
+    #: process that left its group still holds it, before the bridge closes it.
+    linger: float = 1.0
 
 
 class ProcessHandle(processes.ChildHandle, Protocol):
@@ -59,6 +63,8 @@ class ProcessHandle(processes.ChildHandle, Protocol):
     def pid(self) -> int: ...
 
     def closeStdin(self) -> None: ...
+
+    def loseConnection(self) -> None: ...
 
 
 #: The parts of L{IReactorProcess} and L{IReactorTime} the runner uses.
@@ -119,16 +125,32 @@ class _Command(processes.ManagedProcess[ProcessHandle]):
     stdin_open: bool
     #: "timeout" or "cancelled" once the runner has begun to stop it.
     stopped_for: str | None = None
+    #: Whether the program (the group leader) has ended and been reaped.
+    exited: bool = False
+    #: Whether the runner closed its output, which others still held open.
+    held_open: bool = False
 
 
 class _CommandProtocol(processes.ChildProtocol[_Command]):
     """Hands one child's events to the runner."""
 
     output_kind = Kind.CMD_STDOUT
+    _manager: CommandRunner
+
+    def __init__(self, manager: CommandRunner) -> None:
+        super().__init__(manager)
+        #: Whether Twisted reaped the program inside spawnProcess.
+        self.exited_early = False
 
     def errReceived(self, data: bytes) -> None:
         assert self.child is not None
         self._manager._output(self.child, Kind.CMD_STDERR, data)
+
+    def processExited(self, reason: Failure) -> None:
+        if self.child is None:
+            self.exited_early = True
+        else:
+            self._manager._exited(self.child)
 
 
 class CommandRunner(processes.ProcessManager[ProcessHandle, CommandSettings, _Command]):
@@ -179,6 +201,8 @@ class CommandRunner(processes.ProcessManager[ProcessHandle, CommandSettings, _Co
             process.closeStdin()
         if spec.timeout is not None:
             command.timer = self._reactor.callLater(spec.timeout, self._stop, command, "timeout")
+        if protocol.exited_early:
+            self._exited(command)
         return command
 
     def _started(self, command: _Command) -> None:
@@ -202,16 +226,40 @@ class CommandRunner(processes.ProcessManager[ProcessHandle, CommandSettings, _Co
         if command.stopped_for is not None:
             return  # keep the first reason and its KILL deadline
         command.stopped_for = reason
+        if command.exited:
+            # Only what left the group and holds the output keeps it open.
+            self._signal(command, signal.SIGKILL)
+            self._close(command)
+            return
         self._stop_group(command, signal.SIGTERM)
 
+    def _exited(self, command: _Command) -> None:
+        """The program has ended; a process that left its group may still hold its output."""
+        command.exited = True
+        killing = command.timer is not None and command.timer.active()
+        command.cancel_timer()
+        if command.stopped_for is not None and killing:
+            # What else of its group ignored TERM must not outlive a stopped command.
+            self._signal(command, signal.SIGKILL)
+        # Usually the output closes at once, the program's group being its last writers.
+        command.timer = self._reactor.callLater(self._settings.linger, self._close, command)
+
+    def _close(self, command: _Command) -> None:
+        """Stop reading output that others hold open, so that the command can end."""
+        command.cancel_timer()
+        if command.holds and command.stopped_for is None:
+            # What is left of its output is waiting to be read, not held open.
+            command.timer = self._reactor.callLater(self._settings.linger, self._close, command)
+            return
+        self.log.info(
+            "command {stream}: its output is still held open; closing it", stream=command.stream
+        )
+        command.held_open = True
+        command.process.loseConnection()
+
     def _exit_frame(self, command: _Command, exit_code: int | None, sig: int | None) -> Envelope:
-        if command.timer is not None and command.timer.active():
-            command.timer.cancel()
-            if command.stopped_for is not None:
-                # Its leader is gone but what else of its group ignored TERM and
-                # let go of the output must not outlive a stopped command.
-                self._signal(command, signal.SIGKILL)
-        outcome = command.stopped_for or "exited"
+        command.cancel_timer()
+        outcome = "held-open" if command.held_open else command.stopped_for or "exited"
         self.log.info(
             "command {stream} ended ({outcome}), {count} bytes of output",
             stream=command.stream,

@@ -80,6 +80,8 @@ class BridgeConfig:
     peer: int
     browser_key: str
     identity: Identity = attrs.field(eq=False, repr=False)
+    #: The name the IDE shows (C{pair --label}); None: the host name.
+    label: str | None = None
 
     @property
     def verification(self) -> str:
@@ -94,6 +96,7 @@ class BridgeConfig:
             "token": self.token,
             "peer": self.peer,
             "browser_key": self.browser_key,
+            "label": self.label,
         }
         write_secret(directory.child("pairing.json"), json.dumps(body, indent=2).encode())
 
@@ -122,7 +125,23 @@ class BridgeConfig:
             body["peer"],
             body["browser_key"],
             Identity.from_pem(read_secret(key)),
+            body.get("label"),
         )
+
+    @staticmethod
+    def saved_token(directory: FilePath[str]) -> tuple[RelayAddress, str, int] | None:
+        """
+        The relay, token and bridge number of the saved pairing, even one that
+        L{load} refuses (too old, or readable by others): so that it can be
+        revoked before it is replaced.  None when there is none.
+        """
+        path = directory.child("pairing.json")
+        try:
+            body = json.loads(read_secret(path))
+            relay = RelayAddress(str(body["relay"]), body.get("ca_cert_pem"))
+            return relay, str(body["token"]), int(body["peer"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @staticmethod
     def forget(directory: FilePath[str]) -> bool:

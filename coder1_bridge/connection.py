@@ -29,7 +29,9 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import gatherResults
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
@@ -68,7 +70,7 @@ from coder1_wire.envelope import (
     is_end_to_end,
     is_to_browser,
 )
-from coder1_wire.heartbeat import Heartbeat
+from coder1_wire.heartbeat import MAX_INTERVAL, MIN_INTERVAL, Heartbeat, interval_from
 
 #: Browser tabs one bridge keeps channels with at once.
 MAX_CHANNELS = 16
@@ -469,13 +471,31 @@ class BridgeSession:
         if kind == Kind.PING:
             self.send(Envelope(Kind.PONG))
         elif kind == Kind.WELCOME:
-            interval = envelope.json().get("heartbeat")
-            if isinstance(interval, int | float) and interval > 0:
-                self._watch(float(interval))
+            self._welcome(envelope)
         elif kind == Kind.ERROR:
             self.log.warn("the relay reported an error: {error}", error=_error_code(envelope))
         elif kind == Kind.GONE:
             self._gone(envelope)
+
+    def _welcome(self, envelope: Envelope) -> None:
+        """Take the relay's ping interval, within bounds (section 7)."""
+        try:
+            body = envelope.json()
+        except EnvelopeError:
+            body = None
+        asked = body.get("heartbeat") if isinstance(body, dict) else None
+        interval = interval_from(asked)
+        if interval is None:
+            self.log.warn("ignored a WELCOME without a heartbeat interval")
+            return
+        if interval != asked:
+            self.log.warn(
+                "the relay asked for a heartbeat outside {low}-{high} s; using {s} s",
+                low=MIN_INTERVAL,
+                high=MAX_INTERVAL,
+                s=interval,
+            )
+        self._watch(interval)
 
     def _gone(self, envelope: Envelope) -> None:
         """
@@ -549,6 +569,8 @@ class BridgeClientProtocol(WebSocketClientProtocol):
     """Adapts one Autobahn connection to the session."""
 
     factory: BridgeClientFactory
+    #: Why the connection went, as Twisted said it (a refused TLS handshake, say).
+    lost_because: Failure | None = None
 
     def send(self, frame: bytes) -> None:
         if self.state == WebSocketClientProtocol.STATE_OPEN:
@@ -577,6 +599,10 @@ class BridgeClientProtocol(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             self.factory.session.receive(payload)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost_because = reason
+        super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.session.detach(self)

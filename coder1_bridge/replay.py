@@ -335,8 +335,9 @@ class Outbox:
             position = min(position, log.end)
             follower.sent[key] = follower.acked[key] = position
             log.acked = max(log.acked, position)
-        if before is not None:
-            self._retrim(before.sent)
+        # A RESUME acknowledges what the page has: that may leave the logs, and a
+        # process held for it must read again (no ACK for it will follow).
+        self._retrim([*before.sent, *follower.sent] if before is not None else follower.sent)
         return unknown
 
     def subscribe(self, channel: int, key: Key) -> None:

@@ -1,18 +1,37 @@
-"""C{twistd coder1-bridge}: the same service as C{coder1-bridge start}."""
+"""
+C{twistd coder1-bridge}: the same services as C{coder1-bridge start}.
+
+Unless told otherwise (C{--pidfile}, C{--logfile}), twistd keeps its pid
+file and log in the bridge's state directory, C{$XDG_STATE_HOME/coder1-bridge}
+(C{~/.local/state/coder1-bridge}), not in the directory it was started from.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
+from twisted.application.service import MultiService
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from coder1_bridge.config import BridgeConfig, StalePairingError, config_dir, refuse_root
+from coder1_bridge.foreground import bridge_services
 from coder1_bridge.replay import ReplaySettings
-from coder1_bridge.service import BridgeService, default_label
-from coder1_wire.crash import telemetry_enabled
+from coder1_bridge.service import default_label
 from coder1_wire.secretfile import InsecureFileError
+
+#: twistd's own defaults, which would put these files in the current directory.
+TWISTD_PIDFILE = "twistd.pid"
+
+
+def state_dir(environ: Mapping[str, str] = os.environ) -> FilePath[str]:
+    """C{$XDG_STATE_HOME/coder1-bridge}, or C{~/.local/state/coder1-bridge}."""
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec says to ignore a relative value
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return FilePath(base).child("coder1-bridge")
 
 
 class Options(usage.Options):
@@ -52,7 +71,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         refuse_root(os.geteuid())
+        self._keep_files_in_state_dir()
         directory = FilePath(self["config-dir"]) if self["config-dir"] else config_dir()
+        self["directory"] = directory
         try:
             config = BridgeConfig.load(directory)
         except (InsecureFileError, StalePairingError) as e:
@@ -67,18 +88,37 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"bad replay option: {e}") from None
 
+    def _keep_files_in_state_dir(self) -> None:
+        """twistd's pid file and log go to the state directory, unless given."""
+        twistd: Any = getattr(self, "parent", None)
+        if twistd is None:
+            return
+        pid = twistd.get("pidfile") == TWISTD_PIDFILE
+        log = not (twistd.get("logfile") or twistd.get("nodaemon") or twistd.get("syslog"))
+        if not (pid or log):
+            return
+        directory = state_dir()
+        directory.makedirs(ignoreExistingDirectory=True)
+        directory.chmod(0o700)
+        if pid:
+            twistd["pidfile"] = directory.child("bridge.pid").path
+        if log:
+            twistd["logfile"] = directory.child("bridge.log").path
 
-def makeService(options: Options) -> BridgeService:
-    """The bridge service for C{twistd coder1-bridge} (Options refused root already)."""
+
+def makeService(options: Options) -> MultiService:
+    """The bridge and its status socket for C{twistd coder1-bridge} (root refused already)."""
     from twisted.internet import reactor
 
     reactor_: Any = reactor
-    service = BridgeService(
+    config: BridgeConfig = options["config"]
+    services, bridge = bridge_services(
         reactor_,
-        options["config"],
-        telemetry=telemetry_enabled(os.environ),
-        label=options["label"] or default_label(),
-        replay=options["replay"],
+        options["directory"],
+        config,
+        options["label"] or config.label or default_label(),
+        options["replay"],
+        os.environ,
     )
-    service.refused.addCallback(lambda _: reactor_.stop())
-    return service
+    bridge.refused.addCallback(lambda _: reactor_.stop())
+    return services

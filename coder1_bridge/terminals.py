@@ -233,6 +233,7 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
             "terminal {stream} opened, {running} open",
             stream=terminal.stream,
             running=self.running,
+            person="Terminal opened ({running} open)",
         )
         body = {"pid": terminal.pid, "cols": terminal.cols, "rows": terminal.rows}
         self._reply(terminal, Kind.PTY_OPENED, control(Kind.PTY_OPENED, body).payload)
@@ -297,6 +298,7 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
             outcome="closed" if terminal.closing else "exited",
             input=terminal.input_bytes,
             output=terminal.output_bytes,
+            person="Terminal closed",
         )
         return control(Kind.PTY_EXIT, {"exit_code": exit_code, "signal": sig})
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.interfaces import (
@@ -36,6 +36,8 @@ from coder1_wire.secretfile import check_private, read_secret, write_secret
 DEV_CERT_NAME = "dev-cert.pem"
 DEV_KEY_NAME = "dev-key.pem"
 SIGNING_KEY_NAME = "signing-key.pem"
+#: Keys signed with before a rotation, whose tokens are still accepted (PEM, public or private).
+ACCEPTED_KEYS_DIR = "accepted-keys"
 
 DEV_CERT_LIFETIME = datetime.timedelta(days=365)
 #: A dev certificate closer than this to expiry is replaced at startup.
@@ -61,6 +63,8 @@ class RelayKeys:
     tls_key_pem: bytes = attrs.field(repr=False)
     #: Signs session tokens (JWT, EdDSA).
     signing_key: Ed25519PrivateKey = attrs.field(repr=False)
+    #: Older signing keys (public halves) whose tokens are still accepted.
+    accepted: tuple[Ed25519PublicKey, ...] = ()
 
 
 def default_state_dir() -> FilePath[str]:
@@ -107,8 +111,30 @@ def load_or_create(
         tls_cert_pem=cert_pem,
         tls_key_pem=key_pem,
         signing_key=_load_or_create_signing_key(state_dir.child(SIGNING_KEY_NAME)),
+        accepted=_load_accepted_keys(state_dir.child(ACCEPTED_KEYS_DIR)),
     )
     return keys, created
+
+
+def _load_accepted_keys(folder: FilePath[str]) -> tuple[Ed25519PublicKey, ...]:
+    """Every Ed25519 key, public or private, in C{folder}'s C{*.pem} files (none: no folder)."""
+    if not folder.isdir():
+        return ()
+    found = []
+    for path in sorted(folder.globChildren("*.pem")):
+        pem = path.getContent()
+        try:
+            if b"PRIVATE KEY" in pem:
+                check_private(path)
+                key: object = serialization.load_pem_private_key(pem, None).public_key()
+            else:
+                key = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path.path} is not a PEM key: {e}") from e
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{path.path} is not an Ed25519 key")
+        found.append(key)
+    return tuple(found)
 
 
 def fingerprint(cert_pem: bytes) -> str:
@@ -123,7 +149,9 @@ def fingerprint(cert_pem: bytes) -> str:
 def server_tls_options(keys: RelayKeys) -> IOpenSSLServerConnectionCreator:
     """
     Server TLS settings: TLS 1.3 only, the whole chain sent, no session
-    tickets.  The result is a L{CertificateOptions}, so it also provides
+    resumption (no ticket key, no session cache; OpenSSL still sends its two
+    stateful TLS 1.3 tickets, which name nothing: docs/security.md, section
+    9).  The result is a L{CertificateOptions}, so it also provides
     L{IOpenSSLContextFactory} for C{listenSSL}.
     """
     leaf, *intermediates = _parse_certs(keys.tls_cert_pem, "chain")

@@ -8,9 +8,10 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from coder1_relay.mesh import Mesh
 from coder1_relay.pairing import Pairing
 from coder1_relay.routing import Hub
-from coder1_relay.store import IRelayStore
+from coder1_relay.store import BridgeRecord, IRelayStore
 from coder1_relay.telemetry import Telemetry
 from coder1_relay.tokens import TokenAuthority
 
@@ -69,6 +70,62 @@ class Limits:
     #: Paired (unexpired, unrevoked) bridges per browser session; past it: 409
     #: when the browser asks for a code and when a bridge redeems one.
     bridges_per_session: int = attrs.field(default=16, validator=_positive)
+    #: TCP connections open at once over the whole relay (0: as many as the
+    #: open-file limit leaves, L{connection_room}); past it a new connection is
+    #: closed at once, before TLS.
+    max_connections: int = attrs.field(default=0, validator=_not_negative)
+
+
+#: File descriptors the relay keeps for itself, not for connections: its listening
+#: socket, log, telemetry database, state file writes, the reactor's and its threads'.
+FD_RESERVE = 64
+
+
+@attrs.frozen
+class ConnectionRoom:
+    """How many TCP connections the relay holds at once, and what it says about that at start."""
+
+    #: 0: no cap (no open-file limit, and no C{--max-connections}).
+    cap: int
+    message: str
+    #: Whether the message is a warning: the cap could be higher, or is lower than asked.
+    warn: bool
+
+
+def connection_room(max_connections: int, soft: int | None, hard: int | None) -> ConnectionRoom:
+    """
+    The relay-wide cap on connections: C{max_connections} if given, else what
+    the open-file limit (C{RLIMIT_NOFILE}, C{soft} and C{hard}; None: none)
+    leaves after L{FD_RESERVE}, and never more than that.  A paired session
+    holds two connections (a tab and its bridge), so the message says how
+    many sessions fit.
+    """
+    how = "ulimit -n, or LimitNOFILE= in a systemd unit"
+    fits = None if soft is None else max(1, soft - FD_RESERVE)
+    derived = not max_connections or (fits is not None and max_connections > fits)
+    if fits is None and derived:
+        return ConnectionRoom(0, "no open-file limit and no --max-connections: no cap", False)
+    cap = fits if derived and fits is not None else max_connections
+    why = (
+        f"RLIMIT_NOFILE {soft}, less {FD_RESERVE} for its own files"
+        if derived
+        else "--max-connections"
+    )
+    said = (
+        f"room for {cap} connections ({why}): about {cap // 2} paired sessions"
+        " (a browser tab and a bridge each)"
+    )
+    if max_connections > cap:
+        return ConnectionRoom(
+            cap,
+            f"--max-connections {max_connections} is more than the open-file limit allows: "
+            f"{said}; raise the limit ({how})",
+            warn=True,
+        )
+    if derived and soft is not None and (hard is None or hard > soft):
+        up_to = "" if hard is None else f" up to {hard}"
+        return ConnectionRoom(cap, f"{said}; raise the limit{up_to} for more ({how})", warn=True)
+    return ConnectionRoom(cap, said, warn=False)
 
 
 class Seconds(Protocol):
@@ -231,6 +288,25 @@ class RelayContext:
     extra_origins: tuple[str, ...] = ()
     limits: Limits = Limits()
     connections: Connections = attrs.field(factory=Connections)
+    #: Where the development certificate is (C{~/...} if under the home directory), for the
+    #: pairing command the page shows; None with an operator's certificate.
+    dev_cert: str | None = None
+    #: With several relay nodes: this node's part (None: a relay on its own).
+    mesh: Mesh | None = None
+
+    def paired(self, session: str, record: BridgeRecord) -> None:
+        """A bridge of C{session} presented its key: tell its tabs, wherever they are."""
+        if self.mesh is None:
+            self.hub.paired(session, record)
+        else:
+            self.mesh.paired(session, record)
+
+    def disconnect_bridge(self, session: str, peer: int, code: int, reason: str) -> None:
+        """Close bridge C{peer} of C{session}, wherever it is connected (it was revoked)."""
+        if self.mesh is None:
+            self.hub.disconnect_bridge(session, peer, code, reason)
+        else:
+            self.mesh.disconnect_bridge(session, peer, code, reason)
 
     @property
     def allowed_origins(self) -> set[str]:

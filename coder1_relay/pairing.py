@@ -7,13 +7,15 @@ layer turns the exceptions into HTTP answers.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 import secrets
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from coder1_relay.store import BridgeRecord, IRelayStore, PendingCode
+from coder1_relay.store import BridgeRecord, IRelayStore, PendingCode, StoreUnavailable
 from coder1_relay.tokens import BridgeClaims, TokenAuthority
 
 CODE_DIGITS = 6
@@ -27,12 +29,23 @@ _GLOBAL = "global"
 
 @attrs.frozen
 class PairingPolicy:
-    """The pairing rules; docs/security.md explains the numbers."""
+    """
+    The pairing rules; docs/security.md (section 5) explains the numbers.
+
+    Failed redemptions are bounded per client address, per network (what one
+    guesser holds cheaply: an IPv4 /24, an IPv6 /48) and over the whole relay.
+    The relay-wide bound refuses only networks that have failed: a guesser
+    can slow pairing for its own networks, never for anyone else's.
+    """
 
     code_lifetime: float = 300.0
     codes_per_minute: int = 5
     failures_per_ip_per_hour: int = 10
+    failures_per_network_per_hour: int = 30
+    #: Past this many failures in an hour over the whole relay, it is under attack ...
     failures_per_hour: int = 600
+    #: ... and a network may then fail only this often an hour (a person's typos).
+    failures_per_network_under_attack: int = 3
 
 
 class RateLimited(Exception):
@@ -63,6 +76,21 @@ class Redemption:
     claims: BridgeClaims
     record: BridgeRecord
     browser_key: str
+
+
+def network_of(client_ip: str) -> str:
+    """
+    The network C{client_ip} is in, as far as guessing goes: its IPv4 /24 or
+    IPv6 /48 (an IPv4-mapped IPv6 address is IPv4); anything else is its own.
+    """
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return client_ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network((address, prefix), strict=False))
 
 
 def check_public_key(key: object) -> str:
@@ -110,34 +138,64 @@ class Pairing:
         verification codes must then commit to the browser key it hands the
         bridge before it learns the bridge's key (docs/e2e.md).
 
-        Failed attempts are counted per client IP and globally, and past either
-        bound every attempt is refused before the code is even looked at.
+        Failed attempts are counted per client IP, per network and over the
+        relay (L{PairingPolicy}); past a bound, an attempt is refused before
+        the code is even looked at, so a refused guess cannot succeed.  An
+        attempt takes its place in the counts before it looks at the code, and
+        gives it back when the code was good: attempts made at the same time,
+        on any relay process, cannot all pass the check before any of them is
+        counted.
 
         @raise RateLimited: too many failures lately.
         @raise RedeemRefused: the code is not live.
         @raise ValueError: the label is not acceptable.
+        @raise StoreUnavailable: the store failed; the code may be used up.
         """
         if not _LABEL.fullmatch(label):
             raise ValueError("label must be 1-64 letters, digits or . _ - @ : + space")
-        now = self.clock.seconds()
+        now, policy, store = self.clock.seconds(), self.policy, self.store
         hour = 3600.0
-        ip_key, global_key = f"fail:ip:{client_ip}", f"fail:{_GLOBAL}"
-        for key, limit in (
-            (ip_key, self.policy.failures_per_ip_per_hour),
-            (global_key, self.policy.failures_per_hour),
-        ):
-            if await self.store.count(key, now, hour) >= limit:
+        ip_key, net_key = f"fail:ip:{client_ip}", f"fail:net:{network_of(client_ip)}"
+        global_key = f"fail:{_GLOBAL}"
+        # The relay-wide bound holds back only networks with failures of their
+        # own: the guesser's, never its victims'.
+        suspect = await store.count(net_key, now, hour) >= policy.failures_per_network_under_attack
+        checked = [
+            (ip_key, policy.failures_per_ip_per_hour),
+            (net_key, policy.failures_per_network_per_hour),
+        ]
+        if suspect:
+            checked.append((global_key, policy.failures_per_hour))
+        reserved: list[str] = []
+        for key, limit in checked:
+            if await store.hit(key, now, hour, limit) is not None:
+                await self._release(reserved, now)
                 raise RateLimited(hour)
-        pending = await self.store.take_code(code, now) if _CODE.fullmatch(code) else None
+            reserved.append(key)
+        pending = await store.take_code(code, now) if _CODE.fullmatch(code) else None
         if pending is None:
-            await self.store.hit(ip_key, now, hour, self.policy.failures_per_ip_per_hour)
-            await self.store.hit(global_key, now, hour, self.policy.failures_per_hour)
+            if not suspect:  # counted over the relay, though it does not hold this network back
+                await store.hit(global_key, now, hour, policy.failures_per_hour)
             raise RedeemRefused()
+        await self._release(reserved, now)
         peer = await self.store.next_peer(pending.session)
         token, claims = self.tokens.issue_bridge_token(pending.session, peer)
         record = BridgeRecord(peer, claims.jti, label, now, claims.expires_at, code=code)
-        await self.store.add_bridge(pending.session, record)
+        try:
+            await self.store.add_bridge(pending.session, record)
+        except StoreUnavailable:
+            # The record may have been stored all the same: revoked, it counts
+            # for nothing (its token is never handed out).
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.revoke(claims.jti, claims.expires_at, now)
+            raise
         return Redemption(token, claims, record, pending.browser_key)
+
+    async def _release(self, keys: list[str], now: float) -> None:
+        """Give back the places an attempt took; one the store fails to give back stays counted."""
+        for key in keys:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release(key, now)
 
     async def present_key(self, claims: BridgeClaims, bridge_key: str) -> BridgeRecord:
         """

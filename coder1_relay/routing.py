@@ -63,14 +63,16 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from coder1_relay.store import BridgeRecord, IRelayStore, Presence
+from coder1_relay.store import BridgeRecord, IRelayStore, Presence, StoreUnavailable
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
 from coder1_wire.envelope import (
@@ -236,6 +238,9 @@ class Hub:
     settings: HubSettings = HubSettings()
     _ides: dict[str, set[Endpoint]] = attrs.field(factory=dict)
     _bridges: dict[str, dict[int, Endpoint]] = attrs.field(factory=dict)
+    #: Called with a session once this hub holds no connection of it (the
+    #: mesh gives the session up, C{coder1_relay.mesh}).
+    on_empty: Callable[[str], None] | None = None
     log: Logger = attrs.field(factory=Logger, init=False)
     #: Whether a subclass overrides L{_from_ide} or L{_from_bridge}: it gets
     #: every frame decoded, through them.
@@ -313,8 +318,8 @@ class Hub:
         if telemetry:
             self.telemetry.bridge_version(version)
         presence = Presence(peer, label, version, self.clock.seconds(), bridge_key)
-        self.store.set_presence(session, presence).addCallback(
-            lambda _: self._send_presence(session)
+        self.store.set_presence(session, presence).addCallbacks(
+            lambda _: self._send_presence(session), self._presence_failed
         )
         return endpoint
 
@@ -339,15 +344,30 @@ class Hub:
             if not ides:
                 self._ides.pop(endpoint.session, None)
             self._gone(endpoint)
-            return
-        bridges = self._bridges.get(endpoint.session, {})
-        if bridges.get(endpoint.peer) is endpoint:
-            del bridges[endpoint.peer]
-            if not bridges:
-                del self._bridges[endpoint.session]
-            self.store.clear_presence(endpoint.session, endpoint.peer).addCallback(
-                lambda _: self._send_presence(endpoint.session)
-            )
+        else:
+            bridges = self._bridges.get(endpoint.session, {})
+            if bridges.get(endpoint.peer) is endpoint:
+                del bridges[endpoint.peer]
+                if not bridges:
+                    del self._bridges[endpoint.session]
+                self.store.clear_presence(endpoint.session, endpoint.peer).addCallbacks(
+                    lambda _: self._send_presence(endpoint.session), self._presence_failed
+                )
+        if self.on_empty is not None and not self.holds(endpoint.session):
+            self.on_empty(endpoint.session)
+
+    def holds(self, session: str) -> bool:
+        """Whether any connection of C{session} is attached here."""
+        return session in self._ides or session in self._bridges
+
+    def close_session(self, session: str, code: int, reason: str) -> None:
+        """Close every connection of C{session} here (it is held elsewhere now)."""
+        for endpoint in [
+            *self._ides.get(session, ()),
+            *self._bridges.get(session, {}).values(),
+        ]:
+            self.detach(endpoint)
+            endpoint.close(code, reason)
 
     def congested(self, endpoint: Endpoint) -> None:
         """
@@ -579,4 +599,12 @@ class Hub:
             for ide in to if to is not None else self._ides.get(session, ()):
                 ide.send(control(Kind.PRESENCE, body))
 
-        self.store.presence(session).addCallback(send)
+        self.store.presence(session).addCallbacks(send, self._presence_failed)
+
+    def _presence_failed(self, failure: Failure) -> None:
+        """
+        A shared store that does not answer: presence (which the page also asks
+        for) is behind until the next change; forwarding goes on.
+        """
+        failure.trap(StoreUnavailable)
+        self.log.warn("presence not updated: the relay's store is unavailable")

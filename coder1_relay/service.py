@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, ClassVar
+import math
+import os
+import resource
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
 import attrs
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography import x509
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
@@ -22,14 +25,21 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
-from coder1_relay.context import Limits, PerAddress, RelayContext
+from coder1_relay.context import Limits, PerAddress, RelayContext, connection_room
+from coder1_relay.mesh import ISessionDirectory, Mesh
+from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
+from coder1_relay.redis_settings import RedisSettings
 from coder1_relay.routing import Hub, HubSettings
-from coder1_relay.store import IRelayStore, MemoryStore, write_in_thread
+from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import Telemetry
-from coder1_relay.tokens import TokenAuthority
-from coder1_relay.web import STATIC, make_site
+from coder1_relay.tokens import TokenAuthority, issuer_for
+from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire import closecodes
+from coder1_wire.tls import client_tls_options
+
+if TYPE_CHECKING:
+    from coder1_relay.redis_store import RedisStore
 
 
 @attrs.frozen
@@ -51,27 +61,50 @@ class RelaySettings:
     #: A line per HTTP request (twisted.web's combined log format): about 8 % of
     #: the relay's CPU while it pairs.
     access_log: bool = True
+    #: Where the state shared by a deployment's relay processes is kept (Redis);
+    #: None: in this process's memory, and C{pairings.json} in C{state_dir}.
+    store: RedisSettings | None = None
+    #: With several relay nodes: the endpoint other nodes' links arrive at (TLS
+    #: is added), how they reach it (C{host:port}; default: its interface and
+    #: port), and the CA file their certificates are checked with (default: this
+    #: node's own certificate when it is self-signed, else the system's CAs).
+    node_listen: str = "tcp:0:interface=127.0.0.1"
+    node_address: str | None = None
+    node_ca: FilePath[str] | None = None
 
 
 class GuardedTLSFactory(TLSMemoryBIOFactory):
     """
-    TLS on top of the Site, behind a count of each client IP address's TCP
-    connections (C{Limits.connections_per_ip}, C{new_connections_per_second}):
-    past either, a new connection is closed at once, before any TLS work.
+    TLS on top of the Site, behind a count of the relay's TCP connections
+    (C{cap}, from C{Limits.max_connections} and the open-file limit) and of
+    each client IP address's (C{Limits.connections_per_ip},
+    C{new_connections_per_second}): past any, a new connection is closed at
+    once, before any TLS work.
     """
+
+    log = Logger()
+    #: Seconds between two log lines saying that the relay is full.
+    FULL_LOG_INTERVAL = 60.0
 
     def __init__(
         self,
         context: RelayContext,
         tls: IOpenSSLServerConnectionCreator,
         wrapped: IProtocolFactory,
+        cap: int = 0,
     ) -> None:
         super().__init__(tls, False, wrapped)
         self.context = context
+        self.cap = cap
         self.addresses = PerAddress(context.limits, context.clock)
         self._address_of: dict[IProtocol, str] = {}
+        self._said_full_at = -math.inf
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.cap and len(self.protocols) >= self.cap:
+            self.context.telemetry.throttled("connections")
+            self._full()
+            return None
         address = getattr(addr, "host", None)
         if address is None:  # not IP (a UNIX socket): a local proxy's, not counted
             return super().buildProtocol(addr)
@@ -88,11 +121,47 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
         if address is not None:
             self.addresses.release(address)
 
+    def _full(self) -> None:
+        """Say why connections are refused, at most once a minute (each is counted)."""
+        now = self.context.clock.seconds()
+        if now - self._said_full_at >= self.FULL_LOG_INTERVAL:
+            self._said_full_at = now
+            self.log.warn(
+                "refusing new connections: the relay holds {cap}, its most (--max-connections)",
+                cap=self.cap,
+            )
 
-def issuer_for(keys: certs.RelayKeys) -> str:
-    """The C{iss} of this relay's tokens: names its signing key, so deployments differ."""
-    raw = keys.signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return "coder1-relay:" + hashlib.sha256(raw).hexdigest()[:16]
+
+def open_file_limit() -> tuple[int | None, int | None]:
+    """This process's C{RLIMIT_NOFILE}: soft and hard, None for unlimited."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    return (None if soft == unlimited else soft), (None if hard == unlimited else hard)
+
+
+def home_relative(path: str) -> str:
+    """C{path}, with the home directory as C{~}: shorter to read, and no user name in it."""
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+
+def _public_host(settings: RelaySettings) -> str:
+    """The host name in the public URL: what the relay's certificate is for."""
+    if settings.public_url is None:
+        return "localhost"
+    return urlsplit(settings.public_url).hostname or "localhost"
+
+
+def node_trust(keys: certs.RelayKeys, node_ca: FilePath[str] | None) -> bytes | None:
+    """
+    The certificates a node trusts on the other nodes' listeners: C{node_ca}'s;
+    else this node's own when it is self-signed (nodes share their
+    certificate); else None, the system's CAs.
+    """
+    if node_ca is not None:
+        return node_ca.getContent()
+    leaf = x509.load_pem_x509_certificates(keys.tls_cert_pem)[0]
+    return keys.tls_cert_pem if leaf.issuer == leaf.subject else None
 
 
 class RelayService(MultiService):
@@ -101,11 +170,17 @@ class RelayService(MultiService):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, settings: RelaySettings, store: IRelayStore | None = None
+        self,
+        reactor: Any,
+        settings: RelaySettings,
+        store: IRelayStore | None = None,
+        directory: ISessionDirectory | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.settings = settings
+        #: The shared store, when C{settings.store} asks for one.
+        self.redis: RedisStore | None = None
         settings.state_dir.makedirs(ignoreExistingDirectory=True)
         settings.state_dir.chmod(0o700)
         self.keys, _ = certs.load_or_create(
@@ -116,70 +191,149 @@ class RelayService(MultiService):
         )
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
         if store is None:
-            # Group commit: pairings and revocations arriving together share one
-            # write, made in a thread; each is answered once it is on disk.
-            store = MemoryStore(
-                path=settings.state_dir.child("pairings.json"),
-                clock=reactor,
-                writer=write_in_thread(reactor),
-            )
+            store = self._make_store(reactor, settings)
         self.telemetry = Telemetry(settings.state_dir.child("telemetry.sqlite").path, reactor)
         self.telemetry.setServiceParent(self)
         tokens = TokenAuthority(
             self.keys.signing_key,
-            issuer_for(self.keys),
+            issuer_for(self.keys.signing_key.public_key()),
             reactor,
             bridge_lifetime=settings.token_lifetime,
+            accepted={issuer_for(key): key for key in self.keys.accepted},
         )
+        # WebSockets go idle by the heartbeat: one idle timeout for HTTP and WebSockets.
+        hub_settings = attrs.evolve(settings.hub, heartbeat_timeout=settings.limits.idle_timeout)
+        hub = Hub(store, self.telemetry, reactor, hub_settings)
+        if directory is None and self.redis is not None:
+            directory = self._make_directory(reactor, self.redis, tokens.issuer)
+        mesh = None
+        if directory is not None:
+            links = NodeLinks(
+                reactor,
+                tokens,
+                client_tls_options(_public_host(settings), node_trust(self.keys, settings.node_ca)),
+                _public_host(settings),
+                settings.limits,
+                hub_settings.send_buffer,
+            )
+            mesh = Mesh(directory, hub, reactor, links)
         self.context = RelayContext(
             clock=reactor,
             store=store,
             tokens=tokens,
             pairing=Pairing(store, tokens, reactor, settings.pairing),
-            # WebSockets go idle by the heartbeat: one idle timeout for HTTP and WebSockets.
-            hub=Hub(
-                store,
-                self.telemetry,
-                reactor,
-                attrs.evolve(settings.hub, heartbeat_timeout=settings.limits.idle_timeout),
-            ),
+            hub=hub,
+            mesh=mesh,
             telemetry=self.telemetry,
             public_url=settings.public_url or "",
             extra_origins=settings.allowed_origins,
             limits=settings.limits,
+            dev_cert=None
+            if settings.tls_cert
+            else home_relative(settings.state_dir.child(certs.DEV_CERT_NAME).path),
         )
         self.port: IListeningPort | None = None
+        self.node_port: IListeningPort | None = None
+
+    def _make_directory(self, reactor: Any, redis: RedisStore, key_id: str) -> ISessionDirectory:
+        """Several relay nodes on one Redis: who holds which session (docs/scaling.md)."""
+        from coder1_relay.redis_directory import RedisDirectory
+
+        return RedisDirectory(redis.client, reactor, key_id, prefix=redis.prefix)
+
+    def _make_store(self, reactor: Any, settings: RelaySettings) -> IRelayStore:
+        if settings.store is None:
+            # Group commit: pairings and revocations arriving together share one
+            # write, made in a thread; each is answered once it is on disk.
+            return MemoryStore(
+                path=settings.state_dir.child("pairings.json"),
+                clock=reactor,
+                writer=write_in_thread(reactor),
+            )
+        # The optional `redis` extra: imported only when asked for.
+        from coder1_relay.redis_client import RedisClient
+        from coder1_relay.redis_store import RedisStore
+
+        client = RedisClient(reactor, settings.store)
+        client.setServiceParent(self)
+        self.redis = RedisStore(client)
+        return self.redis
 
     def startService(self) -> None:
         super().startService()
         self.listening = Deferred.fromCoroutine(self._listen())
         self.listening.addErrback(lambda f: self.log.failure("relay failed to listen", f))
+        self.store_checked = Deferred.fromCoroutine(self._check_store())
+
+    async def _check_store(self) -> None:
+        """Say where the shared state is, and, once Redis answers, what a crash of it could lose."""
+        if self.redis is None:
+            return
+        settings = self.redis.client.settings
+        self.log.info(
+            "keeping shared state in Redis at {address} (keys {prefix}*)",
+            address=settings.address,
+            prefix=settings.prefix,
+        )
+        try:
+            await self.redis.client.when_ready()
+            notes = await self.redis.persistence()
+        except StoreUnavailable:
+            return  # the client has said why, and says when Redis is back
+        for level, text in notes:
+            self.log.emit(level, "{text}", text=text)
 
     async def _listen(self) -> IListeningPort:
         endpoint = serverFromString(self.reactor, self.settings.listen)
+        room = connection_room(self.settings.limits.max_connections, *open_file_limit())
+        (self.log.warn if room.warn else self.log.info)("{room}", room=room.message)
         factory = GuardedTLSFactory(
             self.context,
             certs.server_tls_options(self.keys),
             make_site(self.context, access_log=self.settings.access_log),
+            room.cap,
         )
         self.port = port = await endpoint.listen(factory)
         if not self.context.public_url:
             self.context.public_url = f"https://localhost:{port.getHost().port}"
+        if self.context.mesh is not None:
+            await self._join(self.context.mesh)
         if not FilePath(STATIC).descendant(["vendor", "xterm.mjs"]).exists():
             self.log.warn(
                 "the IDE page's terminal assets are missing: run `npm ci && npm run vendor`"
             )
+        trust = f"; bridges trust it with --ca-cert {self.context.dev_cert}"
         self.log.info(
-            "coder1 relay at {url} (certificate SHA-256 {fingerprint})",
+            "coder1 relay at {url} (certificate SHA-256 {fingerprint}){trust}",
             url=self.context.public_url,
             fingerprint=self.fingerprint,
+            trust=trust if self.context.dev_cert else "",
         )
         return port
+
+    async def _join(self, mesh: Mesh) -> None:
+        """Listen for other nodes' links, and join the deployment."""
+        node_factory = TLSMemoryBIOFactory(
+            certs.server_tls_options(self.keys), False, make_node_site(self.context)
+        )
+        node_endpoint = serverFromString(self.reactor, self.settings.node_listen)
+        self.node_port = await node_endpoint.listen(node_factory)
+        host: Any = self.node_port.getHost()
+        address = self.settings.node_address or f"{host.host}:{host.port}"
+        await mesh.directory.start(address)
+        self.log.info("relay node {node} joined at {address}", node=mesh.node, address=address)
 
     async def _stop(self) -> None:
         await self.listening
         if self.port is not None:
             await maybeDeferred(self.port.stopListening)
+        mesh = self.context.mesh
+        if mesh is not None:
+            # Leave first: the connections closed below reconnect to other nodes,
+            # which may claim this node's sessions at once.
+            if self.node_port is not None:
+                await maybeDeferred(self.node_port.stopListening)
+            await mesh.directory.stop()
         connections = self.context.connections
         for connection in list(connections.live):
             connection.close(closecodes.SHUTTING_DOWN, "relay shutting down")
@@ -193,6 +347,8 @@ class RelayService(MultiService):
         await idle
         if timer.active():
             timer.cancel()
+        if mesh is not None:
+            mesh.stop()
         store = self.context.store
         if isinstance(store, MemoryStore):
             await store.flushed()

@@ -4,8 +4,9 @@ The relay's shared state, behind one small interface.
 Pairing codes, rate-limit windows, revocations, paired bridges and presence
 are all the state a relay keeps (besides telemetry).  Nothing else reaches
 into it, so a shared implementation (several relay processes, one
-deployment) can replace L{MemoryStore} without touching the callers.  Every
-method returns a Deferred, as a networked store would.
+deployment: C{coder1_relay.redis_store}) can replace L{MemoryStore} without
+touching the callers.  Every method returns a Deferred, as a networked store
+would, and may fail with L{StoreUnavailable}.
 
 Durability (group commit): a change that must outlive a restart (a
 revocation, a paired bridge, its key) is made in memory at once, so every
@@ -35,6 +36,13 @@ from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
 from coder1_wire.secretfile import write_secret
+
+
+class StoreUnavailable(Exception):
+    """
+    The store cannot answer now (a shared store that is unreachable, or did
+    not answer in time).  The web layer answers 503: try again later.
+    """
 
 
 @attrs.frozen
@@ -102,11 +110,18 @@ class IRelayStore(Interface):
     def count(key: str, now: float, window: float) -> Deferred[int]:
         """How many events C{key} has in the window ending at C{now}."""
 
+    def release(key: str, now: float) -> Deferred[None]:
+        """
+        Take back one event counted against C{key} at C{now} by L{hit}: a
+        place reserved in the window before an attempt that turned out not
+        to count.  Nothing happens when there is no such event.
+        """
+
     def revoke(jti: str, expires_at: float, now: float) -> Deferred[None]:
         """Revoke a token id until C{expires_at} (after which it is dead anyway)."""
 
     def is_revoked(jti: str, now: float) -> Deferred[bool]:
-        """Whether a token id is revoked."""
+        """Whether a token id is revoked (until the C{expires_at} it was revoked with)."""
 
     def next_peer(session: str) -> Deferred[int]:
         """A bridge number not used before in C{session} (1, 2, ...)."""
@@ -130,6 +145,12 @@ class IRelayStore(Interface):
 
     def clear_presence(session: str, peer: int) -> Deferred[None]:
         """Mark a bridge of C{session} disconnected."""
+
+    def clear_all_presence(session: str) -> Deferred[None]:
+        """
+        Mark every bridge of C{session} disconnected at once (a relay
+        process that finds another's presence entries stale).
+        """
 
     def presence(session: str) -> Deferred[list[Presence]]:
         """The bridges of C{session} connected right now."""
@@ -366,13 +387,20 @@ class MemoryStore:
     def count(self, key: str, now: float, window: float) -> Deferred[int]:
         return succeed(len(self._window(key, now, window)))
 
+    def release(self, key: str, now: float) -> Deferred[None]:
+        events = self._windows.get(key, (0.0, []))[1]
+        at = bisect.bisect_left(events, now)
+        if at < len(events) and events[at] == now:
+            del events[at]
+        return succeed(None)
+
     def revoke(self, jti: str, expires_at: float, now: float) -> Deferred[None]:
         self._revoked[jti] = expires_at
         self._next_expiry = min(self._next_expiry, expires_at)
         return self._changed(now)
 
     def is_revoked(self, jti: str, now: float) -> Deferred[bool]:
-        return succeed(jti in self._revoked)
+        return succeed(self._revoked.get(jti, now) > now)
 
     def next_peer(self, session: str) -> Deferred[int]:
         self._peers[session] = self._peers.get(session, 0) + 1
@@ -410,6 +438,10 @@ class MemoryStore:
 
     def clear_presence(self, session: str, peer: int) -> Deferred[None]:
         self._presence.get(session, {}).pop(peer, None)
+        return succeed(None)
+
+    def clear_all_presence(self, session: str) -> Deferred[None]:
+        self._presence.pop(session, None)
         return succeed(None)
 
     def presence(self, session: str) -> Deferred[list[Presence]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import attrs
@@ -10,6 +11,12 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay.certs import default_state_dir
 from coder1_relay.context import Limits
+from coder1_relay.redis_settings import (
+    DEFAULT_PREFIX,
+    PASSWORD_ENV,
+    RedisSettings,
+    settings_from_options,
+)
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
 
@@ -85,6 +92,13 @@ LIMIT_OPTIONS: list[tuple[str, str, type, str]] = [
         int,
         "Paired bridges per browser session (409 past it).",
     ),
+    (
+        "max-connections",
+        "max_connections",
+        int,
+        "TCP connections open at once over the whole relay "
+        "(0: as many as the open-file limit leaves).",
+    ),
 ]
 #: The shortest idle timeout: two of the heartbeat intervals parties are told to keep.
 MIN_IDLE_TIMEOUT = 2 * HubSettings().heartbeat_interval
@@ -135,6 +149,49 @@ class Options(usage.Options):
         ],
         ["token-days", None, 30.0, "Lifetime of bridge tokens, in days.", float],
         [
+            "store",
+            None,
+            None,
+            "Keep the state the relay processes of a deployment share in Redis: "
+            "redis://HOST:PORT/DB, or rediss://HOST:PORT/DB for TLS (default: in this "
+            "process's memory, with pairings.json in --state-dir). See docs/scaling.md.",
+        ],
+        [
+            "store-ca",
+            None,
+            None,
+            "PEM file of the CA certificates a rediss:// store's certificate must chain to "
+            "(default: the system's).",
+        ],
+        [
+            "store-password-file",
+            None,
+            None,
+            f"File whose first line is the store's password (else ${PASSWORD_ENV}; "
+            "never in the URL).",
+        ],
+        ["store-prefix", None, DEFAULT_PREFIX, "Prefix of the relay's keys in the store."],
+        [
+            "node-listen",
+            None,
+            "tcp:8444:interface=127.0.0.1",
+            "With a shared --store: endpoint other relay nodes' links arrive at (TLS is added).",
+        ],
+        [
+            "node-address",
+            None,
+            None,
+            "With a shared --store: HOST:PORT other nodes reach --node-listen at "
+            "(default: its interface and port).",
+        ],
+        [
+            "node-ca",
+            None,
+            None,
+            "PEM CA certificates other nodes' certificates are checked with (default: this "
+            "node's own certificate if self-signed, else the system's CAs).",
+        ],
+        [
             "send-buffer-size",
             None,
             HubSettings().send_buffer,
@@ -152,6 +209,8 @@ class Options(usage.Options):
         super().__init__()
         self["allowed-origin"] = []
         self["hostname"] = []
+        #: The checked C{--store} options (by L{postOptions}).
+        self.store: RedisSettings | None = None
 
     def opt_allowed_origin(self, origin: str) -> None:
         """Another origin allowed to open IDE WebSockets (repeatable)."""
@@ -171,13 +230,39 @@ class Options(usage.Options):
             raise usage.UsageError("--public-url must be an https:// URL")
         if self["idle-timeout"] < MIN_IDLE_TIMEOUT:
             raise usage.UsageError(f"--idle-timeout must be at least {MIN_IDLE_TIMEOUT:g}")
+        address = self["node-address"]
+        if address is not None and not _host_port(address):
+            raise usage.UsageError("--node-address must be HOST:PORT")
         if self["send-buffer-size"] <= 0:
             raise usage.UsageError("--send-buffer-size must be positive")
+        self.store = self._store()
         try:
             self.limits()
         except ValueError as e:  # "<field> must be positive, not 0"
             field, _, rest = str(e).partition(" ")
             raise usage.UsageError(f"--{field.replace('_', '-')} {rest}") from None
+
+    def _store(self) -> RedisSettings | None:
+        """The shared store the options ask for, checked; None for the in-memory one."""
+        if self["store"] is None:
+            for option in ("store-ca", "store-password-file"):
+                if self[option] is not None:
+                    raise usage.UsageError(f"--{option} goes with --store")
+            return None
+        try:
+            settings = settings_from_options(
+                self["store"],
+                ca_file=self["store-ca"],
+                password_file=self["store-password-file"],
+                prefix=self["store-prefix"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if importlib.util.find_spec("txredisapi") is None:
+            raise usage.UsageError(
+                "--store needs the Redis client: pip install 'coder1-bridge[redis]'"
+            )
+        return settings
 
     def limits(self) -> Limits:
         """The limits these options describe."""
@@ -196,6 +281,10 @@ class Options(usage.Options):
             token_lifetime=self["token-days"] * 86400.0,
             limits=self.limits(),
             access_log=not self["no-access-log"],
+            store=self.store,
+            node_listen=self["node-listen"],
+            node_address=self["node-address"],
+            node_ca=FilePath(self["node-ca"]) if self["node-ca"] else None,
             # WebSockets go idle by the heartbeat: one idle timeout for both.
             hub=attrs.evolve(
                 HubSettings(),
@@ -203,6 +292,11 @@ class Options(usage.Options):
                 send_buffer=self["send-buffer-size"],
             ),
         )
+
+
+def _host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def makeService(options: Options) -> RelayService:

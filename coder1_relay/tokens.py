@@ -9,20 +9,35 @@ wall-clock checks, so expiry is testable and one clock rules the relay.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import jwt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.interfaces import IReactorTime
 
 ALGORITHM = "EdDSA"
 BRIDGE_AUDIENCE = "coder1-bridge"
 BROWSER_AUDIENCE = "coder1-browser"
+NODE_AUDIENCE = "coder1-node"
+#: Seconds a node token is good for: it is made for one node link, used at once.
+NODE_TOKEN_LIFETIME = 60
 _REQUIRED = ["iss", "aud", "sub", "jti", "iat", "exp"]
 #: Seconds of clock skew tolerated on C{iat} (tokens from "the future").
 LEEWAY = 60.0
+
+
+def issuer_for(key: Ed25519PublicKey) -> str:
+    """
+    The C{iss} of tokens signed with C{key}: names the key, so deployments
+    differ, and a key ring finds the key a token was signed with.
+    """
+    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return "coder1-relay:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 class TokenError(Exception):
@@ -41,6 +56,22 @@ class BridgeClaims:
 
 
 @attrs.frozen
+class NodeClaims:
+    """
+    What a node token says: one connection that another relay node accepted
+    and checked, to be attached here (its session's owner) as if it were local.
+    """
+
+    session: str
+    #: "ide" or "bridge".
+    role: str
+    connection_id: str
+    #: The rest of what the accepting node learned (a bridge's peer, label,
+    #: version, telemetry choice, token expiry and key), as C{Hub.attach_bridge} takes it.
+    attach: dict[str, Any]
+
+
+@attrs.frozen
 class TokenAuthority:
     """Issues and verifies the relay's tokens."""
 
@@ -49,6 +80,9 @@ class TokenAuthority:
     clock: IReactorTime
     bridge_lifetime: float = 30 * 86400.0
     browser_lifetime: float = 30 * 86400.0
+    #: Keys signed with before a rotation whose tokens are still accepted, by
+    #: their issuer (C{iss}): a key ring, signed with only C{signing_key}.
+    accepted: Mapping[str, Ed25519PublicKey] = attrs.field(factory=dict)
 
     def _sign(self, claims: dict[str, Any]) -> str:
         return jwt.encode(claims, self.signing_key, algorithm=ALGORITHM)
@@ -91,14 +125,43 @@ class TokenAuthority:
         """The session id in a valid session cookie.  @raise TokenError: otherwise."""
         return str(self._verify(cookie, BROWSER_AUDIENCE)["sub"])
 
+    def issue_node_token(
+        self, session: str, role: str, connection_id: str, attach: dict[str, Any]
+    ) -> str:
+        """A token for one node link: only nodes holding the signing key can make one."""
+        claims = self._claims(session, NODE_AUDIENCE, NODE_TOKEN_LIFETIME)
+        claims.update(role=role, cid=connection_id, attach=attach)
+        return self._sign(claims)
+
+    def verify_node_token(self, token: str) -> NodeClaims:
+        """The claims of a valid node token.  @raise TokenError: otherwise."""
+        claims = self._verify(token, NODE_AUDIENCE)
+        role, cid, attach = claims.get("role"), claims.get("cid"), claims.get("attach")
+        if role not in ("ide", "bridge") or not (isinstance(cid, str) and isinstance(attach, dict)):
+            raise TokenError("node token is malformed")
+        return NodeClaims(str(claims["sub"]), role, cid, attach)
+
+    def _key_for(self, token: str) -> tuple[str, Ed25519PublicKey]:
+        """The issuer and key a token claims: an accepted older key's, else ours."""
+        if self.accepted:
+            try:
+                issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            except jwt.InvalidTokenError:
+                issuer = None
+            older = self.accepted.get(issuer) if isinstance(issuer, str) else None
+            if older is not None and isinstance(issuer, str):
+                return issuer, older
+        return self.issuer, self.signing_key.public_key()
+
     def _verify(self, token: str, audience: str) -> dict[str, Any]:
+        issuer, key = self._key_for(token)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self.signing_key.public_key(),
+                key,
                 algorithms=[ALGORITHM],
                 audience=audience,
-                issuer=self.issuer,
+                issuer=issuer,
                 options={
                     "require": _REQUIRED,
                     "verify_exp": False,

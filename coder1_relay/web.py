@@ -7,6 +7,7 @@ never cached.  Handlers are coroutines run with C{Deferred.fromCoroutine}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -29,9 +30,15 @@ from zope.interface import implementer
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
 from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
-from coder1_relay.store import BridgeRecord
+from coder1_relay.store import BridgeRecord, StoreUnavailable
 from coder1_relay.tokens import BridgeClaims, TokenError
-from coder1_relay.websocket import BridgeProtocol, IDEProtocol, RelayWebSocketFactory
+from coder1_relay.websocket import (
+    BridgeProtocol,
+    IDEProtocol,
+    NodeBridgeProtocol,
+    NodeIDEProtocol,
+    RelayWebSocketFactory,
+)
 from coder1_wire import closecodes
 
 STATIC = __file__.rsplit("/", 1)[0] + "/static"
@@ -92,6 +99,8 @@ class JSONEndpoint(Resource):
                 request.finish()
 
         def failed(failure: Failure) -> None:
+            if failure.check(StoreUnavailable):
+                failure = Failure(_store_unavailable())
             if failure.check(HTTPError):
                 e: HTTPError = failure.value  # type: ignore[assignment]
                 for name, value in e.headers.items():
@@ -140,6 +149,23 @@ def _rate_limited(context: RelayContext, e: RateLimited) -> HTTPError:
     )
 
 
+#: What a bridge whose redemption failed on the store must do: its code may be used up.
+_NEW_CODE = "get a new code and try again in a moment"
+
+
+def _store_unavailable(what_to_do: str = "try again in a moment") -> HTTPError:
+    """
+    The store failed (a shared store unreachable): 503, and nothing was done
+    that the client will hear of (a code may have been used up).
+    """
+    return HTTPError(
+        503,
+        "store-unavailable",
+        f"the relay cannot reach its storage right now; {what_to_do}",
+        {"Retry-After": "5"},
+    )
+
+
 def _too_many_bridges(context: RelayContext) -> HTTPError:
     context.telemetry.throttled("sessions")
     limit = context.limits.bridges_per_session
@@ -156,17 +182,26 @@ class API:
     def __init__(self, context: RelayContext) -> None:
         self.context = context
 
-    def session(self, request: Request, *, create: bool) -> str:
-        """The request's browser session; a new one (and its cookie) when C{create}."""
-        cookie = request.getCookie(SESSION_COOKIE.encode())
-        if cookie is not None:
-            try:
-                return self.context.tokens.verify_browser_session(cookie.decode("ascii"))
-            except (TokenError, UnicodeDecodeError):
-                pass
-        if not create:
+    def session(self, request: Request) -> str:
+        """The request's browser session (401 without a valid cookie)."""
+        session = self.cookie_session(request)
+        if session is None:
             raise HTTPError(401, "no-session", "no valid browser session; reload the page")
-        session, value = self.context.tokens.issue_browser_session()
+        return session
+
+    def cookie_session(self, request: Request) -> str | None:
+        """The browser session of the request's cookie, if it is valid."""
+        cookie = request.getCookie(SESSION_COOKIE.encode())
+        if cookie is None:
+            return None
+        try:
+            return self.context.tokens.verify_browser_session(cookie.decode("ascii"))
+        except (TokenError, UnicodeDecodeError):
+            return None
+
+    def start_session(self, request: Request) -> None:
+        """A new browser session, in the cookie of the answer."""
+        _, value = self.context.tokens.issue_browser_session()
         request.addCookie(
             SESSION_COOKIE,
             value,
@@ -176,7 +211,6 @@ class API:
             httpOnly=True,
             sameSite="strict",
         )
-        return session
 
     def same_origin(self, request: Request) -> None:
         """Refuse a state-changing browser request from another origin (CSRF)."""
@@ -185,13 +219,21 @@ class API:
             raise HTTPError(403, "bad-origin", "origin not allowed")
 
     async def post_session(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """
+        The only place a browser session starts, and only when the request has
+        no valid one: a same-origin request, which carries the SameSite=Strict
+        cookie.  A navigation from another site does not, so loading the page
+        never starts one: it would replace the user's (the page asks here).
+        """
         self.same_origin(request)
-        self.session(request, create=True)
-        return 200, {"ok": True}
+        if self.cookie_session(request) is not None:
+            return 200, {"ok": True, "new": False}
+        self.start_session(request)
+        return 200, {"ok": True, "new": True}
 
     async def post_code(self, request: Request) -> tuple[int, dict[str, Any]]:
         self.same_origin(request)
-        session = self.session(request, create=False)
+        session = self.session(request)
         browser_key = _body(request, self.context.limits.max_body_size).get("browser_key")
         paired = await self.context.store.bridges(session, self.context.clock.seconds())
         if len(paired) >= self.context.limits.bridges_per_session:
@@ -205,12 +247,15 @@ class API:
         except ValueError as e:
             raise HTTPError(400, "bad-key", str(e)) from None
         now = self.context.clock.seconds()
-        return 201, {
+        answer: dict[str, Any] = {
             "code": grant.code,
             "expires_at": grant.expires_at,
             "expires_in": grant.expires_at - now,
             "relay": self.context.public_url,
         }
+        if self.context.dev_cert is not None:
+            answer["ca_cert"] = self.context.dev_cert
+        return 201, answer
 
     async def post_pair(self, request: Request) -> tuple[int, dict[str, Any]]:
         body = _body(request, self.context.limits.max_body_size)
@@ -223,9 +268,18 @@ class API:
             raise _rate_limited(self.context, e) from None
         except RedeemRefused:
             raise HTTPError(403, "invalid-code", "that code is unknown, used or expired") from None
+        except StoreUnavailable:
+            raise _store_unavailable(_NEW_CODE) from None
         except ValueError as e:
             raise HTTPError(400, "bad-label", str(e)) from None
-        await self.check_bridges(done.claims.session, done.record)
+        try:
+            await self.check_bridges(done.claims.session, done.record)
+        except StoreUnavailable:
+            # The token is never handed out: revoked, its record counts for nothing.
+            with contextlib.suppress(StoreUnavailable):
+                now = self.context.clock.seconds()
+                await self.context.store.revoke(done.claims.jti, done.claims.expires_at, now)
+            raise _store_unavailable(_NEW_CODE) from None
         return 200, {
             "token": done.token,
             "peer": done.claims.peer,
@@ -268,7 +322,7 @@ class API:
             record = await self.context.pairing.present_key(claims, check_public_key(bridge_key))
         except ValueError as e:
             raise HTTPError(409 if "already" in str(e) else 400, "bad-key", str(e)) from None
-        self.context.hub.paired(claims.session, record)
+        self.context.paired(claims.session, record)
         return 200, {"peer": record.peer}
 
     async def get_token(self, request: Request) -> tuple[int, dict[str, Any]]:
@@ -279,13 +333,13 @@ class API:
         """A bridge revokes its own token (C{coder1-bridge unpair})."""
         claims = await self.bearer(request)
         await self.context.store.revoke(claims.jti, claims.expires_at, self.context.clock.seconds())
-        self.context.hub.disconnect_bridge(
+        self.context.disconnect_bridge(
             claims.session, claims.peer, closecodes.REVOKED, "this bridge was unpaired"
         )
         return 200, {"revoked": claims.peer}
 
     async def get_bridges(self, request: Request) -> tuple[int, dict[str, Any]]:
-        session = self.session(request, create=False)
+        session = self.session(request)
         store, now = self.context.store, self.context.clock.seconds()
         present = {p.peer: p for p in await store.presence(session)}
         bridges = []
@@ -309,14 +363,14 @@ class API:
 
     async def post_revoke(self, request: Request) -> tuple[int, dict[str, Any]]:
         self.same_origin(request)
-        session = self.session(request, create=False)
+        session = self.session(request)
         peer = _body(request, self.context.limits.max_body_size).get("peer")
         store, now = self.context.store, self.context.clock.seconds()
         record = next((r for r in await store.bridges(session, now) if r.peer == peer), None)
         if record is None:
             raise HTTPError(404, "no-such-bridge", "no such bridge in this session")
         await store.revoke(record.jti, record.expires_at, now)
-        self.context.hub.disconnect_bridge(
+        self.context.disconnect_bridge(
             session, record.peer, closecodes.REVOKED, "this bridge was revoked"
         )
         return 200, {"revoked": record.peer}
@@ -327,6 +381,18 @@ class Static(File):
 
     contentTypes = {**File.contentTypes, ".js": "text/javascript", ".mjs": "text/javascript"}
 
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        # A segment no file can be named (not UTF-8, or with a NUL) is simply not
+        # found: twisted.web would log the first with a traceback, and fail with
+        # 500 on the second when the OS refuses the name.
+        try:
+            name = path.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.childNotFound
+        if "\0" in name:
+            return self.childNotFound
+        return super().getChild(path, request)
+
     def directoryListing(self) -> Resource:
         return NoResource("no listing here")
 
@@ -334,23 +400,11 @@ class Static(File):
         return Static(path, self.defaultType, self.ignoredExts, self.registry)
 
 
-class Page(Static):
-    """The IDE page and its assets; visiting it starts a browser session."""
-
-    def __init__(self, api: API) -> None:
-        super().__init__(STATIC)
-        self.api = api
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        if path in (b"", b"index.html"):
-            self.api.session(request, create=True)
-        return super().getChild(path, request)
-
-
 class RelayRequest(Request):
     """
     A request whose body is kept in memory, and only up to one byte past
     C{Limits.max_body_size} (enough to answer 413); the rest is read and dropped.
+    Its answer has no C{Server} header.
     """
 
     channel: RelayHTTPChannel
@@ -367,6 +421,12 @@ class RelayRequest(Request):
             self._room -= len(kept)
             assert self.content is not None
             self.content.write(kept)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # twisted.web names itself and its version on every answer: a scanner's gift.
+            self.responseHeaders.removeHeader(b"Server")
+        super().write(data)
 
 
 @implementer(IHandshakeListener)
@@ -410,6 +470,16 @@ class RelayHTTPChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._until(None)
         super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or header over 16 KiB: LineReceiver would only lose the
+        # connection, which TLS puts off while this channel is its producer, so the
+        # client would wait for the handshake timeout without an answer.
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.loseConnection()
 
     def _until(self, seconds: float | None) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -467,7 +537,9 @@ class RelaySite(Site):
 def make_site(context: RelayContext, *, access_log: bool = True) -> RelaySite:
     """The relay's whole HTTP tree; C{access_log=False} logs no request."""
     api = API(context)
-    root = Page(api)
+    # The page and its assets, with no cookie: the page starts or keeps its
+    # session with POST /api/session (API.post_session says why).
+    root = Static(STATIC)
     root.indexNames = ["index.html"]
     root.putChild(b"api", Resource())
     api_root = root.children[b"api"]
@@ -483,5 +555,21 @@ def make_site(context: RelayContext, *, access_log: bool = True) -> RelaySite:
     ws.putChild(b"ide", WebSocketResource(RelayWebSocketFactory(context, IDEProtocol)))
     ws.putChild(b"bridge", WebSocketResource(RelayWebSocketFactory(context, BridgeProtocol)))
     site = RelaySite(root, context, access_log=access_log)
+    site.displayTracebacks = False
+    return site
+
+
+def make_node_site(context: RelayContext) -> RelaySite:
+    """
+    The node listener's tree (several relay nodes): only the node links'
+    WebSocket endpoints, which take node tokens, never cookies or bridge tokens.
+    """
+    root = Resource()
+    root.putChild(b"ws", Resource())
+    root.children[b"ws"].putChild(b"node", Resource())
+    node = root.children[b"ws"].children[b"node"]
+    node.putChild(b"ide", WebSocketResource(RelayWebSocketFactory(context, NodeIDEProtocol)))
+    node.putChild(b"bridge", WebSocketResource(RelayWebSocketFactory(context, NodeBridgeProtocol)))
+    site = RelaySite(root, context, access_log=False)
     site.displayTracebacks = False
     return site

@@ -31,8 +31,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
+from coder1_relay.nodelink import LinkRefused, NodeLink
+from coder1_relay.reading import Backpressure, ReadGate
 from coder1_relay.routing import RATE, Endpoint
-from coder1_relay.tokens import TokenError
+from coder1_relay.store import StoreUnavailable
+from coder1_relay.tokens import NodeClaims, TokenError
 from coder1_wire import closecodes
 
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
@@ -58,16 +61,31 @@ _log = Logger()
 class _RelayProtocol(WebSocketServerProtocol):
     """
     What both endpoints share: the link the hub sends through, the reader it
-    holds and releases, and the message rate.
+    holds and releases, the message rate, and, with several relay nodes, the
+    node link to the session's owner when that is another node.
     """
 
     factory: RelayWebSocketFactory
     endpoint: Endpoint | None = None
     _bucket: TokenBucket | None = None
-    #: Handles the frames held while the connection was not read, once released.
-    _read_held: IDelayedCall | None = None
-    #: Between L{pause_reading} and L{resume_reading}: frames already read wait.
-    _paused = False
+    #: Set when this connection's session is held by another node: what it sends
+    #: goes there, and what comes from there is sent on it.
+    _link: NodeLink | None = None
+    #: The connection's id in telemetry (a node link carries it to the owner).
+    connection_id: str = ""
+    _gate: ReadGate
+
+    def pause_reading(self) -> None:
+        self._gate.pause()
+
+    def resume_reading(self) -> None:
+        self._gate.resume()
+
+    def processData(self) -> bool:
+        # Autobahn handles the frames it has buffered one per call, until this says no.
+        if self._gate.closed:
+            return False
+        return bool(WebSocketServerProtocol.processData(self))
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""
@@ -87,41 +105,44 @@ class _RelayProtocol(WebSocketServerProtocol):
     def abort(self) -> None:
         self.dropConnection(abort=True)
 
-    def pause_reading(self) -> None:
-        self._paused = True
-        transport: Any = self.transport  # TLS, which passes this on to TCP
-        if transport is not None:
-            transport.pauseProducing()
-
-    def resume_reading(self) -> None:
+    async def _route(self, role: str, session: str, attach: dict[str, Any]) -> bool:
         """
-        Read the socket again, and the frames held in Autobahn's buffer in a
-        moment: not from inside the hub, which is releasing holds.
+        With several relay nodes: find the node that holds C{session}, and
+        when it is another, open the node link this connection will go through.
+
+        @return: whether the connection is attached here.
         """
-        self._paused = False
-        if self.state not in (
-            WebSocketServerProtocol.STATE_OPEN,
-            WebSocketServerProtocol.STATE_CLOSING,
-        ):
-            return
-        transport: Any = self.transport
-        transport.resumeProducing()
-        if self._read_held is None:
-            self._read_held = self.factory.context.clock.callLater(0, self._handle_held)
-
-    def _handle_held(self) -> None:
-        self._read_held = None
-        if self.state in (
-            WebSocketServerProtocol.STATE_OPEN,
-            WebSocketServerProtocol.STATE_CLOSING,
-        ):
-            self.consumeData()
-
-    def processData(self) -> bool:
-        # Autobahn handles the frames it has buffered one per call, until this says no.
-        if self._paused:
+        mesh = self.factory.context.mesh
+        if mesh is None:
+            return True
+        for _ in range(2):  # once more if the owner gave the session up meanwhile
+            try:
+                owner = await mesh.locate(session)
+            except StoreUnavailable:
+                raise ConnectionDeny(503, "relay state unavailable; try again") from None
+            if owner.node == mesh.node:
+                return True
+            try:
+                link = await mesh.links.open(owner, role, session, self.connection_id, attach)
+            except LinkRefused as e:
+                if e.status == 421:
+                    continue
+                raise ConnectionDeny(e.status or 503, e.reason) from None
+            if self.state != WebSocketServerProtocol.STATE_CONNECTING:
+                link.sendClose(closecodes.NORMAL)  # this connection went meanwhile
+                raise ConnectionDeny(503, "connection closed")
+            self._link = link
             return False
-        return bool(WebSocketServerProtocol.processData(self))
+        raise ConnectionDeny(503, "relay nodes disagree on this session; try again")
+
+    def _piped(self, link: NodeLink) -> None:
+        """This connection goes through C{link}: each holds the other when full."""
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(Backpressure(link), True)
+        link.carry(self)
 
     def _attached(self, endpoint: Endpoint) -> None:
         """
@@ -142,6 +163,7 @@ class _RelayProtocol(WebSocketServerProtocol):
         super().connectionMade()
         context = self.factory.context
         context.connections.add(self)
+        self._gate = ReadGate(self, context.clock)
         self._bucket = self._make_bucket(context.limits)
         # The high-water mark of the send buffer is the TCP transport's, under TLS.
         tcp = getattr(self.transport, "transport", None)
@@ -154,9 +176,7 @@ class _RelayProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
-        if self._read_held is not None and self._read_held.active():
-            self._read_held.cancel()
-        self._read_held = None
+        self._gate.stop()
         super().connectionLost(reason)
         self.factory.context.connections.remove(self)
 
@@ -180,10 +200,15 @@ class _RelayProtocol(WebSocketServerProtocol):
         self._frame_arrived()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.endpoint is None or self.state != WebSocketServerProtocol.STATE_OPEN:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
             return
         if not isBinary:
             self.sendClose(closecodes.PROTOCOL_ERROR, "frames must be binary")
+            return
+        if self._link is not None:
+            self._link.send(payload)
+            return
+        if self.endpoint is None:
             return
         try:
             self.endpoint.receive(payload)
@@ -195,6 +220,9 @@ class _RelayProtocol(WebSocketServerProtocol):
         if self.endpoint is not None:
             self.factory.context.hub.detach(self.endpoint)
             self.endpoint = None
+        if self._link is not None:
+            link, self._link = self._link, None
+            link.close(closecodes.NORMAL, "closed")
 
 
 class IDEProtocol(_RelayProtocol):
@@ -217,7 +245,7 @@ class IDEProtocol(_RelayProtocol):
             self.factory.context.telemetry.throttled("rate")
             self.sendClose(closecodes.RATE_LIMITED, "too many messages")
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> Any:
         context = self.factory.context
         if request.origin not in context.allowed_origins:
             raise ConnectionDeny(403, "origin not allowed")
@@ -228,16 +256,29 @@ class IDEProtocol(_RelayProtocol):
             self.session = context.tokens.verify_browser_session(cookie)
         except TokenError as e:
             raise ConnectionDeny(401, f"session {e}") from None
-        # onOpen follows at once (this is not a coroutine), so nothing slips in between.
+        self.connection_id = secrets.token_hex(8)
+        if context.mesh is None:
+            self._check_count()
+            return None
+        return Deferred.fromCoroutine(self._admit_here())
+
+    async def _admit_here(self) -> None:
+        if await self._route("ide", self.session, {}):
+            self._check_count()
+
+    def _check_count(self) -> None:
+        # onOpen follows at once, so nothing slips in between.
+        context = self.factory.context
         if context.hub.ide_count(self.session) >= context.limits.ide_connections_per_session:
             context.telemetry.throttled("sessions")
             raise ConnectionDeny(429, "too many connections for this browser session")
 
     def onOpen(self) -> None:
+        if self._link is not None:
+            self._piped(self._link)
+            return
         self._attached(
-            self.factory.context.hub.attach_ide(
-                self.session, self, secrets.token_hex(8), reader=self
-            )
+            self.factory.context.hub.attach_ide(self.session, self, self.connection_id, reader=self)
         )
 
 
@@ -298,18 +339,21 @@ class BridgeProtocol(_RelayProtocol):
         except TokenError as e:
             raise ConnectionDeny(401, str(e)) from None
         now = context.clock.seconds()
-        if await context.store.is_revoked(claims.jti, now):
-            raise ConnectionDeny(401, "token has been revoked")
-        record = next(
-            (r for r in await context.store.bridges(claims.session, now) if r.peer == claims.peer),
-            None,
-        )
+        try:
+            if await context.store.is_revoked(claims.jti, now):
+                raise ConnectionDeny(401, "token has been revoked")
+            paired = await context.store.bridges(claims.session, now)
+        except StoreUnavailable:
+            # Not 401: the bridge must try again, not give up its pairing.
+            raise ConnectionDeny(
+                503, "the relay cannot reach its storage right now; try again in a moment"
+            ) from None
+        record = next((r for r in paired if r.peer == claims.peer), None)
         if record is None or not record.bridge_key:
             raise ConnectionDeny(401, "this relay has no record of that pairing")
         version = request.headers.get("x-coder1-bridge-version", "")
         label = request.headers.get("x-coder1-label", "")
-        self._attach = {
-            "session": claims.session,
+        attach = {
             "peer": claims.peer,
             "version": version if _VERSION.fullmatch(version) else "unknown",
             "label": label if _LABEL.fullmatch(label) else "bridge",
@@ -317,15 +361,87 @@ class BridgeProtocol(_RelayProtocol):
             "expires_at": claims.expires_at,
             "bridge_key": record.bridge_key,
         }
+        self.connection_id = secrets.token_hex(8)
+        if await self._route("bridge", claims.session, attach):
+            self._attach = {"session": claims.session, **attach}
 
     def onOpen(self) -> None:
+        if self._link is not None:
+            self._piped(self._link)
+            return
         assert self._attach is not None
         attach, self._attach = self._attach, None
         self._attached(
             self.factory.context.hub.attach_bridge(
-                link=self, connection_id=secrets.token_hex(8), reader=self, **attach
+                link=self, connection_id=self.connection_id, reader=self, **attach
             )
         )
+
+
+def _node_claims(context: RelayContext, request: ConnectionRequest) -> Deferred[NodeClaims]:
+    """
+    The node listener's side of a node link: a connection that another relay
+    node accepted and checked (cookie or token, revocation), for a session this
+    node holds.  Its node token says what the accepting node learned.
+    """
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or context.mesh is None:
+        raise ConnectionDeny(401, "no node token")
+    try:
+        claims = context.tokens.verify_node_token(token.strip())
+    except TokenError as e:
+        raise ConnectionDeny(401, str(e)) from None
+    return Deferred.fromCoroutine(_owned(context, claims))
+
+
+async def _owned(context: RelayContext, claims: NodeClaims) -> NodeClaims:
+    mesh = context.mesh
+    assert mesh is not None
+    try:
+        owner = await mesh.locate(claims.session)
+    except StoreUnavailable:
+        raise ConnectionDeny(503, "relay state unavailable; try again") from None
+    if owner.node != mesh.node:
+        raise ConnectionDeny(421, "this node does not hold that session")
+    return claims
+
+
+class NodeIDEProtocol(IDEProtocol):
+    """A browser tab that connected to another relay node, for a session held here."""
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        return _node_claims(self.factory.context, request).addCallback(self._admit_tab)
+
+    def _admit_tab(self, claims: NodeClaims) -> None:
+        if claims.role != "ide":
+            raise ConnectionDeny(400, "node token is for a bridge")
+        self.session, self.connection_id = claims.session, claims.connection_id
+        self._check_count()
+
+
+class NodeBridgeProtocol(BridgeProtocol):
+    """A bridge that connected to another relay node, for a session held here."""
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        return _node_claims(self.factory.context, request).addCallback(self._admit_bridge)
+
+    def _admit_bridge(self, claims: NodeClaims) -> None:
+        if claims.role != "bridge":
+            raise ConnectionDeny(400, "node token is for a tab")
+        self.connection_id = claims.connection_id
+        attach = claims.attach
+        try:
+            self._attach = {
+                "session": claims.session,
+                "peer": int(attach["peer"]),
+                "version": str(attach["version"]),
+                "label": str(attach["label"]),
+                "telemetry": bool(attach["telemetry"]),
+                "expires_at": float(attach["expires_at"]),
+                "bridge_key": str(attach["bridge_key"]),
+            }
+        except (KeyError, TypeError, ValueError):
+            raise ConnectionDeny(400, "node token is malformed") from None
 
 
 class RelayWebSocketFactory(WebSocketServerFactory):
@@ -336,7 +452,8 @@ class RelayWebSocketFactory(WebSocketServerFactory):
     _options: dict[str, Any] | None = None
 
     def __init__(self, context: RelayContext, protocol: type[_RelayProtocol]) -> None:
-        super().__init__(url=context.public_url.replace("https", "wss", 1))
+        # server=None: no Server header (Autobahn's names itself and its version).
+        super().__init__(url=context.public_url.replace("https", "wss", 1), server=None)
         self.context = context
         self.protocol = protocol
         limits = context.limits

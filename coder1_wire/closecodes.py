@@ -13,6 +13,9 @@ REVOKED = 4003
 EXPIRED = 4004
 #: The same bridge connected again; this older connection is replaced.
 REPLACED = 4010
+#: The relay node that held this session went away, or the session moved to
+#: another node (several relay processes); reconnect at once.
+NODE_GONE = 4012
 #: Nothing heard from the other end within the heartbeat timeout.
 HEARTBEAT_TIMEOUT = 4011
 #: The connection sent messages faster than the relay's limit (C{Limits.messages_per_second}).

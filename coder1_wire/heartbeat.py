@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+#: The ping intervals, in seconds, a party takes from a WELCOME: a relay cannot make
+#: it spin (a tiny one) or stop noticing that the relay is gone (a huge one).
+MIN_INTERVAL = 5.0
+MAX_INTERVAL = 30.0
+
+
+def interval_from(value: object) -> float | None:
+    """
+    The ping interval a WELCOME's C{heartbeat} asks for, kept within
+    L{MIN_INTERVAL} and L{MAX_INTERVAL}; None if it is not a number at all.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return min(max(float(value), MIN_INTERVAL), MAX_INTERVAL)
 
 
 @attrs.define

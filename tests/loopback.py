@@ -29,9 +29,11 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, CookieAgent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
-from coder1_bridge.cli import _RelayTrust, pair
 from coder1_bridge.config import BridgeConfig, RelayAddress
+from coder1_bridge.pairing import pair
 from coder1_bridge.service import BridgeService
 from coder1_relay.certs import DEV_CERT_NAME
 from coder1_relay.service import RelayService, RelaySettings
@@ -61,6 +63,17 @@ async def start_relay(state_dir: FilePath[str], **settings: Any) -> RelayService
     relay.startService()
     await relay.listening
     return relay
+
+
+@implementer(IPolicyForHTTPS)
+class RelayTrust:
+    """An HTTPS policy for a test's own Agent: TLS 1.3, trusting the given certificate."""
+
+    def __init__(self, ca_cert_pem: str | None) -> None:
+        self.ca = ca_cert_pem.encode() if ca_cert_pem else None
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return client_tls_options(hostname.decode("idna"), self.ca)
 
 
 def relay_address(relay: RelayService) -> RelayAddress:
@@ -244,7 +257,7 @@ class Browser:
         return self.relay.context.public_url
 
     def _agent(self) -> CookieAgent:
-        trust = _RelayTrust(self.relay.keys.tls_cert_pem.decode())
+        trust = RelayTrust(self.relay.keys.tls_cert_pem.decode())
         return CookieAgent(Agent(reactor, contextFactory=trust), self.cookies)
 
     async def request(
@@ -268,9 +281,11 @@ class Browser:
         return response.code, decoded, response.headers
 
     async def open_page(self) -> None:
-        """Load the page: the relay starts a browser session (a cookie)."""
+        """Load the page, which then starts its browser session (a cookie), as the page does."""
         response = await self._agent().request(b"GET", (self.url + "/").encode())
         await readBody(response)
+        status, _, _ = await self.request(b"POST", "/api/session")
+        assert status == 200, status
 
     async def new_code(self) -> str:
         key = b64u(self.identity.public_raw)
@@ -316,7 +331,7 @@ async def pair_bridge(
 ) -> BridgeConfig:
     """Do what a user does: get a code in the browser, redeem it with C{coder1-bridge pair}."""
     code = await browser.new_code()
-    return await pair(reactor, config_dir, relay_address(browser.relay), code, label, out)
+    return await pair(reactor, config_dir, relay_address(browser.relay), code, label, out, {})
 
 
 async def start_bridge(config: BridgeConfig, **kwargs: Any) -> BridgeService:
@@ -342,9 +357,13 @@ async def crash_relay(relay: RelayService) -> None:
     """Stop C{relay} as a killed process would: every connection dropped, nothing said."""
     await relay.listening
     assert relay.port is not None
+    factory: Any = relay.port.factory  # type: ignore[attr-defined]
     await maybeDeferred(relay.port.stopListening)
     for connection in list(relay.context.connections.live):
         connection.abort()
+    # HTTP keep-alive connections too: a browser would send its next request on one.
+    for tls in list(factory.protocols):
+        tls.transport.abortConnection()
     await relay.context.connections.when_idle()
     relay.telemetry.stopService()
     relay.running = False
@@ -524,6 +543,7 @@ async def start_child_relay(state_dir: FilePath[str], *options: str) -> ChildRel
     child = spawn_python(
         RELAY_MAIN,
         "--listen=tcp:0:interface=127.0.0.1",
+        "--node-listen=tcp:0:interface=127.0.0.1",
         f"--state-dir={state_dir.path}",
         *options,
     )

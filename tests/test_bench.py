@@ -10,6 +10,7 @@ interpreter named by CODER1_BENCH_PEER_PYTHON or in this one; elsewhere those te
 from __future__ import annotations
 
 import argparse
+import io
 import math
 from typing import Any
 
@@ -140,3 +141,27 @@ class StartupTests(BenchTestCase):
             "ms",
         )
         self.assertFilled(table, ["echo, warm: CMD_START to first byte"], "ms")
+
+
+class RedisMemoryTests(TestCase):
+    timeout = 30
+
+    async def test_redis_memory(self) -> None:
+        """
+        A few sessions written to a scratch Redis: every figure filled, and
+        every key the benchmark wrote deleted again.
+        """
+        from bench import redis_memory
+        from coder1_relay.redis_client import RedisClient
+
+        from .loopback import reactor
+        from .redis_server import start_redis
+
+        server = await start_redis(self)
+        results = await redis_memory.measure(reactor, server.url, 8, io.StringIO())
+        self.assertEqual(len(results), 4)
+        self.assertTrue(all(math.isfinite(v) and v > 0 for v in results.values()), results)
+        client = RedisClient(reactor, server.settings())
+        client.startService()
+        self.addCleanup(client.stopService)
+        self.assertEqual(await client.call("KEYS", "*"), [])

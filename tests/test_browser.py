@@ -21,13 +21,19 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
 
-from coder1_relay.service import RelayService
+from coder1_relay.certs import DEV_CERT_NAME
+from coder1_relay.context import SESSION_COOKIE
+from coder1_relay.service import RelayService, home_relative
 from coder1_relay.websocket import IDEProtocol
 from coder1_wire.e2e import Identity, b64u
 from coder1_wire.envelope import HEADER_SIZE, Kind, control
@@ -73,7 +79,10 @@ class Page:
     def call(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThread(f, *args)
 
-    def js(self, script: str, *args: Any) -> Deferred[Any]:
+    def js(self, script: str, *args: Any, asynchronous: bool = False) -> Deferred[Any]:
+        """Run C{script} in the page; an asynchronous one calls its last argument when done."""
+        if asynchronous:
+            return self.call(self.driver.execute_async_script, script, *args)
         return self.call(self.driver.execute_script, script, *args)
 
     async def wait(self, script: str, *args: Any, timeout: float = 30.0, what: str = "") -> Any:
@@ -208,37 +217,21 @@ class BrowserTests(TestCase):
         nothing end to end, and + Terminal stays disabled); once they do, it opens a channel to
         it.
         """
-        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        self.state_dir = FilePath(self.mktemp())
-        self.relay = relay = await start_relay(self.state_dir)
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
-        self.url = url = relay.context.public_url
-        self.ca = ca = FilePath(self.mktemp())
-        ca.setContent(relay.keys.tls_cert_pem)
-        page = await self.start_browser(spki_pin(relay.keys.tls_cert_pem))
-
-        await page.call(page.driver.get, url + "/")
-        await page.wait(
-            "return document.querySelector('#connection-state').dataset.state === 'connected'",
-            what="the IDE connection",
-        )
+        page = await self.fresh_page()
+        relay, url = self.relay, self.url
         await page.shot(f"{prefix}01-page")
 
-        await page.click("#bridge-button")
-        code = await page.wait(
-            "const c = document.querySelector('#pair-code');"
-            "return c.dataset.state === 'live' && c.dataset.code;",
-            what="a pairing code",
+        code, command = await self.new_code(page)
+        self.assertEqual(
+            command, f"coder1-bridge pair --relay {url} --ca-cert {self.cert_shown} {code}"
         )
-        command = await page.js("return document.querySelector('#pair-command').textContent")
-        self.assertEqual(command, f"coder1-bridge pair --relay {url} {code}")
         self.assertRegex(
             await page.js("return document.querySelector('#pair-countdown').textContent"),
             r"Expires in 4:5\d|Expires in 5:00",
         )
         await page.shot(f"{prefix}02-code")
 
-        env, peer, sas = await self.pair_bridge(code)
+        env, peer, sas = await self.pair_bridge(command)
         # PAIRED comes once the bridge has presented its key, about when `pair` prints its code.
         shown = await page.wait(
             "const s = document.querySelector('#pair-sas');"
@@ -290,15 +283,52 @@ class BrowserTests(TestCase):
 
         return relay, page
 
-    async def pair_bridge(self, code: str) -> tuple[dict[str, str], int, str]:
+    async def fresh_page(self) -> Page:
+        """A relay (C{self.relay}, its dev certificate C{self.cert}) and a page connected to it."""
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        self.state_dir = FilePath(self.mktemp())
+        self.relay = relay = await start_relay(self.state_dir)
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
+        self.url = relay.context.public_url
+        self.cert = self.state_dir.child(DEV_CERT_NAME).path
+        #: The certificate as the page shows it: the home directory as C{~}.
+        self.cert_shown = home_relative(self.cert)
+        page = await self.start_browser(spki_pin(relay.keys.tls_cert_pem))
+        await page.call(page.driver.get, self.url + "/")
+        await page.wait(
+            "return document.querySelector('#connection-state').dataset.state === 'connected'",
+            what="the IDE connection",
+        )
+        return page
+
+    async def new_code(self, page: Page) -> tuple[str, str]:
+        """Click Bridge: the code the dialog shows, and its command."""
+        await page.click("#bridge-button")
+        code: str = await page.wait(
+            "const c = document.querySelector('#pair-code');"
+            "return c.dataset.state === 'live' && c.dataset.code;",
+            what="a pairing code",
+        )
+        command: str = await page.js("return document.querySelector('#pair-command').textContent")
+        return code, command
+
+    async def pair_bridge(
+        self, command: str, env: dict[str, str] | None = None
+    ) -> tuple[dict[str, str], int, str]:
         """
-        Run C{coder1-bridge pair} with C{code} in a config dir of its own: that environment,
-        the bridge's number and the verification code it printed.
+        Run C{command}, the pairing command as the page shows it (or just a code), in a shell,
+        as pasted, in a config dir of its own (or C{env}'s): that environment, the bridge's
+        number and the verification code it printed.
         """
-        env = {"XDG_CONFIG_HOME": FilePath(self.mktemp()).path, "SHELL": "/bin/bash"}
+        if command.isdigit():
+            command = f"coder1-bridge pair --relay {self.url} --ca-cert {self.cert} {command}"
+        if env is None:
+            env = {"XDG_CONFIG_HOME": FilePath(self.mktemp()).path, "SHELL": "/bin/bash"}
         pairing = Collect()
-        spawn(pairing, [BRIDGE, "pair", "--relay", self.url, "--ca-cert", self.ca.path, code], env)
+        path = f"{os.path.dirname(BRIDGE)}:{os.environ['PATH']}"
+        spawn(pairing, ["/bin/sh", "-c", command], {**env, "PATH": path})
         self.assertEqual(await pairing.ended, 0, pairing.output)
+        self.pair_output = pairing.output.decode()
         printed = re.search(rb"Verification code: (\w{4}-\w{4}-\w{4})\s*$", pairing.output, re.M)
         number = re.search(rb"as bridge #(\d+)", pairing.output)
         assert printed is not None and number is not None, pairing.output
@@ -636,6 +666,165 @@ class BrowserTests(TestCase):
         )
         self.assertFalse(await page.js("return document.querySelector('#pair-dialog').open"))
 
+    async def other_site(self, target: str) -> str:
+        """
+        A page on another site (plain HTTP on 127.0.0.1, another port) whose one element is a
+        link to C{target}: its URL.
+        """
+        html = f'<!doctype html><title>elsewhere</title><a id="go" href="{target}">IDE</a>'
+        root = Resource()
+        root.putChild(b"", Data(html.encode(), "text/html"))
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(root))
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/"
+
+    async def session_cookie(self, page: Page) -> str:
+        """The page's session cookie (HttpOnly: WebDriver sees it, the page's script does not)."""
+        cookie = await page.call(page.driver.get_cookie, SESSION_COOKIE)
+        assert cookie is not None
+        return str(cookie["value"])
+
+    async def pair_again(self, page: Page, prefix: str) -> int:
+        """
+        Click Bridge and pair another machine with the code shown: the dialog asks to compare
+        its verification code, with no word of a changed key anywhere. Its number.
+        """
+        await page.click("#bridge-button")
+        code = await page.wait(
+            "const c = document.querySelector('#pair-code');"
+            "return c.dataset.state === 'live' && c.dataset.code;",
+            what="a pairing code",
+        )
+        _, peer, sas = await self.pair_bridge(code)
+        shown = await page.wait(
+            "const s = document.querySelector('#pair-sas');"
+            "return s && s.offsetParent !== null && s.textContent;",
+            what="the verification code of the new bridge",
+        )
+        await page.shot(prefix)
+        self.assertEqual(shown, sas)
+        self.assertEqual(
+            await page.js("return document.querySelector('#pair-message').textContent"), ""
+        )
+        self.assertIsNone(
+            await page.js("return document.querySelector('.bridge[data-state=\"key-changed\"]')")
+        )
+        self.assertNotIn("key changed", await page.js("return document.body.textContent"))
+        await page.click("#pair-close")
+        return peer
+
+    async def test_a_link_from_another_site_keeps_the_session(self) -> None:
+        """
+        A paired page goes to a page on another site, and the person clicks its link back to
+        the relay. The browser does not send the SameSite=Strict cookie with that navigation,
+        and the relay does not answer it with a new session: the page keeps its session, its
+        bridge is still listed, verified and connected, and pairing another machine asks to
+        compare codes with no alarm. Then the session does end while the page is open (its
+        cookie deleted, as when it expires): when the page reconnects it is in a new session,
+        whose bridges it lists instead of the old one's (whose terminal ends, saying why);
+        they are numbered from 1 again, and
+        the first one it pairs, with a new key, is not taken for the old bridge 1 (pins are
+        kept by key): no alarm either.
+        """
+        relay, page = await self.paired_page("link-")
+        peer = await page.js("return Number(document.querySelector('.bridge').dataset.peer)")
+        cookie = await self.session_cookie(page)
+        elsewhere = await self.other_site(self.url + "/")
+        await page.call(page.driver.get, elsewhere)
+        await page.shot("link-05-elsewhere")
+        from selenium.webdriver.common.by import By
+
+        link = await page.call(page.driver.find_element, By.ID, "go")
+        await page.call(link.click)
+        item = f".bridge[data-peer='{peer}']"
+        await page.wait(
+            "return location.origin === arguments[0]"
+            f" && document.querySelector(\"{item}[data-state='connected'][data-e2e='secure']\")",
+            self.url,
+            what="the relay's page from the link, with the session's bridge verified and secure",
+        )
+        await page.shot("link-06-back")
+        self.assertEqual(await self.session_cookie(page), cookie)
+        await page.new_terminal()
+        await page.type("echo still-$((6*7))\n")
+        await page.wait_screen(r"^still-42", "a terminal on the session's bridge")
+        self.assertNotEqual(await self.pair_again(page, "link-07-paired-again"), peer)
+
+        # The cookie goes while the page is open; its IDE connection drops, and reconnecting
+        # it starts a new session.
+        await page.call(page.driver.delete_all_cookies)
+        for connection in list(relay.context.connections.live):
+            if isinstance(connection, IDEProtocol):
+                connection.abort()
+        await page.wait(
+            "return document.querySelector('#connection-state').dataset.state === 'connected'"
+            " && document.querySelector('#no-bridges').hidden === false",
+            what="the page in a new session, with no bridges",
+        )
+        await page.wait_screen(
+            r"\[this browser's session was renewed: pair this machine again\]",
+            "the old session's terminal ended, saying why",
+        )
+        self.assertEqual(await page.js("return window.coder1.current.state"), "exited")
+        self.assertNotEqual(await self.session_cookie(page), cookie)
+        self.assertEqual(await self.pair_again(page, "link-08-new-session"), 1)
+
+    async def test_confirmations_kept_from_pins_by_number(self) -> None:
+        """
+        A browser profile from before pins were kept by key (IndexedDB version 1: the pin of a
+        bridge under C{"<origin> <peer>"}, confirmed) keeps its confirmation: the page moves
+        it to the key, and uses the bridge at once, without asking again.
+        """
+        _, page = await self.paired_page("migrate-")
+        peer, key = await page.js(
+            "const peer = Number(document.querySelector('.bridge').dataset.peer);"
+            "return [peer, window.coder1.bridges.get(peer).key];"
+        )
+        # A page of the relay's origin without the IDE, which would hold the database open.
+        await page.call(page.driver.get, self.url + "/no-such-page")
+        stored = await page.js(
+            "const done = arguments[arguments.length - 1];"
+            "const [origin, peer, key] = arguments;"
+            "const wait = (r) => new Promise((ok, no) => { r.onsuccess = () => ok(r.result);"
+            " r.onerror = () => no(r.error); });"
+            "(async () => {"
+            " let db = await wait(indexedDB.open('coder1'));"
+            " const keys = db.transaction('keys').objectStore('keys');"
+            " const identity = await wait(keys.get('identity'));"
+            " db.close();"
+            " await wait(indexedDB.deleteDatabase('coder1'));"
+            " const open = indexedDB.open('coder1', 1);"
+            " open.onupgradeneeded = () => { const d = open.result;"
+            "  d.createObjectStore('keys').put(identity, 'identity');"
+            "  d.createObjectStore('pins').put({key, confirmed: true}, `${origin} ${peer}`); };"
+            " db = await wait(open);"
+            " const pins = await wait(db.transaction('pins').objectStore('pins').getAllKeys());"
+            " db.close();"
+            " return pins;"
+            "})().then(done, (e) => done(String(e)));",
+            self.url,
+            peer,
+            key,
+            asynchronous=True,
+        )
+        self.assertEqual(stored, [f"{self.url} {peer}"])
+        await page.call(page.driver.get, self.url + "/")
+        await page.wait(
+            f"return document.querySelector(\".bridge[data-peer='{peer}'][data-state='connected']"
+            "[data-e2e='secure']\")",
+            what="the bridge used at once, its confirmation kept",
+        )
+        self.assertFalse(await page.js("return document.querySelector('#pair-dialog').open"))
+        pins = await page.js(
+            "const done = arguments[arguments.length - 1];"
+            "const r = indexedDB.open('coder1');"
+            "r.onsuccess = () => { const g = r.result.transaction('pins').objectStore('pins')"
+            " .getAllKeys(); g.onsuccess = () => done([r.result.version, g.result]); };",
+            asynchronous=True,
+        )
+        self.assertEqual(pins, [2, [f"{self.url} {key}"]])
+        await page.shot("migrate-05-kept")
+
     async def test_output_and_input_survive_a_relay_crash(self) -> None:
         """
         A terminal prints half a million numbered lines (3.9 MB), paced so that the page is
@@ -894,6 +1083,227 @@ class BrowserTests(TestCase):
         )
         await page.shot("gone-07-new-terminal")
 
+    async def test_pairing_dialog_is_complete_copies_and_says_what_to_do(self) -> None:
+        """
+        The dialog's command is complete for a development relay (C{--ca-cert} with the
+        certificate the relay printed), and each copy button copies what it is next to (the
+        code as its six digits); the command copied, pasted into a shell as is, pairs. When
+        the codes differ, the dialog shows a view of its own (not the code view with an empty
+        command): what happened, the bridge revoked, C{coder1-bridge unpair} with its copy
+        button, and Pair again, which shows a new code and its command.
+        """
+        page = await self.fresh_page()
+        await grant_clipboard(page, self.url)
+        code, command = await self.new_code(page)
+        self.assertEqual(
+            command, f"coder1-bridge pair --relay {self.url} --ca-cert {self.cert_shown} {code}"
+        )
+        self.assertIn(
+            "This development relay's certificate is that file",
+            await page.js("return document.querySelector('#pair-hint').textContent"),
+        )
+        await page.click("#pair-code-copy")
+        self.assertEqual(await clipboard(page), code)
+        self.assertEqual(
+            await page.js("return document.querySelector('#pair-code-copy').textContent"),
+            "Copied",
+        )
+        await page.click("#pair-command-copy")
+        pasted = await clipboard(page)
+        self.assertEqual(pasted, command)
+        await page.shot("dialog-01-copied")
+
+        env, peer, _ = await self.pair_bridge(pasted)
+        await page.wait(
+            "return document.querySelector('#pair-dialog').dataset.view === 'paired'",
+            what="the verification view",
+        )
+        await page.click("#pair-mismatch")
+        await page.wait(
+            "return document.querySelector('#pair-dialog').dataset.view === 'mismatch'"
+            " && document.querySelectorAll('.bridge').length === 0",
+            what="the mismatch view, and the bridge revoked",
+        )
+        shown = await page.js(
+            "const visible = (s) => document.querySelector(s).offsetParent !== null;"
+            "return {title: document.querySelector('#pair-title').textContent,"
+            " code: visible('#pair-code-view'), command: visible('#pair-command'),"
+            " mismatch: visible('#pair-mismatch-view'),"
+            " text: document.querySelector('#pair-mismatch-view').textContent};"
+        )
+        self.assertEqual(shown["title"], "The verification codes differ")
+        self.assertEqual((shown["code"], shown["command"], shown["mismatch"]), (False, False, True))
+        text = " ".join(shown["text"].split())
+        self.assertIn("This browser has revoked that bridge", text)
+        self.assertIn("click Pair again and run the new command", text)
+        await page.click("#pair-unpair-copy")
+        self.assertEqual(await clipboard(page), "coder1-bridge unpair")
+        await page.shot("dialog-02-mismatch")
+        status = Collect()
+        spawn(status, [BRIDGE, "status"], env)
+        self.assertEqual(await status.ended, 3, status.output)
+
+        await page.click("#pair-again")
+        again = await page.wait(
+            "const c = document.querySelector('#pair-code');"
+            "return document.querySelector('#pair-dialog').dataset.view === 'code'"
+            " && c.dataset.state === 'live' && c.dataset.code !== arguments[0] && c.dataset.code;",
+            code,
+            what="a new code",
+        )
+        self.assertEqual(
+            await page.js("return document.querySelector('#pair-command').textContent"),
+            f"coder1-bridge pair --relay {self.url} --ca-cert {self.cert_shown} {again}",
+        )
+        await page.shot("dialog-03-again")
+        self.assertEqual(peer, 1)
+
+    async def test_bridge_cards_say_what_is_known(self) -> None:
+        """
+        A bridge card says what the page knows: a bridge paired but never started says how
+        to start it (not that it waits for a reconnect); a running one, since when; while the
+        page itself is reconnecting to the relay, that its state is unknown (not green); one
+        that stopped, that the page waits for it. Pairing the same machine again replaces its
+        card (the old token revoked); two machines with the same label show their numbers.
+        """
+        page = await self.fresh_page()
+        _, command = await self.new_code(page)
+        env, peer, _ = await self.pair_bridge(command)
+        await self.confirm(page)
+        item = f".bridge[data-peer='{peer}']"
+        state = (
+            "const b = document.querySelector(arguments[0]);"
+            "return b && [b.dataset.presence, b.dataset.state,"
+            " b.querySelector('.state').textContent];"
+        )
+        await page.wait(
+            "const b = document.querySelector(arguments[0]);"
+            "return b && b.dataset.presence === 'not-started';",
+            item,
+            what="the card of a bridge never started",
+        )
+        _, data_state, text = await page.js(state, item)
+        self.assertEqual(data_state, "not-started")
+        self.assertEqual(text, "not running: on that machine, run coder1-bridge start")
+        await page.shot("cards-01-not-started")
+
+        bridge, process = self.start_bridge(env)
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.state === 'connected'",
+            item,
+            what="the bridge to connect",
+        )
+        self.assertIn("connected since", (await page.js(state, item))[2])
+        await page.shot("cards-02-connected")
+
+        port = self.relay.port.getHost().port  # type: ignore[union-attr]
+        await crash_relay(self.relay)
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.presence === 'unknown'",
+            item,
+            what="the card while the page reconnects",
+        )
+        _, data_state, text = await page.js(state, item)
+        self.assertNotEqual(data_state, "connected")
+        self.assertEqual(text, "unknown while this page reconnects to the relay")
+        await page.shot("cards-03-page-reconnecting")
+        self.relay = await start_relay(self.state_dir, listen=f"tcp:{port}:interface=127.0.0.1")
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.state === 'connected'",
+            item,
+            what="the bridge connected again, as the page sees it",
+            timeout=60,
+        )
+        await _stop(process, bridge)
+        await page.wait(
+            "return document.querySelector(arguments[0]).dataset.presence === 'disconnected'",
+            item,
+            what="the card of a bridge that stopped",
+        )
+        self.assertEqual(
+            (await page.js(state, item))[2], "disconnected: waiting for it to reconnect"
+        )
+        await page.shot("cards-04-stopped")
+
+        _, command = await self.new_code(page)
+        _, again, _ = await self.pair_bridge(command, env)
+        self.assertIn(f"Revoked the previous pairing (bridge #{peer} at", self.pair_output)
+        await self.confirm(page)
+        await page.wait(
+            "return [...document.querySelectorAll('.bridge')].map((b) => b.dataset.peer)"
+            ".join() === String(arguments[0])",
+            again,
+            what="the card of the first pairing to go",
+        )
+        _, command = await self.new_code(page)
+        _, other, _ = await self.pair_bridge(command)
+        await self.confirm(page)
+        labels = await page.wait(
+            "const l = [...document.querySelectorAll('.bridge .label')].map((e) => e.textContent);"
+            "return l.length === 2 && l;",
+            what="both bridges listed",
+        )
+        host = labels[0].rsplit("#", 1)[0]
+        self.assertEqual(labels, [f"{host}#{again}", f"{host}#{other}"])
+        await page.shot("cards-05-same-label")
+
+    async def confirm(self, page: Page) -> None:
+        """Say the verification codes match, once the dialog shows them."""
+        await page.wait(
+            "return document.querySelector('#pair-dialog').dataset.view === 'paired'",
+            what="the verification view",
+        )
+        await page.click("#pair-done")
+        await page.wait(
+            "return !document.querySelector('#pair-dialog').open", what="the dialog to close"
+        )
+
+    async def test_narrow_screen_and_the_terminal_fits_its_pane(self) -> None:
+        """
+        The terminal's screen fits inside its pane (no row or column clipped), wide and
+        narrow. Below 600 px the bridge list is a strip above the terminals, not half of the
+        screen beside them, and the pairing dialog fits the screen.
+        """
+        _, page = await self.paired_page("narrow-")
+        await page.new_terminal()
+        fit = await terminal_fit(page)
+        self.assertLessEqual(fit["over"], 0.01, fit)
+        await page.shot("narrow-05-wide")
+
+        await page.call(page.driver.set_window_size, 420, 760)
+        width = await page.wait(
+            "return window.innerWidth < 600 && window.innerWidth", what="a narrow window"
+        )
+        await page.wait(
+            "const t = window.coder1.current.term; return t.cols !== arguments[0];",
+            fit["cols"],
+            what="the terminal to follow the window",
+        )
+        fit = await terminal_fit(page)
+        self.assertLessEqual(fit["over"], 0.01, fit)
+        layout = await page.js(
+            "const r = (s) => document.querySelector(s).getBoundingClientRect();"
+            "return {aside: [r('aside').width, r('aside').height],"
+            " workspace: r('#workspace').width, height: window.innerHeight};"
+        )
+        self.assertGreaterEqual(layout["aside"][0], width - 1, layout)
+        self.assertLessEqual(layout["aside"][1], 0.36 * layout["height"], layout)
+        self.assertGreaterEqual(layout["workspace"], width - 1, layout)
+        await page.shot("narrow-06-terminal")
+
+        await page.click("#bridge-button")
+        await page.wait(
+            "return document.querySelector('#pair-code').dataset.state === 'live'",
+            what="a code",
+        )
+        dialog = await page.js(
+            "const d = document.querySelector('#pair-dialog').getBoundingClientRect();"
+            "return [d.left, d.right, window.innerWidth];"
+        )
+        self.assertGreaterEqual(dialog[0], 0, dialog)
+        self.assertLessEqual(dialog[1], dialog[2], dialog)
+        await page.shot("narrow-07-dialog")
+
     async def assert_encrypted(self, page: Page, canary: str) -> None:
         """
         No WebSocket message the page sent or received holds the canary (or its reverse), in
@@ -928,6 +1338,40 @@ class BrowserTests(TestCase):
         self.assertTrue(found, screen)
         rows, cols = found[-1]
         return int(rows), int(cols)
+
+
+async def grant_clipboard(page: Page, origin: str) -> None:
+    """Let the page write and read the clipboard, as a person's browser does on a click."""
+    await page.call(
+        page.driver.execute_cdp_cmd,
+        "Browser.grantPermissions",
+        {"origin": origin, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
+
+
+async def clipboard(page: Page) -> str:
+    """What the clipboard holds."""
+    text: str = await page.js("return navigator.clipboard.readText()")
+    return text
+
+
+async def terminal_fit(page: Page) -> dict[str, Any]:
+    """
+    How far the visible terminal's screen reaches past its pane's content box, at the
+    bottom or the right (positive: clipped), and its size.
+    """
+    fit: dict[str, Any] = await page.js(
+        "const pane = document.querySelector('.term-pane[aria-hidden=\"false\"]');"
+        "const style = getComputedStyle(pane); const box = pane.getBoundingClientRect();"
+        "const screen = pane.querySelector('.xterm-screen').getBoundingClientRect();"
+        "const area = document.querySelector('#terminals').getBoundingClientRect();"
+        "const t = window.coder1.current.term;"
+        "return {over: Math.max(screen.bottom - (box.bottom - parseFloat(style.paddingBottom)),"
+        " screen.right - (box.right - parseFloat(style.paddingRight)), box.bottom - area.bottom,"
+        " box.right - area.right), cols: t.cols, rows: t.rows,"
+        " screen: [screen.width, screen.height], pane: [box.width, box.height]};"
+    )
+    return fit
 
 
 def tamper_next_output(relay: RelayService) -> Deferred[None]:

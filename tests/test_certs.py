@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -34,6 +35,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from coder1_relay.certs import (
+    ACCEPTED_KEYS_DIR,
     DEV_CERT_NAME,
     DEV_KEY_NAME,
     SIGNING_KEY_NAME,
@@ -353,6 +355,48 @@ class LoadOrCreateTests(TestCase):
         text = repr(keys)
         self.assertNotIn("PRIVATE", text)
         self.assertNotIn("signing_key", text)
+
+    def test_accepted_keys(self) -> None:
+        """
+        The public halves of the keys in accepted-keys/ (public or private PEM)
+        are the ring's older keys; none without the folder.
+        """
+        self.assertEqual(self._load()[0].accepted, ())
+        folder = self.state.child(ACCEPTED_KEYS_DIR)
+        folder.makedirs()
+        public, private = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        folder.child("a.pem").setContent(
+            public.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        write_secret(
+            folder.child("b.pem"),
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        self.assertEqual(
+            [k.public_bytes(*raw) for k in self._load()[0].accepted],
+            [public.public_key().public_bytes(*raw), private.public_key().public_bytes(*raw)],
+        )
+
+    def test_accepted_key_not_ed25519(self) -> None:
+        """A key of another kind in accepted-keys/ is refused by name."""
+        self._load()
+        folder = self.state.child(ACCEPTED_KEYS_DIR)
+        folder.makedirs()
+        folder.child("ec.pem").setContent(
+            ec.generate_private_key(ec.SECP256R1())
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        self.assertRaisesRegex(ValueError, "ec.pem is not an Ed25519 key", self._load)
 
 
 class GivenPairTests(TestCase):

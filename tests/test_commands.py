@@ -42,9 +42,14 @@ class FakeProcess(processes.RecordingProcess):
 
     pid: int
     stdin_closed: bool = False
+    #: Whether the runner closed its output pipes.
+    output_closed: bool = False
 
     def closeStdin(self) -> None:
         self.stdin_closed = True
+
+    def loseConnection(self) -> None:
+        self.output_closed = True
 
 
 @attrs.define(kw_only=True)
@@ -61,9 +66,19 @@ class Spawned(processes.SpawnedProcess[FakeProcess]):
         """The command line the trampoline execs."""
         return self.args[len(TRAMPOLINE) + 1 :]
 
-    def exit(self, code: int | None = 0, sig: int | None = None) -> None:
-        """Deliver processEnded as Twisted would."""
+    def reap(self, code: int | None = 0, sig: int | None = None) -> None:
+        """The program has ended and been reaped: deliver processExited."""
+        self.process.reaped = True
+        self.protocol.processExited(processes.exit_reason(code, sig))
+
+    def end(self, code: int | None = 0, sig: int | None = None) -> None:
+        """Its output pipes have closed too: deliver processEnded."""
         self.protocol.processEnded(processes.exit_reason(code, sig))
+
+    def exit(self, code: int | None = 0, sig: int | None = None) -> None:
+        """The program ended and its group with it, as usual: both, as Twisted would."""
+        self.reap(code, sig)
+        self.end(code, sig)
 
 
 class FakeReactor(processes.SpawningClock[FakeProcess, Spawned]):
@@ -292,6 +307,55 @@ class FakeProcessTests(processes.FakeSpawnerTestCase[FakeReactor]):
             self.sent[0].json(),
             {"exit_code": None, "signal": 15, "duration": 0.0, "reason": "cancelled"},
         )
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_linger(self) -> None:
+        """
+        When something outside the command's group still holds its output after
+        the program ended, its output is still forwarded for linger seconds, then
+        closed, and CMD_EXIT says so (reason held-open); nobody is signalled.
+        """
+        self.runner.handle(start(1, argv=["sh"]))
+        [spawned] = self.reactor.spawned
+        spawned.reap(3)
+        self.reactor.advance(0.9)
+        spawned.protocol.outReceived(b"from a straggler")
+        self.assertFalse(spawned.process.output_closed)
+        self.reactor.advance(0.1)
+        self.assertTrue(spawned.process.output_closed)
+        self.assertEqual(self.runner.running, 1)
+        spawned.end(3)
+        self.assertEqual([f.kind for f in self.sent], [Kind.CMD_STDOUT, Kind.CMD_EXIT])
+        self.assertEqual(
+            self.sent[-1].json(),
+            {"exit_code": 3, "signal": None, "duration": 1.0, "reason": "held-open"},
+        )
+        self.assertEqual((self.kills, self.reactor.getDelayedCalls()), ([], []))
+
+    def test_linger_waits_for_unread_output(self) -> None:
+        """While its output is left unread (flow control), a command's linger starts over:
+        what is waiting in the pipe is not held open by others."""
+        self.runner.handle(start(1, argv=["sh"]))
+        [spawned] = self.reactor.spawned
+        self.runner.hold(1)
+        spawned.reap(0)
+        self.reactor.advance(5)
+        self.assertFalse(spawned.process.output_closed)
+        self.runner.release(1)
+        self.reactor.advance(1)
+        self.assertTrue(spawned.process.output_closed)
+
+    def test_cancel_while_output_held_open(self) -> None:
+        """Cancelling a command whose program ended but whose output is held open KILLs
+        what is left of its group and closes its output at once."""
+        self.runner.handle(start(1, argv=["sh"]))
+        [spawned] = self.reactor.spawned
+        spawned.reap(0)
+        self.runner.handle(Envelope(Kind.CMD_CANCEL, 1))
+        self.assertEqual(self.kills, [(4000, signal.SIGKILL)])
+        self.assertTrue(spawned.process.output_closed)
+        spawned.end(0)
+        self.assertEqual(self.sent[-1].json()["reason"], "held-open")
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_no_group_yet(self) -> None:
@@ -546,6 +610,23 @@ class RealProcessTests(processes.RealProcessTestCase):
         self.runner.handle(Envelope(Kind.CMD_CANCEL, 1))
         self.assertEqual((await self.inbox.exit(1))["signal"], signal.SIGTERM)
         await self.until_gone(pid)
+
+    async def test_cancelled_with_output_held_open(self) -> None:
+        """
+        The audit's case: a descendant that called setsid (so left the group) keeps
+        the command's stdout open.  Cancel kills the group; linger seconds later the
+        bridge closes the output, CMD_EXIT says it was held open, and the command's
+        slot is free.  The descendant is not the bridge's to signal: it lives on.
+        """
+        self.runner = self.make_runner(kill_grace=0.5, linger=0.3)
+        pid = await self.start_with_grandchild(1, "setsid sh -c 'echo $$; exec sleep 1000' & wait")
+        self.addCleanup(os.kill, pid, signal.SIGKILL)
+        self.runner.handle(Envelope(Kind.CMD_CANCEL, 1))
+        body = await self.inbox.exit(1)
+        self.assertEqual((body["reason"], body["signal"]), ("held-open", signal.SIGTERM))
+        self.assertGreaterEqual(body["duration"], 0.3)
+        self.assertEqual(self.runner.running, 0)
+        self.assertTrue(processes.alive(pid))
 
     async def test_timeout_kills_group(self) -> None:
         """On timeout, the command and its grandchildren end and the reason says so."""

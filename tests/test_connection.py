@@ -19,6 +19,7 @@ from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
 from coder1_wire.e2e import Identity, Initiator, SecureChannel
 from coder1_wire.envelope import Envelope, Kind, control, decode
+from coder1_wire.heartbeat import MAX_INTERVAL, MIN_INTERVAL
 
 
 @attrs.define
@@ -88,6 +89,51 @@ class BridgeSessionTests(SynchronousTestCase):
         self.assertEqual(link.aborts, 0)
         clock.advance(1)
         self.assertEqual(link.aborts, 1)
+
+    def test_welcome_too_short_clamped(self) -> None:
+        """
+        A WELCOME asking for a heartbeat shorter than MIN_INTERVAL (the audit sent
+        1e-6 s, and got 182,000 PINGs in 5 s) gets PINGs every MIN_INTERVAL.
+        """
+        for asked in (b"1e-06", b"0", b"-1"):
+            session, link, clock, _ = self.make()
+            session.receive(Envelope(Kind.WELCOME, payload=b'{"heartbeat":%s}' % asked).encode())
+            clock.advance(0.01)
+            self.assertEqual([e.kind for e in link.sent].count(Kind.PING), 0, asked)
+            clock.advance(MIN_INTERVAL)
+            self.assertEqual([e.kind for e in link.sent].count(Kind.PING), 1, asked)
+
+    def test_welcome_too_long_clamped(self) -> None:
+        """
+        A WELCOME asking for a huge heartbeat (1e308, Infinity) does not switch
+        off the watch on the relay: silence for 3 x MAX_INTERVAL drops the connection.
+        """
+        for asked in (b"1e308", b"Infinity", b"3600"):
+            session, link, clock, _ = self.make()
+            session.receive(Envelope(Kind.WELCOME, payload=b'{"heartbeat":%s}' % asked).encode())
+            clock.advance(3 * MAX_INTERVAL - 1)
+            self.assertEqual(link.aborts, 0, asked)
+            clock.advance(1)
+            self.assertEqual(link.aborts, 1, asked)
+
+    def test_welcome_without_a_number_ignored(self) -> None:
+        """A WELCOME whose heartbeat is not a number (NaN, text, true, none) changes nothing."""
+        for payload in (
+            b'{"heartbeat":NaN}',
+            b'{"heartbeat":"15"}',
+            b'{"heartbeat":true}',
+            b'{"peer":1}',
+            b"[15]",
+            b"not json",
+        ):
+            session, link, clock, _ = self.make()
+            session.receive(Envelope(Kind.WELCOME, payload=payload).encode())
+            for _ in range(44):
+                clock.advance(1)
+            pings = [e.kind for e in link.sent].count(Kind.PING)
+            self.assertEqual((link.aborts, pings), (0, 2), payload)
+            clock.advance(1)
+            self.assertEqual(link.aborts, 1, payload)
 
     def test_ping_answered(self) -> None:
         """A PING from the relay is answered with a PONG."""

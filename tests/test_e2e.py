@@ -39,7 +39,9 @@ from coder1_wire.e2e import (
     unb64u,
     verify_signature,
 )
-from coder1_wire.envelope import Envelope, Kind
+from coder1_wire.envelope import Envelope, Kind, decode
+
+from .docblocks import check_block
 
 PEER = 7
 BROWSER = Identity.generate()
@@ -831,3 +833,119 @@ class Base64UrlTests(SynchronousTestCase):
         """Anything but a str (as JSON may give) is refused with E2EError."""
         for value in [None, 1, b"AA", ["AA"]]:
             self.assertRaises(E2EError, unb64u, value)
+
+
+def _scalar(label: bytes) -> int:
+    """A private scalar anyone can recompute: SHA-256 of C{label}, reduced mod the order."""
+    return int.from_bytes(sha256(label)) % P256_ORDER
+
+
+#: The known-answer vectors of docs/e2e.md: the scalars and nonces they are made from.
+VECTOR_INPUTS = {
+    "browser.d": _scalar(b"coder1 vector: browser identity"),
+    "bridge.d": _scalar(b"coder1 vector: bridge identity"),
+    "offer.eph.d": _scalar(b"coder1 vector: browser ephemeral"),
+    "answer.eph.d": _scalar(b"coder1 vector: bridge ephemeral"),
+}
+VECTOR_PEER, VECTOR_CHANNEL, VECTOR_STREAM = 1, 0x5A17C3E9, 0x9C41E2A7
+VECTOR_NONCES = (sha256(b"coder1 vector: offer nonce")[:16], sha256(b"coder1 vector: answer")[:16])
+
+
+def render_vectors(testcase: SynchronousTestCase) -> tuple[str, SecureChannel, SecureChannel]:
+    """
+    The vectors block of docs/e2e.md, computed with L{e2e} from L{VECTOR_INPUTS} (its
+    ephemeral keys and nonces patched in), and the two ends' channels.
+    """
+    d = VECTOR_INPUTS
+    browser, bridge = fixed_identity(d["browser.d"]), fixed_identity(d["bridge.d"])
+    eph_b = ec.derive_private_key(d["offer.eph.d"], ec.SECP256R1())
+    eph_r = ec.derive_private_key(d["answer.eph.d"], ec.SECP256R1())
+    ephemerals, nonces = iter([eph_b, eph_r]), iter(VECTOR_NONCES)
+    testcase.patch(e2e, "_new_ephemeral", lambda: next(ephemerals))
+    testcase.patch(e2e, "_random_bytes", lambda size: next(nonces))
+    initiator = Initiator(browser, bridge.public_raw, VECTOR_PEER, VECTOR_CHANNEL)
+    offer = initiator.offer()
+    answer, down = Responder.answer(bridge, browser.public_raw, VECTOR_PEER, offer)
+    up = initiator.accept(answer)
+    offer_body, answer_body = offer.json(), answer.json()
+    offer_bytes = (
+        b"coder1-offer-v1\x00"
+        + VECTOR_CHANNEL.to_bytes(4)
+        + VECTOR_PEER.to_bytes(4)
+        + raw(eph_b)
+        + VECTOR_NONCES[0]
+        + bridge.public_raw
+    )
+    answer_bytes = b"coder1-answer-v1\x00" + sha256(offer_bytes) + raw(eph_r) + VECTOR_NONCES[1]
+    shared = eph_b.exchange(ec.ECDH(), eph_r.public_key())
+    salt = sha256(offer_bytes + answer_bytes)
+    okm = hkdf_sha256(shared, salt, b"coder1-e2e-v1", 64)
+    frame_up = Envelope(Kind.PTY_INPUT, VECTOR_STREAM, 1, VECTOR_PEER, b"exit\r")
+    frame_down = Envelope(Kind.PTY_OUTPUT, VECTOR_STREAM, 33, VECTOR_PEER, b"$ ")
+    sealed_up, sealed_down = up.seal(frame_up), down.seal(frame_down)
+    lines = [
+        ("browser.d", f"{d['browser.d']:064x}"),
+        ("browser.raw", browser.public_raw.hex()),
+        ("bridge.d", f"{d['bridge.d']:064x}"),
+        ("bridge.raw", bridge.public_raw.hex()),
+        ("sas", sas(browser.public_raw, bridge.public_raw)),
+        ("peer", str(VECTOR_PEER)),
+        ("channel", f"{VECTOR_CHANNEL:08x}"),
+        ("offer.eph.d", f"{d['offer.eph.d']:064x}"),
+        ("offer.eph.raw", raw(eph_b).hex()),
+        ("offer.nonce", VECTOR_NONCES[0].hex()),
+        ("offer.bytes", offer_bytes.hex()),
+        ("offer.sig", unb64u(offer_body["sig"]).hex()),
+        ("answer.eph.d", f"{d['answer.eph.d']:064x}"),
+        ("answer.eph.raw", raw(eph_r).hex()),
+        ("answer.nonce", VECTOR_NONCES[1].hex()),
+        ("answer.bytes", answer_bytes.hex()),
+        ("answer.sig", unb64u(answer_body["sig"]).hex()),
+        ("ecdh.shared", shared.hex()),
+        ("hkdf.salt", salt.hex()),
+        ("hkdf.info", b"coder1-e2e-v1".hex()),
+        ("hkdf.okm", okm.hex()),
+        ("k_up", okm[:32].hex()),
+        ("k_down", okm[32:].hex()),
+        ("up.header", frame_up.encode()[:20].hex()),
+        ("up.plaintext", frame_up.payload.hex()),
+        ("up.payload", sealed_up.payload.hex()),
+        ("down.header", frame_down.encode()[:20].hex()),
+        ("down.plaintext", frame_down.payload.hex()),
+        ("down.payload", sealed_down.payload.hex()),
+    ]
+    return "".join(f"{name:<15} {value}\n" for name, value in lines), up, down
+
+
+class DocumentVectorsTests(SynchronousTestCase):
+    """The known-answer vectors in docs/e2e.md are what the code computes."""
+
+    def test_vectors(self) -> None:
+        """
+        Every value of the vectors block is recomputed from the scalars and nonces the
+        block gives, with this module, and matches: identities, SAS, offer and answer
+        byte strings, ECDH, HKDF (salt, info, okm, both keys), and one sealed frame each
+        way (which also opens).  ECDSA signatures are randomised, so the two in the
+        block are checked by verifying them.  CODER1_REGENERATE_DOCS=1 rewrites the block.
+        """
+        rendered, up, down = render_vectors(self)
+        documented = dict(
+            line.split(maxsplit=1)
+            for line in check_block("e2e.md", "vectors", rendered).splitlines()
+        )
+        expected = dict(line.split(maxsplit=1) for line in rendered.splitlines())
+        self.assertEqual(set(documented), set(expected))
+        for name in ("browser.d", "bridge.d", "offer.eph.d", "answer.eph.d"):
+            self.assertEqual(int(documented[name], 16), VECTOR_INPUTS[name], name)
+        for name, value in expected.items():
+            if not name.endswith(".sig"):
+                self.assertEqual(documented[name], value, name)
+        for side, key in (("offer", "browser.raw"), ("answer", "bridge.raw")):
+            signed = bytes.fromhex(documented[f"{side}.bytes"])
+            signature = bytes.fromhex(documented[f"{side}.sig"])
+            self.assertTrue(verify_signature(bytes.fromhex(documented[key]), signature, signed))
+        for sender, receiver in (("up", down), ("down", up)):
+            frame = decode(
+                bytes.fromhex(documented[f"{sender}.header"] + documented[f"{sender}.payload"])
+            )
+            self.assertEqual(receiver.open(frame).payload.hex(), documented[f"{sender}.plaintext"])

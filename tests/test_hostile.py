@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -45,8 +46,14 @@ from twisted.web.client import Agent, FileBodyProducer, PartialDownloadError, re
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from coder1_bridge.cli import _RelayTrust
-from coder1_relay.context import SESSION_COOKIE, Limits, PerAddress, TokenBucket
+from coder1_relay.context import (
+    FD_RESERVE,
+    SESSION_COOKIE,
+    Limits,
+    PerAddress,
+    TokenBucket,
+    connection_room,
+)
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService
 from coder1_relay.tap import Options
@@ -68,6 +75,7 @@ from .loopback import (
     Browser,
     ConnectionRefusedByRelay,
     IDEConnection,
+    RelayTrust,
     pair_bridge,
     reactor,
     settle,
@@ -667,6 +675,7 @@ class LimitsTests(SynchronousTestCase):
                 "new_connection_burst": 200,
                 "ide_connections_per_session": 16,
                 "bridges_per_session": 16,
+                "max_connections": 0,
             },
         )
 
@@ -678,6 +687,7 @@ class LimitsTests(SynchronousTestCase):
             {"tls_handshake_timeout": -1},
             {"connections_per_ip": -1},
             {"bridges_per_session": 0},
+            {"max_connections": -1},
         ):
             self.assertRaises(ValueError, Limits, **bad)
 
@@ -697,6 +707,7 @@ class LimitsTests(SynchronousTestCase):
                 "--tls-handshake-timeout=3",
                 "--idle-timeout=90",
                 "--max-message-size=65536",
+                "--max-connections=5000",
             ]
         )
         settings = options.settings()
@@ -712,6 +723,7 @@ class LimitsTests(SynchronousTestCase):
                 "tls_handshake_timeout": 3.0,
                 "idle_timeout": 90.0,
                 "max_message_size": 65536,
+                "max_connections": 5000,
             },
         )
         self.assertEqual(settings.hub.heartbeat_timeout, 90.0)
@@ -722,6 +734,45 @@ class LimitsTests(SynchronousTestCase):
         self.assertFalse(quiet.settings().access_log)
         for bad in (["--message-burst=0"], ["--idle-timeout=10"], ["--new-connection-burst=-5"]):
             self.assertRaises(usage.UsageError, Options().parseOptions, bad)
+
+
+class ConnectionRoomTests(SynchronousTestCase):
+    """L{connection_room}: the relay-wide cap on connections, and what the relay says of it."""
+
+    def test_from_the_open_file_limit(self) -> None:
+        """
+        With no C{--max-connections}, the cap is the open-file limit less
+        L{FD_RESERVE}, and the message says how many paired sessions (two
+        connections each) that is: a warning, when the limit could be raised.
+        """
+        room = connection_room(0, 1024, 524288)
+        self.assertEqual((room.cap, room.warn), (1024 - FD_RESERVE, True))
+        self.assertIn("room for 960 connections (RLIMIT_NOFILE 1024", room.message)
+        self.assertIn("about 480 paired sessions", room.message)
+        self.assertIn("raise the limit up to 524288", room.message)
+        room = connection_room(0, 65536, 65536)
+        self.assertEqual((room.cap, room.warn), (65536 - FD_RESERVE, False))
+        self.assertIn("about 32736 paired sessions", room.message)
+        self.assertEqual(connection_room(0, 10, 10).cap, 1)
+
+    def test_given(self) -> None:
+        """
+        C{--max-connections} is the cap while the open-file limit has room for
+        it; past that, the cap is what the limit leaves, with a warning.
+        """
+        room = connection_room(100, 1024, 524288)
+        self.assertEqual((room.cap, room.warn), (100, False))
+        self.assertIn("room for 100 connections (--max-connections): about 50", room.message)
+        room = connection_room(5000, 1024, 524288)
+        self.assertEqual((room.cap, room.warn), (960, True))
+        self.assertIn("--max-connections 5000 is more than the open-file limit", room.message)
+        self.assertIn("about 480 paired sessions", room.message)
+
+    def test_no_open_file_limit(self) -> None:
+        """Without an open-file limit only C{--max-connections} caps (0: nothing does)."""
+        self.assertEqual(connection_room(0, None, None).cap, 0)
+        self.assertEqual(connection_room(300, None, None).cap, 300)
+        self.assertFalse(connection_room(300, None, None).warn)
 
 
 # --- limits on connections, sessions and bridges ----------------------------------------------
@@ -755,6 +806,55 @@ class ConnectionLimitTests(RelayUnderAttack):
             assert raw.transport is not None
             raw.transport.loseConnection()
         await self.bystander_kept_working()
+
+    async def test_max_connections(self) -> None:
+        """
+        Once the relay holds C{max_connections} TCP connections, from any
+        addresses, the next is closed at once, before TLS, and counted; the
+        relay logs why once (and at start, how many sessions fit), and no
+        traceback; a closed connection frees a place, and the connections it
+        holds (the bystander's too) carry on.
+        """
+        events: list[dict[str, Any]] = []
+
+        @implementer(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await self.start(Limits(max_connections=12))
+        port: Any = self.relay.port
+        guard = port.factory
+        held = [
+            await raw_connect(self.relay, f"127.0.0.{2 + n % 3}")
+            for n in range(12 - len(guard.protocols))
+        ]
+        await deferLater(reactor, 0.1)
+        self.assertEqual(len(guard.protocols), 12)
+        refused = [await raw_connect(self.relay, f"127.0.0.{5 + n}") for n in range(3)]
+        for raw in refused:
+            self.assertLess(await raw.lifetime(timeout=3), 1.0)
+            self.assertEqual(await raw.take(), b"")
+        self.assertEqual(self.throttled("connections"), 3)
+        self.assertTrue(all(raw.lost_at is None for raw in held))
+        said = [formatEvent(e) for e in events if "refusing new connections" in formatEvent(e)]
+        self.assertEqual(
+            said, ["refusing new connections: the relay holds 12, its most (--max-connections)"]
+        )
+        started = "room for 12 connections (--max-connections): about 6 paired sessions"
+        self.assertTrue([e for e in events if started in formatEvent(e)])
+        assert held[0].transport is not None
+        held[0].transport.loseConnection()
+        await held[0].lost
+        await deferLater(reactor, 0.1)
+        again = await raw_connect(self.relay, "127.0.0.9")
+        await HandTLS().handshake(again)
+        for raw in [*held[1:], again]:
+            assert raw.transport is not None
+            raw.transport.loseConnection()
+        await self.bystander_kept_working()
+        self.assertFalse([e for e in events if "log_failure" in e])
 
     async def test_ide_connections_per_session(self) -> None:
         """
@@ -1226,7 +1326,7 @@ class FuzzTests(RelayUnderAttack):
         jar = f"{SESSION_COOKIE}={self.cookie(attacker)}"
         agent = Agent(
             reactor,
-            contextFactory=_RelayTrust(self.relay.keys.tls_cert_pem.decode()),
+            contextFactory=RelayTrust(self.relay.keys.tls_cert_pem.decode()),
             bindAddress=("127.0.0.6", 0),
         )
         url = self.relay.context.public_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,7 +19,13 @@ from coder1_relay.pairing import (
     RedeemRefused,
     Redemption,
 )
-from coder1_relay.store import SWEEP_EVERY, BridgeRecord, IRelayStore, MemoryStore
+from coder1_relay.store import (
+    SWEEP_EVERY,
+    BridgeRecord,
+    IRelayStore,
+    MemoryStore,
+    StoreUnavailable,
+)
 from coder1_relay.tokens import TokenAuthority
 
 T = TypeVar("T")
@@ -51,6 +57,14 @@ class SlowStore:
         results: list[T] = []
         d.addCallback(results.append)
         return results[0]
+
+
+class AddBridgeFails(MemoryStore):
+    """A store that keeps a new bridge's record but answers that it failed (a timeout)."""
+
+    def add_bridge(self, session: str, record: BridgeRecord) -> Deferred[None]:
+        super().add_bridge(session, record)
+        return fail(StoreUnavailable("Redis did not answer within 2 s"))
 
 
 class PairingTests(SynchronousTestCase):
@@ -186,15 +200,101 @@ class PairingTests(SynchronousTestCase):
         self.failureResultOf(self.redeem(good, ip="203.0.113.5"), RateLimited)
         self.successResultOf(self.redeem(good, ip="203.0.113.6"))
 
-    def test_brute_force_global(self) -> None:
-        """Past the global failure bound, every IP is refused until the hour passes."""
-        self.pairing = self.make(self.store, PairingPolicy(failures_per_hour=20))
-        for i in range(20):
-            self.failureResultOf(self.redeem("000000", ip=f"198.51.100.{i}"), RedeemRefused)
+    def test_brute_force_per_network(self) -> None:
+        """
+        After 30 wrong codes from one network (an IPv4 /24) in an hour, every
+        address in it is refused, even with a right code; other networks are not.
+        """
+
+    def test_brute_force_bound_holds_concurrently(self) -> None:
+        """
+        Thirty wrong codes from one IP in flight at once through a slow
+        (networked) store: only ten are tried, and the rest refused for the
+        rate without being counted, as if they had come one by one.
+        """
+        store = SlowStore(self.clock)
+        self.pairing = self.make(store)
+        outcomes: list[type[BaseException] | None] = []
+        for _ in range(30):
+            self.redeem("000000", ip="203.0.113.5").addErrback(lambda f: outcomes.append(f.type))
+        self.clock.pump([0.001] * 50)
+        self.assertEqual(outcomes.count(RedeemRefused), 10)
+        self.assertEqual(outcomes.count(RateLimited), 20)
+        failures = store.inner.count("fail:ip:203.0.113.5", self.clock.seconds(), 3600)
+        self.assertEqual(self.successResultOf(failures), 10)
+
+    def test_good_code_not_counted(self) -> None:
+        """A good code takes back the place its attempt took among the failures."""
+        self.successResultOf(self.redeem(self.code().code, ip="203.0.113.5"))
+        for key in ("fail:ip:203.0.113.5", "fail:global"):
+            self.assertEqual(
+                self.successResultOf(self.store.count(key, self.clock.seconds(), 3600)), 0
+            )
+
+    def test_failed_pairing_leaves_nothing_usable(self) -> None:
+        """
+        When the store fails to record the new bridge, the redemption fails
+        (StoreUnavailable) and the token it would have given is revoked, so
+        a record the store may have kept counts for nothing.
+        """
+        store = AddBridgeFails()
+        self.pairing = self.make(store)
+        self.failureResultOf(self.redeem(self.code().code), StoreUnavailable)
+        [kept] = store._bridges["s1"].values()
+        self.assertTrue(self.successResultOf(store.is_revoked(kept.jti, self.clock.seconds())))
+        self.assertEqual(self.successResultOf(store.bridges("s1", self.clock.seconds())), [])
+
+    def test_ipv6_network(self) -> None:
+        """
+        An IPv6 network is a /48: its 2^80 addresses share one budget; an
+        IPv4-mapped IPv6 address counts in its IPv4 /24.
+        """
         good = self.code().code
-        self.failureResultOf(self.redeem(good, ip="192.0.2.200"), RateLimited)
+        for subnet in ("a", "b", "c"):
+            for _ in range(10):
+                self.failureResultOf(
+                    self.redeem("000000", ip=f"2001:db8:1:{subnet}::1"), RedeemRefused
+                )
+        self.failureResultOf(self.redeem(good, ip="2001:db8:1:ffff::9"), RateLimited)
+        self.successResultOf(self.redeem(good, ip="2001:db8:2::9"))
+        for host in (1, 2, 3):
+            for _ in range(10):
+                self.failureResultOf(
+                    self.redeem("000000", ip=f"::ffff:198.51.100.{host}"), RedeemRefused
+                )
+        self.failureResultOf(self.redeem(self.code().code, ip="198.51.100.9"), RateLimited)
+
+    def test_distributed_guesser_cannot_block_pairing(self) -> None:
+        """
+        The audit's attack: 600 failed redemptions from 60 addresses, in 60
+        networks, reach the relay-wide bound.  That no longer refuses everyone:
+        a user from a network without failures still pairs, and so does one
+        whose network failed twice (typos).  It slows the guesser: its
+        networks are refused while the relay is under attack, and each new
+        network it brings gets 3 guesses; an hour later all is as before.
+        """
+        for n in range(60):
+            for _ in range(10):
+                self.failureResultOf(self.redeem("000000", ip=f"10.{n}.0.1"), RedeemRefused)
+        now = self.clock.seconds()
+        self.assertEqual(self.successResultOf(self.store.count("fail:global", now, 3600)), 600)
+        self.successResultOf(self.redeem(self.code().code, ip="192.0.2.77"))
+        for _ in range(2):
+            self.failureResultOf(self.redeem("000000", ip="198.51.100.1"), RedeemRefused)
+        self.successResultOf(self.redeem(self.code().code, ip="198.51.100.1"))
+
+        # The guesser's networks: refused, right code or not, from any address in them.
+        good = self.code().code
+        self.failureResultOf(self.redeem(good, ip="10.0.0.1"), RateLimited)
+        self.failureResultOf(self.redeem(good, ip="10.0.0.2"), RateLimited)
+        # A new network: 3 guesses, then refused.
+        for _ in range(3):
+            self.failureResultOf(self.redeem("000000", ip="10.200.0.1"), RedeemRefused)
+        self.failureResultOf(self.redeem(good, ip="10.200.0.2"), RateLimited)
+        self.successResultOf(self.redeem(good, ip="192.0.2.78"))
+
         self.clock.advance(3600)
-        self.successResultOf(self.redeem(self.code().code, ip="192.0.2.200"))
+        self.successResultOf(self.redeem(self.code().code, ip="10.0.0.1"))
 
     def test_malformed_codes(self) -> None:
         """Non-digit, short and long codes are refused (and counted as failures)."""

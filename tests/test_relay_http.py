@@ -12,6 +12,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import socket
+import ssl
 from http.cookiejar import CookieJar
 from io import BytesIO
 from typing import Any, cast
@@ -19,6 +22,7 @@ from typing import Any, cast
 import attrs
 import jwt
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectionResponse
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL
@@ -28,7 +32,8 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -36,13 +41,13 @@ from twisted.web.client import Agent, CookieAgent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from coder1_bridge.cli import _RelayTrust
+from coder1_relay.certs import DEV_CERT_NAME, DEV_KEY_NAME
 from coder1_relay.context import SESSION_COOKIE
-from coder1_relay.service import RelayService
+from coder1_relay.service import RelayService, RelaySettings, home_relative
 from coder1_wire.e2e import Identity, b64u
 from coder1_wire.tls import client_tls_options
 
-from .loopback import Browser, reactor, settle, start_relay, stop_all
+from .loopback import Browser, RelayTrust, reactor, settle, start_relay, stop_all
 
 #: The public keys the ends exchange at pairing are opaque to the relay.
 KEY = b64u(Identity.generate().public_raw)
@@ -63,7 +68,7 @@ async def fetch(
     cookies: CookieJar | None = None,
 ) -> tuple[int, bytes, Headers]:
     """One HTTPS request with raw bytes in and out: (status, body, headers)."""
-    agent: Any = Agent(reactor, contextFactory=_RelayTrust(relay.keys.tls_cert_pem.decode()))
+    agent: Any = Agent(reactor, contextFactory=RelayTrust(relay.keys.tls_cert_pem.decode()))
     if cookies is not None:
         agent = CookieAgent(agent, cookies)
     producer = FileBodyProducer(BytesIO(body)) if body is not None else None
@@ -91,6 +96,9 @@ class ProbeProtocol(WebSocketClientProtocol):
 
     factory: ProbeFactory
 
+    def onConnect(self, response: ConnectionResponse) -> None:
+        self.factory.response_headers = response.headers
+
     def onOpen(self) -> None:
         self.factory.opened.callback(True)
 
@@ -111,6 +119,8 @@ class ProbeFactory(WebSocketClientFactory):
         super().__init__(url, **kwargs)
         self.opened: Deferred[bool] = Deferred()
         self.closed: Deferred[str] = Deferred()
+        #: The headers of the relay's 101 answer, once the handshake is done.
+        self.response_headers: dict[str, str] = {}
 
 
 async def websocket(
@@ -223,6 +233,47 @@ class RelayTestCase(TestCase):
         await self.assertRefused("/ws/bridge", headers, 401, reason)
 
 
+class SessionTests(RelayTestCase):
+    """A browser session starts at the page's POST /api/session, and nowhere else."""
+
+    async def test_page_never_sets_a_cookie(self) -> None:
+        """
+        Loading the page or its files never sets a cookie, with no cookie (as
+        a link from another site arrives: the SameSite=Strict cookie is not
+        sent) or with the session's: a navigation cannot replace a session.
+        """
+        await self.start()
+        for cookies in (None, self.browser.cookies):
+            for path in ("/", "/index.html", "/app.js"):
+                status, _, headers = await fetch(self.relay, b"GET", path, cookies=cookies)
+                self.assertEqual(status, 200, path)
+                self.assertIsNone(headers.getRawHeaders("set-cookie"), path)
+
+    async def test_started_once_then_kept(self) -> None:
+        """
+        POST /api/session without a valid cookie starts a session (C{new}
+        true, a cookie); with the session's cookie it keeps that session
+        (C{new} false, no cookie set), and the session's bridges stay listed.
+        """
+        await self.start(open_page=False)
+        status, body, headers = await self.browser.request(b"POST", "/api/session")
+        self.assertEqual((status, body), (200, {"ok": True, "new": True}))
+        self.assertIsNotNone(headers.getRawHeaders("set-cookie"))
+        first = self.session_cookie()
+        await self.pair()
+        status, body, headers = await self.browser.request(b"POST", "/api/session")
+        self.assertEqual((status, body), (200, {"ok": True, "new": False}))
+        self.assertIsNone(headers.getRawHeaders("set-cookie"))
+        self.assertEqual(self.session_cookie(), first)
+        status, body, _ = await self.browser.request(b"GET", "/api/bridges")
+        self.assertEqual((status, len(body["bridges"])), (200, 1))
+        stranger = Browser(self.relay)
+        status, body, _ = await stranger.request(
+            b"POST", "/api/session", headers={"Cookie": f"{SESSION_COOKIE}=forged"}
+        )
+        self.assertEqual((status, body), (200, {"ok": True, "new": True}))
+
+
 class PairingCodeTests(RelayTestCase):
     """POST /api/pairing-codes: a session's browser only, from our origin, rate limited."""
 
@@ -243,6 +294,30 @@ class PairingCodeTests(RelayTestCase):
         retry_after = header(headers, "retry-after")
         self.assertTrue(retry_after.isdigit(), retry_after)
         self.assertTrue(1 <= int(retry_after) <= 60, retry_after)
+
+    async def test_code_names_the_development_certificate(self) -> None:
+        """
+        A relay with its development certificate tells the page where that file is, for the
+        pairing command it shows (home-relative, so it pastes as is and names no user); a
+        relay with an operator's certificate does not.
+        """
+        await self.start()
+        status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes", CODE_BODY)
+        self.assertEqual(status, 201)
+        self.assertEqual(body["ca_cert"], self.relay.settings.state_dir.child(DEV_CERT_NAME).path)
+        home = os.path.expanduser("~")
+        self.assertEqual(home_relative(f"{home}/.local/state/x.pem"), "~/.local/state/x.pem")
+        self.assertEqual(home_relative(f"{home}x/y.pem"), f"{home}x/y.pem")
+        state = self.relay.settings.state_dir
+        operator = RelayService(
+            reactor,
+            RelaySettings(
+                state_dir=FilePath(self.mktemp()),
+                tls_cert=state.child(DEV_CERT_NAME),
+                tls_key=state.child(DEV_KEY_NAME),
+            ),
+        )
+        self.assertIsNone(operator.context.dev_cert)
 
     async def test_no_session_cookie(self) -> None:
         """Without a session cookie (the page never loaded) the answer is 401, no code."""
@@ -330,6 +405,41 @@ class RedeemTests(RelayTestCase):
         # Refused before the code was looked at: it is still live in the store.
         store: Any = self.relay.context.store
         self.assertIsNotNone(await store.take_code(code, reactor.seconds()))
+
+    async def redeem_from(self, source: str, code: str) -> int:
+        """C{POST /api/pair} with C{code} from the loopback address C{source}: the status."""
+        agent = Agent(
+            reactor,
+            contextFactory=RelayTrust(self.relay.keys.tls_cert_pem.decode()),
+            bindAddress=(source, 0),
+        )
+        body = json.dumps({"code": code, "label": "x"}).encode()
+        response = await agent.request(
+            b"POST",
+            (self.relay.context.public_url + "/api/pair").encode(),
+            Headers({b"Content-Type": [b"application/json"]}),
+            FileBodyProducer(BytesIO(body)),
+        )
+        await readBody(response)
+        return response.code
+
+    async def test_distributed_guesser_cannot_block_pairing(self) -> None:
+        """
+        The audit's attack: 600 failed redemptions from 61 addresses, as fast
+        as they go.  A person pairing from another network still pairs; the
+        guesser is slowed: its addresses get 429 even with a live code, and the
+        61st address, in a network of its own, got 3 guesses before its 429s.
+        """
+        await self.start()
+        statuses: list[int] = []
+        for n in range(61):
+            statuses += [await self.redeem_from(f"127.0.{n + 1}.1", "000000") for _ in range(10)]
+        self.assertEqual(statuses.count(403), 600 + 3)
+        self.assertEqual(statuses[-7:], [429] * 7)
+        code = await self.browser.new_code()
+        self.assertEqual(await self.redeem_from("127.0.1.1", code), 429)
+        self.assertEqual(await self.redeem_from("127.0.1.2", code), 429)
+        self.assertEqual(await self.redeem_from("127.0.200.1", code), 200)
 
     async def test_body_not_json(self) -> None:
         """A body that is not a JSON object is 400 bad-json."""
@@ -588,13 +698,50 @@ class SecurityHeaderTests(RelayTestCase):
             self.assertSecurityHeaders(path, headers)
             self.assertEqual(header(headers, "cache-control"), "no-store", path)
 
+    async def test_no_server_header(self) -> None:
+        """
+        No answer names the software or its version: no C{Server} header on
+        the page, an asset, an API answer, a 404, a 405, a 400 for a request
+        line too long, nor on the WebSocket upgrade (Twisted and Autobahn each
+        sent theirs, with versions).
+        """
+        await self.start()
+        answers = [
+            ("GET", "/", None),
+            ("GET", "/app.js", None),
+            ("GET", "/api/bridges", self.browser.cookies),
+            ("GET", "/api/bridges", None),
+            ("GET", "/no-such-page", None),
+            ("GET", "/api/pair", None),
+            ("GET", "/" + "a" * 20000, None),
+        ]
+        for method, path, cookies in answers:
+            _, _, headers = await fetch(self.relay, method.encode(), path, cookies=cookies)
+            self.assertIsNone(headers.getRawHeaders("server"), path[:20])
+        factory, protocol = await websocket(
+            self.relay,
+            "/ws/ide",
+            {"Cookie": f"{SESSION_COOKIE}={self.session_cookie()}"},
+            self.relay.context.public_url,
+        )
+        self.assertTrue(await factory.opened)
+        self.assertIn("upgrade", {name.lower() for name in factory.response_headers})
+        self.assertNotIn("server", {name.lower() for name in factory.response_headers})
+        protocol.sendClose(1000)
+        await factory.closed
+
     async def test_session_cookie_attributes(self) -> None:
         """
-        GET / sets C{__Host-coder1-session} with Secure, HttpOnly,
+        POST /api/session sets C{__Host-coder1-session} with Secure, HttpOnly,
         SameSite=Strict, Path=/ and no Domain (what the __Host- prefix demands).
         """
         await self.start(open_page=False)
-        status, _, headers = await fetch(self.relay, b"GET", "/")
+        status, _, headers = await fetch(
+            self.relay,
+            b"POST",
+            "/api/session",
+            headers={b"Origin": self.relay.context.public_url.encode()},
+        )
         self.assertEqual(status, 200)
         name_value, *attributes = [
             part.strip() for part in header(headers, "set-cookie").split(";")
@@ -609,6 +756,53 @@ class SecurityHeaderTests(RelayTestCase):
         self.assertEqual(parsed.get("path"), "/")
         self.assertNotIn("domain", parsed)
         self.assertGreater(int(parsed["max-age"]), 0)
+
+
+class HostilePathTests(RelayTestCase):
+    """Paths the relay cannot map to a file: 404 (or 400), and no traceback in the log."""
+
+    async def test_unmappable_paths_not_found(self) -> None:
+        """
+        A NUL byte (C{/app.js%00.html}, which once answered 500), dot segments
+        spelled C{%2e%2e}, an encoded slash, invalid and overlong UTF-8, a
+        segment longer than any file name and a request line longer than
+        twisted.web reads: each answers 404 or 400, and the relay logs no
+        traceback, no failure and nothing at error level or above.
+        """
+        await self.start(open_page=False)
+        events: list[dict[str, Any]] = []
+
+        @implementer(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        paths = [
+            "/app.js%00.html",
+            "/index.html%00",
+            "/vendor/%00",
+            "/%00",
+            "/%2e%2e/%2e%2e/etc/passwd",
+            "/vendor/%2e%2e%2fapp.js",
+            "/..%2f..%2fetc%2fpasswd",
+            "/%ff%fe",
+            "/%c0%ae%c0%ae/app.js",
+            "/vendor/%ed%a0%80",
+            "/" + "a" * 5000,
+            "/vendor/" + "%e2%82%ac" * 2000,
+        ]
+        for path in paths:
+            status, _, _ = await fetch(self.relay, b"GET", path)
+            self.assertIn(status, (400, 404), path)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        loud = [
+            formatEvent(e)
+            for e in events
+            if "log_failure" in e or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ]
+        self.assertEqual(loud, [])
+        self.assertFalse([e for e in events if "Traceback" in formatEvent(e)])
 
 
 @implementer(IHandshakeListener)
@@ -662,6 +856,50 @@ class TLSVersionTests(RelayTestCase):
         self.assertIn("protocol version", str(refused.value))
         accepted = await self.handshake(None)
         self.assertEqual(accepted, "TLSv1.3")
+
+
+def _two_connections(port: int, ca_pem: str) -> tuple[bool, bool]:
+    """
+    With Python's ssl module (its own OpenSSL): a request on one connection,
+    then a second connection offering the first one's session.  Whether the
+    first brought a ticket, and whether the second resumed.
+    """
+    context = ssl.create_default_context(cadata=ca_pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    address = ("127.0.0.1", port)
+    with (
+        socket.create_connection(address) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        # Tickets come after the handshake: reading the answer takes them in.
+        tls.sendall(b"GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        while tls.recv(65536):
+            pass
+        session = tls.session
+    assert session is not None
+    with (
+        socket.create_connection(address) as raw,
+        context.wrap_socket(raw, server_hostname="localhost", session=session) as again,
+    ):
+        return session.has_ticket, bool(again.session_reused)
+
+
+class TicketTests(RelayTestCase):
+    """What docs/security.md (section 9) says of TLS session tickets, with a real client."""
+
+    async def test_tickets_never_resume(self) -> None:
+        """
+        The relay sends TLS 1.3 tickets (OpenSSL's two stateful ones: nothing
+        reachable from Python sets their number to 0), but a client that
+        offers one gets a full handshake: sessions are never resumed.
+        """
+        await self.start(open_page=False)
+        port: Any = self.relay.port
+        had_ticket, reused = await deferToThread(
+            _two_connections, port.getHost().port, self.relay.keys.tls_cert_pem.decode()
+        )
+        self.assertTrue(had_ticket)
+        self.assertFalse(reused)
 
 
 class AccelerationTests(TestCase):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import attrs
+import hypothesis
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge.replay import (
     CHUNK_OVERHEAD,
     CMD,
+    MAX_CHUNK,
     MAX_ENDED,
     PTY,
     BadResume,
@@ -230,6 +233,112 @@ class OutboxTests(SynchronousTestCase):
         box.close()
         self.assertEqual(self.h.clock.getDelayedCalls(), [])
         self.assertEqual(box.logs, {})
+
+
+#: What a page and its process do, one step at a time, in L{ResumeProperties}.
+_STEPS = st.one_of(
+    st.tuples(st.just("print"), st.integers(1, 2 * MAX_CHUNK)),
+    st.tuples(st.just("ack"), st.integers(0, 100)),
+    st.tuples(st.just("drop"), st.just(0)),
+    st.tuples(st.just("resume"), st.integers(0, 100)),
+)
+
+
+@attrs.define
+class _Page:
+    """One page load following one stream over channels in turn, as the IDE page does."""
+
+    h: Harness
+    key: Key
+    channel: int = 0
+    connected: bool = False
+    #: The end of what it has received, and where the current channel's frames start.
+    has: int = 0
+    seen: int = 0
+
+    def take(self) -> None:
+        """Take in what arrived on the current channel, by byte position."""
+        for channel, frame in self.h.sent[self.seen :]:
+            if channel != self.channel or frame.stream != self.key[1]:
+                continue
+            if frame.kind == Kind.GAP:
+                self.has = max(self.has, frame.seq)
+                continue
+            assert frame.seq <= self.has, (frame.seq, self.has)  # no hole
+            self.has = max(self.has, frame.seq + len(frame.payload))
+        self.seen = len(self.h.sent)
+
+    def resume(self, box: Outbox, back: int) -> None:
+        """
+        A new channel, resuming from what it has (or from up to C{back}% before
+        it); the page load's earlier channel ends, as the bridge's session does.
+        """
+        box.drop(self.channel)
+        self.channel += 1
+        self.connected = True
+        self.seen = len(self.h.sent)
+        box.resume(self.channel, "page", [(self.key, self.has * (100 - back) // 100)])
+        box.flush(self.channel)
+
+
+class ResumeProperties(SynchronousTestCase):
+    """Whatever the sizes and the order of events, a resume never leaves a stream stuck."""
+
+    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.given(
+        capacity=st.integers(64 * 1024, 1024 * 1024),
+        window=st.integers(4 * 1024, 1024 * 1024),
+        kind=st.sampled_from([PTY, CMD]),
+        steps=st.lists(_STEPS, max_size=40),
+    )
+    def test_resume_releases(
+        self, capacity: int, window: int, kind: str, steps: list[tuple[str, int]]
+    ) -> None:
+        """
+        A process prints (while not held), the page acknowledges part of what it
+        has, connections drop and the page resumes on a new channel, from what it
+        has or from before it.  After every step the log is as trimmed as it can
+        be (trimming again changes nothing), and a held process always has a way
+        out: some output is in flight to the page, whose ACK will release it, or
+        no page follows it (a command then waits for one).  Then, with the page
+        acknowledging all it has, every byte printed arrives.
+        """
+        h = Harness()
+        box = h.make(capacity=capacity, window=window)
+        key: Key = (kind, 7)
+        box.open(key, 1)
+        page = _Page(h, key)
+        printed = 0
+
+        def check() -> None:
+            page.take()
+            log = box.logs[key]
+            state = (log.held, log.weight, log.start, list(h.held))
+            box._trim(log)
+            self.assertEqual((log.held, log.weight, log.start, list(h.held)), state)
+            follower = box.follower(page.channel) if page.connected else None
+            if log.held and follower is not None:
+                self.assertGreater(follower.sent[key], follower.acked[key])
+
+        for step, amount in steps:
+            if step == "print" and key not in h.held:
+                box.publish(output(key, b"x" * amount))
+                printed += amount
+            elif step == "ack" and page.connected:
+                box.ack(page.channel, [(key, page.has * amount // 100)])
+            elif step == "drop" and page.connected:
+                box.drop_all()
+                page.connected = False
+            elif step == "resume":
+                page.resume(box, amount if kind == PTY else 0)
+            check()
+        page.resume(box, 0)
+        check()
+        for _ in range(printed // window + 2):
+            box.ack(page.channel, [(key, page.has)])
+            check()
+        self.assertEqual(page.has, printed)
+        self.assertEqual(h.held, [])
 
 
 class InputLedgerTests(SynchronousTestCase):

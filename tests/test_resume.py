@@ -45,8 +45,8 @@ STREAM = 7
 KEY: Key = (CMD, STREAM)
 
 
-def expected_output() -> bytes:
-    return b"".join(b"%d\n" % i for i in range(1, LINES + 1))
+def expected_output(lines: int = LINES) -> bytes:
+    return b"".join(b"%d\n" % i for i in range(1, lines + 1))
 
 
 class _Discard(list[bytes]):
@@ -162,7 +162,9 @@ class ResumingIDE:
 class ChaosTests(TestCase):
     timeout = 300
 
-    async def start(self) -> tuple[ChildRelay, BridgeService, ResumingIDE]:
+    async def start(
+        self, lines: int = LINES, replay: ReplaySettings | None = None
+    ) -> tuple[ChildRelay, BridgeService, ResumingIDE]:
         self.state = FilePath(self.mktemp())
         relay = await start_child_relay(self.state)
         self.relays = [relay]
@@ -170,13 +172,13 @@ class ChaosTests(TestCase):
         browser = Browser(relay.as_service())
         await browser.open_page()
         config = await pair_bridge(browser, FilePath(self.mktemp()), io.StringIO())
-        bridge = await start_bridge(config, max_delay=1.0)
+        bridge = await start_bridge(config, max_delay=1.0, replay=replay)
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
         ide = ResumingIDE(browser)
         await ide.connect()
         assert ide.connection is not None
-        start = control(Kind.CMD_START, {"argv": ["seq", "1", str(LINES)]}, stream=STREAM, peer=1)
+        start = control(Kind.CMD_START, {"argv": ["seq", "1", str(lines)]}, stream=STREAM, peer=1)
         ide.connection.send(start)
         return relay, bridge, ide
 
@@ -187,10 +189,10 @@ class ChaosTests(TestCase):
         listen = f"--listen=tcp:{relay.port.port}:interface=127.0.0.1"
         self.relays.append(await start_child_relay(self.state, listen))
 
-    async def finish(self, ide: ResumingIDE) -> None:
+    async def finish(self, ide: ResumingIDE, lines: int = LINES) -> None:
         end = await ide.exit.addTimeout(240, reactor)
         self.assertEqual(end.json()["exit_code"], 0)
-        expected = expected_output()
+        expected = expected_output(lines)
         self.assertEqual(ide.gaps, [])
         self.assertEqual(len(ide.data), len(expected))
         self.assertEqual(hashlib.sha256(ide.data).digest(), hashlib.sha256(expected).digest())
@@ -226,6 +228,30 @@ class ChaosTests(TestCase):
             await ide.connect()
         await self.finish(ide)
         self.assertEqual(ide.connections, 3)
+
+    async def test_resume_restarts_a_held_command(self) -> None:
+        """
+        The audit's case: a replay buffer (64 KiB) smaller than the send window;
+        `seq 1 200000` fills it while the page acknowledges nothing, so the
+        command is held; the page's connection drops, and it resumes on a new
+        channel from all it has.  That RESUME acknowledges it all, so the
+        command reads on at once and every line arrives (it once stayed held
+        until a second RESUME).
+        """
+        lines = 200_000
+        _relay, bridge, ide = await self.start(lines, ReplaySettings(capacity=64 * 1024))
+        ide.window = 2**62  # acknowledge nothing for now
+        await ide.reached(64 * 1024).addTimeout(60, reactor)
+        log = bridge.session.outbox.logs[KEY]
+        while not (log.held and ide.next == log.end):
+            await deferLater(reactor, 0.05)
+        assert ide.connection is not None and ide.connection.protocol is not None
+        transport: Any = ide.connection.protocol.transport
+        transport.abortConnection()
+        await ide.connection.lost
+        ide.window = 1  # from now on acknowledge every frame, as the page's timer would
+        await ide.connect()
+        await self.finish(ide, lines)
 
 
 @attrs.define

@@ -1,4 +1,8 @@
-"""Tests for L{coder1_relay.store}: group commit of the pairings file, on an injected clock."""
+"""
+Tests for L{coder1_relay.store}: the contract every store keeps (L{StoreContract},
+run against L{MemoryStore} here and against C{RedisStore} in test_redis_store),
+and group commit of the pairings file, on an injected clock.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,232 @@ import json
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from coder1_relay import store as store_module
-from coder1_relay.store import BridgeRecord, MemoryStore, write_in_place
+from coder1_relay.store import (
+    BridgeRecord,
+    IRelayStore,
+    MemoryStore,
+    PendingCode,
+    Presence,
+    write_in_place,
+)
 
 KEY = "R" * 87
+
+
+def record(peer: int, jti: str, *, paired_at: float = 1e9, expires_at: float = 2e9) -> BridgeRecord:
+    return BridgeRecord(peer, jti, f"host{peer}", paired_at, expires_at, KEY)
+
+
+OTHER_KEY = "Q" * 87
+#: Times with all their digits, as the reactor gives them.
+NOW = 1_765_000_000.123456
+
+
+class StoreContract:
+    """
+    What every L{IRelayStore} promises, for a store (C{self.store}) and a
+    second one sharing its state (C{self.other}: another relay process's, or
+    the same store where there is only one process).  Mixed into a
+    C{TestCase} whose C{setUp} sets both.
+    """
+
+    store: IRelayStore
+    other: IRelayStore
+
+    # For mypy: what the TestCase mixed with this provides.
+    assertEqual: Any
+    assertAlmostEqual: Any
+    assertIsNone: Any
+    assertTrue: Any
+    assertFalse: Any
+
+    def test_interface(self) -> None:
+        """The store provides the whole interface."""
+        self.assertTrue(verifyObject(IRelayStore, self.store))
+
+    async def test_code_taken_once(self) -> None:
+        """
+        A code is taken once, on either store, with the session and browser
+        key it was made for; then, like an unknown code, it is None.
+        """
+        pending = PendingCode("session-1", KEY, NOW + 300)
+        self.assertTrue(await self.store.add_code("123456", pending, NOW))
+        self.assertEqual(await self.other.take_code("123456", NOW + 1), pending)
+        self.assertIsNone(await self.store.take_code("123456", NOW + 2))
+        self.assertIsNone(await self.other.take_code("123456", NOW + 2))
+        self.assertIsNone(await self.store.take_code("654321", NOW))
+
+    async def test_live_code_not_made_twice(self) -> None:
+        """Making a code that is live already fails and leaves the first one as it was."""
+        first = PendingCode("session-1", KEY, NOW + 300)
+        self.assertTrue(await self.store.add_code("111111", first, NOW))
+        second = PendingCode("session-2", OTHER_KEY, NOW + 310)
+        self.assertFalse(await self.other.add_code("111111", second, NOW + 10))
+        self.assertEqual(await self.store.take_code("111111", NOW + 20), first)
+
+    async def test_expired_code_refused(self) -> None:
+        """A code is refused from its expiry on, and used up by the attempt."""
+        pending = PendingCode("session-1", KEY, NOW + 300)
+        await self.store.add_code("222222", pending, NOW)
+        self.assertIsNone(await self.other.take_code("222222", NOW + 300))
+        self.assertIsNone(await self.store.take_code("222222", NOW + 1))
+
+    async def test_concurrent_takes_one_wins(self) -> None:
+        """Of forty takes of one code in flight at once on both stores, exactly one gets it."""
+        pending = PendingCode("session-1", KEY, NOW + 300)
+        await self.store.add_code("333333", pending, NOW)
+        takes = [
+            s.take_code("333333", NOW + 1) for _ in range(20) for s in (self.store, self.other)
+        ]
+        results = await gatherResults(takes)
+        self.assertEqual([r for r in results if r is not None], [pending])
+
+    async def test_window_counts_up_to_limit(self) -> None:
+        """
+        Events are counted up to the limit; past it nothing is counted and
+        the answer is when the oldest event that matters leaves the window.
+        """
+        for i in range(3):
+            self.assertIsNone(await self.store.hit("k", NOW + i, 60.0, 3))
+        self.assertEqual(await self.other.count("k", NOW + 2, 60.0), 3)
+        wait = await self.other.hit("k", NOW + 10, 60.0, 3)
+        self.assertEqual(wait, (NOW + 0) + 60.0 - (NOW + 10))
+        self.assertEqual(await self.store.count("k", NOW + 10, 60.0), 3)
+        # The oldest event leaves at exactly 60 s: room for one more.
+        self.assertEqual(await self.store.count("k", NOW + 60, 60.0), 2)
+        self.assertIsNone(await self.other.hit("k", NOW + 60, 60.0, 3))
+        self.assertAlmostEqual(await self.store.hit("k", NOW + 60.5, 60.0, 3), 0.5)
+        self.assertEqual(await self.store.count("k", NOW + 200, 60.0), 0)
+
+    async def test_windows_apart(self) -> None:
+        """Each key has a window of its own."""
+        await self.store.hit("a", NOW, 60.0, 1)
+        self.assertIsNone(await self.store.hit("b", NOW, 60.0, 1))
+        self.assertEqual(await self.store.count("c", NOW, 60.0), 0)
+
+    async def test_concurrent_hits_counted_once_each(self) -> None:
+        """Forty hits in flight at once on both stores, limit 5: exactly five are counted."""
+        hits = [s.hit("k", NOW, 3600.0, 5) for _ in range(20) for s in (self.store, self.other)]
+        results = await gatherResults(hits)
+        self.assertEqual(sum(r is None for r in results), 5)
+        self.assertEqual(await self.store.count("k", NOW, 3600.0), 5)
+        self.assertEqual(await self.other.count("k", NOW, 3600.0), 5)
+
+    async def test_release(self) -> None:
+        """
+        C{release} takes back one event at that time, from either store;
+        with none there it does nothing.
+        """
+        for at in (NOW, NOW, NOW + 1):
+            await self.store.hit("k", at, 60.0, 5)
+        await self.other.release("k", NOW)
+        self.assertEqual(await self.store.count("k", NOW + 1, 60.0), 2)
+        await self.other.release("k", NOW + 0.5)
+        await self.other.release("nothing", NOW)
+        self.assertEqual(await self.store.count("k", NOW + 1, 60.0), 2)
+        await self.store.release("k", NOW + 1)
+        await self.store.release("k", NOW)
+        self.assertEqual(await self.other.count("k", NOW + 1, 60.0), 0)
+
+    async def test_revocation_seen_everywhere_until_expiry(self) -> None:
+        """A revocation on one store is seen on the other, until the token's own expiry."""
+        await self.store.revoke("jti-1", NOW + 100, NOW)
+        self.assertTrue(await self.other.is_revoked("jti-1", NOW + 99))
+        self.assertFalse(await self.other.is_revoked("jti-2", NOW))
+        self.assertFalse(await self.store.is_revoked("jti-1", NOW + 100))
+
+    async def test_peer_numbers_never_reused(self) -> None:
+        """Bridge numbers count up per session, across stores, even when asked for at once."""
+        self.assertEqual(await self.store.next_peer("s"), 1)
+        self.assertEqual(await self.other.next_peer("s"), 2)
+        self.assertEqual(await self.other.next_peer("t"), 1)
+        numbers = await gatherResults(
+            [s.next_peer("s") for _ in range(10) for s in (self.store, self.other)]
+        )
+        self.assertEqual(sorted(numbers), list(range(3, 23)))
+
+    async def test_bridges_listed(self) -> None:
+        """
+        Paired bridges are listed, from either store, by number, exactly as
+        they were added; expired and revoked ones are not.
+        """
+        live = record(2, "jti-2", paired_at=NOW, expires_at=NOW + 1000)
+        await self.store.add_bridge("s", live)
+        await self.store.add_bridge("s", record(1, "jti-1", paired_at=NOW, expires_at=NOW + 1000))
+        await self.other.add_bridge("s", record(3, "jti-3", paired_at=NOW, expires_at=NOW + 10))
+        await self.other.add_bridge("s", attrs.evolve(live, peer=4, jti="jti-4", bridge_key=""))
+        await self.store.revoke("jti-1", NOW + 1000, NOW)
+        listed = await self.other.bridges("s", NOW + 10)
+        self.assertEqual([r.peer for r in listed], [2, 4])
+        self.assertEqual(listed[0], live)
+        self.assertEqual(await self.store.bridges("s", NOW + 10), listed)
+        self.assertEqual(await self.store.bridges("elsewhere", NOW), [])
+
+    async def test_bridge_key_set_once(self) -> None:
+        """
+        A bridge's key is set once, from either store: the answer is its
+        record with the key (and the code it redeemed), which is forgotten in
+        the store.  A second key, or a key for no bridge, gets None.
+        """
+        fresh = record(1, "jti-1", paired_at=NOW, expires_at=NOW + 1000)
+        fresh = attrs.evolve(fresh, bridge_key="", code="123456")
+        await self.store.add_bridge("s", fresh)
+        updated = await self.other.set_bridge_key("s", 1, KEY)
+        self.assertEqual(updated, attrs.evolve(fresh, bridge_key=KEY))
+        self.assertIsNone(await self.store.set_bridge_key("s", 1, OTHER_KEY))
+        self.assertIsNone(await self.store.set_bridge_key("s", 2, KEY))
+        self.assertIsNone(await self.store.set_bridge_key("nobody", 1, KEY))
+        self.assertEqual(
+            await self.store.bridges("s", NOW), [attrs.evolve(fresh, bridge_key=KEY, code="")]
+        )
+
+    async def test_concurrent_bridge_keys_one_wins(self) -> None:
+        """Of twenty keys presented at once for one bridge on both stores, exactly one is set."""
+        fresh = attrs.evolve(
+            record(1, "jti-1", paired_at=NOW, expires_at=NOW + 1000), bridge_key=""
+        )
+        await self.store.add_bridge("s", fresh)
+        keys = [f"{i:02d}" + "K" * 85 for i in range(20)]
+        stores = [self.store, self.other] * 10
+        results = await gatherResults(
+            [s.set_bridge_key("s", 1, k) for s, k in zip(stores, keys, strict=True)]
+        )
+        won = [r for r in results if r is not None]
+        self.assertEqual(len(won), 1)
+        self.assertEqual(await self.other.bridges("s", NOW), won)
+
+    async def test_presence(self) -> None:
+        """
+        Connected bridges are listed by number from either store; cleared one
+        by one, or all of a session's at once.
+        """
+        laptop = Presence(2, "laptop", "1.0", NOW, KEY)
+        await self.store.set_presence("s", laptop)
+        await self.other.set_presence("s", Presence(1, "desk", "1.1", NOW + 1, OTHER_KEY))
+        await self.other.set_presence("t", Presence(1, "other", "1.1", NOW, KEY))
+        listed = await self.other.presence("s")
+        self.assertEqual([p.peer for p in listed], [1, 2])
+        self.assertEqual(listed[1], laptop)
+        await self.store.clear_presence("s", 1)
+        await self.store.clear_presence("s", 9)
+        self.assertEqual(await self.other.presence("s"), [laptop])
+        await self.other.clear_all_presence("s")
+        self.assertEqual(await self.store.presence("s"), [])
+        self.assertEqual(len(await self.store.presence("t")), 1)
+
+
+class MemoryStoreContractTests(StoreContract, TestCase):
+    """The contract, for the in-memory store (one process: both stores are the same)."""
+
+    def setUp(self) -> None:
+        self.store = self.other = MemoryStore()
 
 
 @attrs.define
@@ -42,10 +263,6 @@ class FakeWriter:
     def fail(self) -> None:
         """The oldest write under way fails (a full disk)."""
         self.pending.pop(0).errback(OSError(28, "No space left on device"))
-
-
-def record(peer: int, jti: str, *, paired_at: float = 1e9, expires_at: float = 2e9) -> BridgeRecord:
-    return BridgeRecord(peer, jti, f"host{peer}", paired_at, expires_at, KEY)
 
 
 class GroupCommitTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from coder1_relay.tokens import TokenAuthority, TokenError
+from coder1_relay.tokens import TokenAuthority, TokenError, issuer_for
 
 
 def _authority(clock: Clock, key: Ed25519PrivateKey | None = None) -> TokenAuthority:
@@ -172,3 +172,83 @@ class BrowserSessionTests(SynchronousTestCase):
         authority = _authority(clock)
         token, _ = authority.issue_bridge_token("s", 1)
         self.assertRaises(TokenError, authority.verify_browser_session, token)
+
+
+class KeyRingTests(SynchronousTestCase):
+    """After a key rotation, tokens signed with a key in the ring still verify; others do not."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.old_key = Ed25519PrivateKey.generate()
+        self.old = TokenAuthority(self.old_key, issuer_for(self.old_key.public_key()), self.clock)
+        self.new_key = Ed25519PrivateKey.generate()
+
+    def rotated(self, *accepted: Ed25519PrivateKey) -> TokenAuthority:
+        return TokenAuthority(
+            self.new_key,
+            issuer_for(self.new_key.public_key()),
+            self.clock,
+            accepted={issuer_for(k.public_key()): k.public_key() for k in accepted},
+        )
+
+    def test_old_tokens_accepted_while_in_ring(self) -> None:
+        """A bridge token and a browser cookie of the old key verify with it in the ring."""
+        token, issued = self.old.issue_bridge_token("s", 2)
+        _, cookie = self.old.issue_browser_session()
+        ring = self.rotated(self.old_key)
+        self.assertEqual(ring.verify_bridge_token(token).jti, issued.jti)
+        ring.verify_browser_session(cookie)
+        fresh, _ = ring.issue_bridge_token("s", 3)
+        self.assertEqual(
+            jwt.decode(fresh, options={"verify_signature": False})["iss"],
+            issuer_for(self.new_key.public_key()),
+        )
+
+    def test_old_tokens_refused_once_dropped(self) -> None:
+        """Without the old key in the ring, its tokens are refused."""
+        token, _ = self.old.issue_bridge_token("s", 2)
+        self.assertRaises(TokenError, self.rotated().verify_bridge_token, token)
+
+    def test_forged_issuer_of_ring_key(self) -> None:
+        """A token naming an old key's issuer but signed with another key is refused."""
+        forger = TokenAuthority(
+            Ed25519PrivateKey.generate(), issuer_for(self.old_key.public_key()), self.clock
+        )
+        token, _ = forger.issue_bridge_token("s", 2)
+        self.assertRaisesRegex(
+            TokenError, "signature", self.rotated(self.old_key).verify_bridge_token, token
+        )
+
+
+class NodeTokenTests(SynchronousTestCase):
+    """Node tokens (several relay nodes) carry one connection's facts, and only those."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.authority = _authority(self.clock)
+
+    def test_round_trip(self) -> None:
+        """What the accepting node learned arrives as it was sent."""
+        token = self.authority.issue_node_token("s", "bridge", "c1", {"peer": 4})
+        claims = self.authority.verify_node_token(token)
+        self.assertEqual(
+            (claims.session, claims.role, claims.connection_id, claims.attach),
+            ("s", "bridge", "c1", {"peer": 4}),
+        )
+
+    def test_short_lived(self) -> None:
+        """A node token is good for a minute: it is used at once."""
+        token = self.authority.issue_node_token("s", "ide", "c1", {})
+        self.clock.advance(60)
+        self.assertRaisesRegex(TokenError, "expired", self.authority.verify_node_token, token)
+
+    def test_other_tokens_are_not_node_tokens(self) -> None:
+        """A bridge token or a browser cookie cannot open a node link."""
+        bridge, _ = self.authority.issue_bridge_token("s", 1)
+        _, cookie = self.authority.issue_browser_session()
+        for token in (bridge, cookie):
+            self.assertRaisesRegex(TokenError, "audience", self.authority.verify_node_token, token)
+        node = self.authority.issue_node_token("s", "ide", "c1", {})
+        self.assertRaises(TokenError, self.authority.verify_bridge_token, node)

@@ -19,13 +19,13 @@ const MAX_CLOSING = 64;
 /** The page: its bridges, their channels and terminals, and the frames between them. */
 class App {
   constructor() {
-    // peer -> {peer, label, version, since, connected, key, pin, trust, sasKey, sas, armed}
-    // key: the latest key the relay named for it; pin: its pin ({key, confirmed}) or null;
-    // sasKey: the key its verification code is made from (the pinned one, else the named one).
-    // trust: "verified" (a confirmed pin, and the relay names no other key): the only state in
-    // which the page uses a bridge; "unverified" (a key, not confirmed by the user);
-    // "unknown" (no key at all); "key-changed" (the relay named another key than the pinned
-    // one: never used again while the page stays open).
+    // peer -> {peer, label, version, since, connected, key, trust, sas, armed}
+    // key: the key the relay named for that number (in this session, since this page loaded);
+    // sas: the verification code of this browser's key and that one.
+    // trust: "verified" (the user confirmed that key's code, in this tab or another): the only
+    // state in which the page uses a bridge; "unverified" (a key, not confirmed by the user);
+    // "unknown" (no key at all); "key-changed" (the relay named another key for that number:
+    // never used again while the page stays open).
     this.bridges = new Map();
     this.live = new Set(); // connected peers, as of the latest PRESENCE
     this.knownPeers = new Set();
@@ -38,9 +38,9 @@ class App {
     this.acks = new Map(); // peer -> Acknowledger of the output its tabs have taken in
     this.client = newClientId(); // this page load, in RESUME: its input is told from others'
     this.pins = new PinStore(location.origin);
-    // Other tabs of this browser say when they pin, confirm or delete a key.
+    // Other tabs of this browser say when they confirm or forget a key.
     this.pinNews = typeof BroadcastChannel === "function" ? new BroadcastChannel("coder1-pins") : null;
-    if (this.pinNews) this.pinNews.onmessage = (event) => this.serially(() => this.pinChanged(event.data?.peer));
+    if (this.pinNews) this.pinNews.onmessage = (event) => this.serially(() => this.pinChanged(event.data?.key));
     this.inbox = Promise.resolve(); // frames and pin changes are handled one at a time, in order
     this.selectedPeer = null;
     this.current = null;
@@ -59,14 +59,41 @@ class App {
     this.connection = new RelayConnection(
       (frame) => this.receive(frame),
       (state) => this.connectionState(state),
+      () => this.renewSession(),
     );
     $("#new-terminal").addEventListener("click", () => this.newTerminal());
     $("#e2e-error-close").addEventListener("click", () => { $("#e2e-error").hidden = true; });
     window.addEventListener("resize", () => this.current && this.current.fit.fit());
   }
 
-  start() {
+  async start() {
+    await this.renewSession();
     this.connection.connect();
+    this.refreshBridges();
+  }
+
+  /**
+   * Make sure of this browser's session (POST /api/session): the relay starts one only when the
+   * browser has none. Loading the page never does (a link from another site arrives without the
+   * SameSite=Strict cookie, and would replace the session). A new session has bridges of its
+   * own, numbered from 1: the old one's are forgotten here.
+   */
+  async renewSession() {
+    const response = await fetch("/api/session", { method: "POST" }).catch(() => null);
+    const body = response && response.ok ? await response.json().catch(() => ({})) : {};
+    if (body.new === true && this.bridges.size > 0) await this.serially(() => this.forgetSession());
+  }
+
+  /** A new session: the old one's bridges, and their terminals, are out of reach. */
+  forgetSession() {
+    this.stopLinks();
+    for (const tab of this.terminals.values()) {
+      if (tab.state !== "exited") tab.ended("[this browser's session was renewed: pair this machine again]");
+    }
+    this.bridges.clear();
+    this.live.clear();
+    this.closing.clear();
+    this.acks.clear();
     this.refreshBridges();
   }
 
@@ -88,7 +115,7 @@ class App {
     if (!this.bridges.has(peer)) {
       this.bridges.set(peer, {
         peer, label: `bridge ${peer}`, version: null, since: null, connected: this.live.has(peer),
-        key: null, pin: null, trust: "unknown", sasKey: null, sas: null, armed: false,
+        key: null, trust: "unknown", sas: null, armed: false,
       });
     }
     return this.bridges.get(peer);
@@ -163,60 +190,46 @@ class App {
   }
 
   /**
-   * PAIRED: a bridge redeemed one of this session's codes. If it is the code this tab shows,
-   * its key is pinned, unconfirmed, and the dialog asks the user to compare the codes; any
-   * other PAIRED only adds the bridge, unverified.
+   * PAIRED: a bridge redeemed one of this session's codes. If it is the code this tab shows, the
+   * dialog asks the user to compare the codes; any other PAIRED only adds the bridge, unverified.
    */
   async paired(body) {
     if (!Number.isInteger(body.peer)) return;
     const bridge = this.bridge(body.peer);
     if (typeof body.label === "string") bridge.label = body.label;
     const ours = this.pairing.expects(bridge.peer, typeof body.code === "string" ? body.code : null);
-    const named = publicKey(body.bridge_key);
-    if (ours && named !== null) await this.pin(bridge.peer, named);
     await this.sighted(bridge, body.bridge_key);
     if (ours) this.pairing.paired(bridge);
     this.secureLinks();
+    // A machine paired again revoked its earlier pairing first: the list drops it.
+    this.refreshBridges();
   }
 
-  /** Pin `key` for `peer`, unconfirmed, unless a key is pinned already. */
-  async pin(peer, key) {
-    try {
-      await this.pins.pinIfAbsent(peer, key);
-      this.pinNews?.postMessage({ peer });
-    } catch (error) {
-      this.pinsUnavailable(error);
-    }
-  }
-
-  /** The relay names `key` as this bridge's (undefined: no new word): compare it with the pin. */
+  /**
+   * The relay names `key` as this bridge's (undefined: no new word): the first key named for a
+   * number is that bridge's for as long as the page is open; its trust is whether the user
+   * confirmed that key's verification code.
+   */
   async sighted(bridge, key) {
     const identity = await this.identityReady;
     const named = publicKey(key);
     if (key !== undefined && key !== null && named === null) console.warn("the relay sent a malformed bridge key");
+    // Once seen with another key, a bridge stays refused until it is revoked.
+    if (bridge.trust === "key-changed") return;
+    if (named !== null && bridge.key !== null && named !== bridge.key) {
+      this.keyChanged(bridge);
+      return;
+    }
     if (named !== null) bridge.key = named;
-    let pin;
+    let confirmed = false;
     try {
-      pin = await this.pins.get(bridge.peer);
+      confirmed = bridge.key !== null && await this.pins.confirmed(bridge.key);
     } catch (error) {
       this.pinsUnavailable(error);
       return;
     }
-    bridge.pin = pin;
-    // Once seen with another key, a bridge stays refused until it is revoked.
-    if (bridge.trust === "key-changed") return;
-    if (pin !== null && (publicKey(pin.key) === null || (bridge.key !== null && bridge.key !== pin.key))) {
-      this.keyChanged(bridge);
-      return;
-    }
-    if (pin !== null && pin.confirmed) bridge.trust = "verified";
-    else bridge.trust = pin !== null || bridge.key !== null ? "unverified" : "unknown";
-    const sasKey = pin !== null ? pin.key : bridge.key;
-    if (sasKey !== bridge.sasKey) {
-      bridge.sasKey = sasKey;
-      bridge.sas = null;
-    }
-    if (sasKey !== null && !bridge.sas && identity) bridge.sas = await sas(identity.raw, unb64u(sasKey));
+    bridge.trust = confirmed ? "verified" : bridge.key !== null ? "unverified" : "unknown";
+    if (bridge.key !== null && !bridge.sas && identity) bridge.sas = await sas(identity.raw, unb64u(bridge.key));
   }
 
   pinsUnavailable(error) {
@@ -225,15 +238,15 @@ class App {
       + " storage is off, as in some private windows): nothing can be sent to them.");
   }
 
-  /** Another tab pinned, confirmed or deleted the key of `peer`. */
-  async pinChanged(peer) {
-    const bridge = this.bridges.get(peer);
-    if (!bridge) return;
-    await this.sighted(bridge);
+  /** Another tab confirmed or forgot `key`. */
+  async pinChanged(key) {
+    for (const bridge of this.bridges.values()) {
+      if (bridge.key === key) await this.sighted(bridge);
+    }
     this.secureLinks();
   }
 
-  /** The relay named another key than the pinned one: nothing more goes to that bridge. */
+  /** The relay named another key for a bridge than it did before: nothing more goes to it. */
   keyChanged(bridge) {
     bridge.trust = "key-changed";
     for (const tab of this.terminals.values()) {
@@ -241,27 +254,30 @@ class App {
     }
   }
 
-  /** `.verify`: pin the key the relay names (unconfirmed) and ask the user to compare codes. */
+  /** `.verify`: ask the user to compare the verification code of the key the relay names. */
   async verify(peer) {
     const bridge = this.bridges.get(peer);
-    if (!bridge || bridge.trust !== "unverified" || bridge.sasKey === null) return;
-    if (bridge.pin === null) await this.pin(peer, bridge.sasKey);
+    if (!bridge || bridge.key === null) return;
     await this.sighted(bridge);
     this.renderBridges();
     if (bridge.trust === "unverified" && bridge.sas) this.pairing.compare(bridge);
   }
 
-  /** "They match" for `key` of `peer`: from now on the page uses that bridge. */
+  /**
+   * "They match" for `key` of `peer`: from now on the page uses that bridge (unless the relay
+   * has named another key for it meanwhile).
+   */
   async confirm(peer, key) {
+    const bridge = this.bridges.get(peer);
+    if (!bridge || bridge.key !== key || bridge.trust === "key-changed") return;
     try {
-      await this.pins.confirm(peer, key);
-      this.pinNews?.postMessage({ peer });
+      await this.pins.confirm(key);
+      this.pinNews?.postMessage({ key });
     } catch (error) {
       this.pinsUnavailable(error);
       return;
     }
-    const bridge = this.bridges.get(peer);
-    if (bridge) await this.sighted(bridge);
+    await this.sighted(bridge);
     this.secureLinks();
   }
 
@@ -270,7 +286,7 @@ class App {
     for (const [peer, link] of this.links) {
       const bridge = this.bridges.get(peer);
       if (!this.connection.open || !bridge || !bridge.connected || bridge.trust !== "verified"
-          || bridge.since !== link.since || bridge.pin?.key !== link.pinKey) {
+          || bridge.since !== link.since || bridge.key !== link.bridgeKey) {
         link.stop();
         this.links.delete(peer);
       }
@@ -286,7 +302,7 @@ class App {
   link(bridge) {
     const link = new BridgeLink({
       peer: bridge.peer,
-      bridgeRaw: unb64u(bridge.pin.key),
+      bridgeRaw: unb64u(bridge.key),
       identity: this.identity,
       since: bridge.since,
       sendRaw: (frame) => this.connection.sendRaw(frame),
@@ -297,7 +313,7 @@ class App {
         problem: (failed, problem) => this.e2eProblem(failed.peer, problem),
       },
     });
-    link.pinKey = bridge.pin.key;
+    link.bridgeKey = bridge.key;
     this.links.set(bridge.peer, link);
     link.start().catch((error) => {
       console.error("the key offer failed", error);
@@ -524,14 +540,18 @@ class App {
       body: JSON.stringify({ peer }),
     }).catch(() => null);
     if (response && response.ok) {
+      const { key } = this.bridges.get(peer) || {};
       this.bridges.delete(peer);
       this.links.get(peer)?.stop();
       this.links.delete(peer);
       this.closing.delete(peer);
-      await this.pins.delete(peer).then(
-        () => this.pinNews?.postMessage({ peer }),
-        (error) => console.warn("could not unpin", error),
-      );
+      // Its key is no bridge's any more (a bridge that pairs again makes a new one).
+      if (key) {
+        await this.pins.forget(key).then(
+          () => this.pinNews?.postMessage({ key }),
+          (error) => console.warn("could not forget the key", error),
+        );
+      }
       for (const tab of this.terminals.values()) {
         if (tab.peer === peer && tab.state !== "exited") tab.ended("[bridge revoked]");
       }

@@ -20,6 +20,22 @@ export const LINK_STATES = {
   unsupported: "this bridge cannot encrypt end to end: update coder1-bridge on it",
 };
 
+/**
+ * Whether `bridge` runs, as far as `app` knows, and how to say it: "unknown" while the page
+ * itself has no connection to the relay (what it last heard may be stale), "connected",
+ * "disconnected" (seen connected since the page loaded) or "not-started" (not seen yet).
+ */
+export function presenceOf(app, bridge) {
+  if (!app.connection.open) {
+    return ["unknown", "unknown while this page reconnects to the relay"];
+  }
+  if (bridge.connected) {
+    return ["connected", `connected since ${new Date(bridge.since * 1000).toLocaleTimeString()}`];
+  }
+  if (bridge.since !== null) return ["disconnected", "disconnected: waiting for it to reconnect"];
+  return ["not-started", "not running: on that machine, run coder1-bridge start"];
+}
+
 /** A b64u public key in the relay's words, if it is one (65 bytes, uncompressed). */
 export function publicKey(text) {
   try {
@@ -56,19 +72,21 @@ export function bridgeItem(app, bridge) {
   const changed = bridge.trust === "key-changed";
   const verified = bridge.trust === "verified";
   const link = app.links.get(peer);
+  const [presence, saying] = presenceOf(app, bridge);
   const item = document.createElement("li");
   item.className = "bridge";
   item.dataset.peer = peer;
   item.dataset.connected = String(bridge.connected);
-  item.dataset.state = changed ? "key-changed" : !verified ? "unverified"
-    : bridge.connected ? "connected" : "disconnected";
+  item.dataset.presence = presence;
+  item.dataset.state = changed ? "key-changed" : !verified ? "unverified" : presence;
   item.dataset.e2e = changed ? "refused" : link ? link.state : "none";
   item.setAttribute("aria-selected", String(peer === app.selectedPeer));
+  const label = span("label", bridge.label);
+  // Two machines may share a label (or one machine paired twice): the number tells them apart.
+  label.append(span("peer", `#${peer}`));
   item.append(
-    span("label", bridge.label),
-    span("state", bridge.connected
-      ? `connected since ${new Date(bridge.since * 1000).toLocaleTimeString()}`
-      : "disconnected: waiting for it to reconnect"),
+    label,
+    span("state", saying),
     span("version", bridge.version ? `bridge ${bridge.version}` : ""),
   );
   if (changed) {

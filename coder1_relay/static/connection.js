@@ -1,15 +1,20 @@
 // The IDE WebSocket to the relay (/ws/ide): reconnects, heartbeats. End-to-end frames go
 // over it through a BridgeLink (link.js); it reads only their envelope.
+import { heartbeatSeconds } from "./bounds.js";
 import { Kind, decode, encode, json } from "./wire.js";
 
 const HEARTBEAT_TIMEOUT_FACTOR = 3;
 const MAX_BACKOFF = 30;
 
-/** The IDE WebSocket: reconnects with backoff and jitter, heartbeats both ways. */
+/**
+ * The IDE WebSocket: reconnects with backoff and jitter, heartbeats both ways; before each
+ * reconnection, `renewSession` makes sure of the session cookie.
+ */
 export class RelayConnection {
-  constructor(onFrame, onState) {
+  constructor(onFrame, onState, renewSession) {
     this.onFrame = onFrame;
     this.onState = onState;
+    this.renewSession = renewSession;
     this.attempt = 0;
     this.socket = null;
     this.heartbeat = 15;
@@ -36,7 +41,13 @@ export class RelayConnection {
       }
       if (frame.kind === Kind.PING) this.send(Kind.PONG);
       else if (frame.kind === Kind.WELCOME) {
-        this.heartbeat = json(frame).heartbeat || this.heartbeat;
+        let asked = null;
+        try {
+          asked = json(frame)?.heartbeat;
+        } catch {
+          console.warn("ignored a malformed WELCOME");
+        }
+        this.heartbeat = heartbeatSeconds(asked) ?? this.heartbeat;
         this.startHeartbeat();
       }
       this.onFrame(frame);
@@ -52,7 +63,7 @@ export class RelayConnection {
     this.attempt += 1;
     this.onState("reconnecting");
     // A refused handshake looks like any other close here: renew the session cookie first.
-    await fetch("/api/session", { method: "POST" }).catch(() => {});
+    await this.renewSession();
     const delay = Math.min(MAX_BACKOFF, 0.5 * 2 ** this.attempt) * (0.5 + Math.random());
     setTimeout(() => this.connect(), delay * 1000);
   }

@@ -404,7 +404,8 @@ function plaintextBytes(payload) {
 // Browser only: the identity and the pins, in IndexedDB (database "coder1").
 
 const DB_NAME = "coder1";
-const DB_VERSION = 1;
+// 2: pins keyed by the bridge's key, not by its number (version 1's pins are migrated).
+const DB_VERSION = 2;
 const KEYS = "keys";
 const PINS = "pins";
 const IDENTITY = "identity";
@@ -434,10 +435,11 @@ export function openDatabase() {
   if (!database) {
     database = new Promise((resolve, reject) => {
       const open = indexedDB.open(DB_NAME, DB_VERSION);
-      open.onupgradeneeded = () => {
+      open.onupgradeneeded = (event) => {
         const db = open.result;
         if (!db.objectStoreNames.contains(KEYS)) db.createObjectStore(KEYS);
         if (!db.objectStoreNames.contains(PINS)) db.createObjectStore(PINS);
+        else if (event.oldVersion < 2) migratePins(open.transaction.objectStore(PINS));
       };
       open.onsuccess = () => resolve(open.result);
       open.onerror = () => reject(open.error);
@@ -470,78 +472,55 @@ export async function loadIdentity() {
 }
 
 /**
- * Bridge keys pinned by this page: `"<origin> <peer>"` -> `{key, confirmed}`, `key` the b64u
- * raw bridge key and `confirmed` whether the user said its verification code matches the one
- * the bridge prints. Only a confirmed pin is ever used. (A bare string, as pins were kept
- * before confirmation existed, reads as an unconfirmed pin.)
+ * Version 1 kept a pin per bridge number, `"<origin> <peer>"` -> `{key, confirmed}` (or a bare
+ * key string, unconfirmed): each confirmed one becomes the confirmation of its key; the rest,
+ * which confirm nothing, go.
+ */
+function migratePins(store) {
+  const ids = store.getAllKeys();
+  const values = store.getAll();
+  values.onsuccess = () => ids.result.forEach((id, i) => {
+    const numbered = /^(.*) \d+$/.exec(id);
+    if (!numbered) return;
+    store.delete(id);
+    const value = values.result[i];
+    if (value?.confirmed === true && typeof value.key === "string") {
+      store.put({ confirmed: true }, `${numbered[1]} ${value.key}`);
+    }
+  });
+}
+
+/**
+ * The bridge keys whose verification code the user confirmed in this browser profile:
+ * `"<origin> <key>"` -> `{confirmed: true}`, `key` the b64u raw bridge key. Only a bridge the
+ * relay names with a confirmed key is ever used. Kept by the key itself, never by the bridge's
+ * number: the relay numbers bridges per browser session, from 1 in each, so a number names
+ * another bridge in another session.
  */
 export class PinStore {
   constructor(origin) {
     this.origin = origin;
   }
 
-  key(peer) {
-    return `${this.origin} ${peer}`;
+  id(key) {
+    return `${this.origin} ${key}`;
   }
 
-  /** A stored value as a pin record, or null. */
-  static record(value) {
-    if (typeof value === "string") return { key: value, confirmed: false };
-    if (value && typeof value === "object" && typeof value.key === "string") {
-      return { key: value.key, confirmed: value.confirmed === true };
-    }
-    return null;
-  }
-
-  /** The pin of `peer` ({key, confirmed}), or null. */
-  async get(peer) {
+  /** Whether the user confirmed `key`'s verification code. */
+  async confirmed(key) {
     const db = await openDatabase();
-    const value = await transaction(db, PINS, "readonly", (store) => request(store.get(this.key(peer))));
-    return PinStore.record(value);
+    const value = await transaction(db, PINS, "readonly", (store) => request(store.get(this.id(key))));
+    return value?.confirmed === true;
   }
 
-  /**
-   * Read and change the pin of `peer` in one transaction (so tabs cannot interleave):
-   * `change(current)` gives the record to store, or the current one to leave it. The pin after.
-   */
-  async update(peer, change) {
+  /** The user compared `key`'s verification code, and it matches. */
+  async confirm(key) {
     const db = await openDatabase();
-    const id = this.key(peer);
-    return transaction(db, PINS, "readwrite", (store) => new Promise((resolve, reject) => {
-      const read = store.get(id);
-      read.onerror = () => reject(read.error);
-      read.onsuccess = () => {
-        const current = PinStore.record(read.result);
-        const next = change(current);
-        if (next === current || next === null) {
-          resolve(current);
-          return;
-        }
-        const record = { key: next.key, confirmed: next.confirmed === true };
-        const write = store.put(record, id);
-        write.onerror = () => reject(write.error);
-        write.onsuccess = () => resolve(record);
-      };
-    }));
+    await transaction(db, PINS, "readwrite", (store) => request(store.put({ confirmed: true }, this.id(key))));
   }
 
-  /** Pin `key` for `peer`, unconfirmed, unless a key is pinned already; the pin afterwards. */
-  pinIfAbsent(peer, key) {
-    return this.update(peer, (current) => current || { key, confirmed: false });
-  }
-
-  /**
-   * The user compared `key`'s verification code and it matches: confirm it, if it is the key
-   * pinned (or none is). The pin afterwards: another key pinned stays as it was, unconfirmed
-   * or not.
-   */
-  confirm(peer, key) {
-    return this.update(peer, (current) => (
-      current === null || current.key === key ? { key, confirmed: true } : current));
-  }
-
-  async delete(peer) {
+  async forget(key) {
     const db = await openDatabase();
-    await transaction(db, PINS, "readwrite", (store) => request(store.delete(this.key(peer))));
+    await transaction(db, PINS, "readwrite", (store) => request(store.delete(this.id(key))));
   }
 }

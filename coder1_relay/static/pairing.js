@@ -1,13 +1,51 @@
 // The IDE page's pairing dialog: a pairing code, then the verification codes to compare.
+import { codeLifetimeSeconds, retryAfterSeconds } from "./bounds.js";
 import { b64u } from "./e2e.js";
 import { KEY_CHANGED } from "./bridges.js";
 
 const $ = (selector) => document.querySelector(selector);
+/** Milliseconds a copy button says "Copied". */
+const COPIED_FOR = 2000;
+
+/** `word` as a POSIX shell reads it: quoted if need be, a leading `~/` left to expand. */
+export function shellWord(word) {
+  if (/^[\w@%+=:,./~-]+$/.test(word)) return word;
+  const home = word.startsWith("~/") ? "~/" : "";
+  return `${home}'${word.slice(home.length).replaceAll("'", "'\\''")}'`;
+}
+
+/** The command that redeems `code` at `relay`, trusting `caCert` (a path) if given. */
+export function pairCommand(relay, code, caCert) {
+  const words = ["coder1-bridge", "pair", "--relay", relay];
+  if (caCert) words.push("--ca-cert", caCert);
+  words.push(code);
+  return words.map(shellWord).join(" ");
+}
+
+/** `button` copies what `text()` returns, and says it did (or how to copy by hand). */
+function copyButton(button, text) {
+  button.addEventListener("click", async () => {
+    const label = button.textContent;
+    try {
+      await navigator.clipboard.writeText(text());
+      button.textContent = "Copied";
+      button.dataset.copied = "true";
+    } catch {
+      button.textContent = "Select and copy";
+      button.dataset.copied = "false";
+    }
+    setTimeout(() => {
+      button.textContent = label;
+      delete button.dataset.copied;
+    }, COPIED_FOR);
+  });
+}
 
 /**
- * The pairing dialog: a code, its countdown and the command to run; then the verification view,
- * where the user compares the bridge's verification code with the one it prints. Only "They
- * match" there lets the page use a bridge.
+ * The pairing dialog: a code, its countdown and the command to run (each with a copy button);
+ * then the verification view, where the user compares the bridge's verification code with the
+ * one it prints. Only "They match" there lets the page use a bridge; "They differ" revokes it
+ * and shows what to do next (the mismatch view).
  */
 export class PairingDialog {
   constructor(app) {
@@ -19,6 +57,11 @@ export class PairingDialog {
     $("#pair-close").addEventListener("click", () => this.close());
     $("#pair-done").addEventListener("click", () => this.match());
     $("#pair-mismatch").addEventListener("click", () => this.mismatch());
+    $("#pair-again").addEventListener("click", () => this.show());
+    $("#pair-mismatch-close").addEventListener("click", () => this.close());
+    copyButton($("#pair-code-copy"), () => $("#pair-code").dataset.code);
+    copyButton($("#pair-command-copy"), () => $("#pair-command").textContent);
+    copyButton($("#pair-unpair-copy"), () => $("#pair-unpair-command").textContent);
     this.dialog.addEventListener("close", () => {
       clearInterval(this.ticker);
       this.comparing = null;
@@ -31,12 +74,19 @@ export class PairingDialog {
     this.newCode();
   }
 
-  /** "code" (the code to type) or "paired" (the verification code to compare). */
+  /**
+   * "code" (the code to type), "paired" (the verification code to compare) or "mismatch" (the
+   * codes differed: what to do now).
+   */
   view(name) {
     this.dialog.dataset.view = name;
     $("#pair-code-view").hidden = name !== "code";
     $("#pair-paired-view").hidden = name !== "paired";
-    $("#pair-title").textContent = name === "paired" ? "Verify your machine" : "Pair your machine";
+    $("#pair-mismatch-view").hidden = name !== "mismatch";
+    $("#pair-title").textContent = {
+      paired: "Verify your machine",
+      mismatch: "The verification codes differ",
+    }[name] || "Pair your machine";
     if (name !== "paired") this.comparing = null;
   }
 
@@ -66,6 +116,8 @@ export class PairingDialog {
     this.message("");
     const code = $("#pair-code");
     code.dataset.state = "loading";
+    $("#pair-code-copy").disabled = true;
+    $("#pair-command-copy").disabled = true;
     const identity = await this.app.identityReady;
     if (!identity) {
       this.message("This browser cannot keep the key that encrypts your terminals (its site storage"
@@ -85,12 +137,12 @@ export class PairingDialog {
     }
     const body = await response.json().catch(() => ({}));
     if (response.status === 429) {
-      const wait = response.headers.get("Retry-After") || "60";
+      const wait = retryAfterSeconds(response.headers.get("Retry-After"));
       this.message(`Too many codes requested. Try again in ${wait} seconds.`);
       return;
     }
     if (response.status === 401) {
-      await fetch("/api/session", { method: "POST" });
+      await this.app.renewSession();
       this.message("Your session was renewed. Click “New code”.");
       return;
     }
@@ -102,11 +154,15 @@ export class PairingDialog {
     code.textContent = `${body.code.slice(0, 3)} ${body.code.slice(3)}`;
     code.dataset.code = body.code;
     code.dataset.state = "live";
-    $("#pair-command").textContent = `coder1-bridge pair --relay ${body.relay} ${body.code}`;
-    $("#pair-hint").textContent = ["localhost", "127.0.0.1"].includes(location.hostname)
-      ? "Development relay: also pass --ca-cert with the relay's dev-cert.pem (see the README)."
+    const caCert = typeof body.ca_cert === "string" ? body.ca_cert : null;
+    $("#pair-command").textContent = pairCommand(body.relay, body.code, caCert);
+    $("#pair-code-copy").disabled = false;
+    $("#pair-command-copy").disabled = false;
+    $("#pair-hint").textContent = caCert
+      ? "This development relay's certificate is that file on the relay's machine: to pair"
+        + " another machine, copy the file there first."
       : "";
-    const deadline = performance.now() + body.expires_in * 1000;
+    const deadline = performance.now() + codeLifetimeSeconds(body.expires_in) * 1000;
     const tick = () => {
       const left = Math.max(0, Math.round((deadline - performance.now()) / 1000));
       $("#pair-countdown").textContent = `Expires in ${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")}`;
@@ -141,7 +197,7 @@ export class PairingDialog {
     clearInterval(this.ticker);
     this.message("");
     this.view("paired");
-    this.comparing = { peer: bridge.peer, key: bridge.sasKey };
+    this.comparing = { peer: bridge.peer, key: bridge.key };
     $("#pair-label").textContent = bridge.label;
     $("#pair-sas").textContent = bridge.sas;
     if (!this.dialog.open) this.dialog.showModal();
@@ -159,15 +215,9 @@ export class PairingDialog {
   async mismatch() {
     const comparing = this.comparing;
     clearInterval(this.ticker);
-    this.view("code");
-    const code = $("#pair-code");
-    code.textContent = "······";
-    code.dataset.state = "used";
-    $("#pair-command").textContent = "";
-    $("#pair-countdown").textContent = "";
+    this.view("mismatch");
     if (!this.dialog.open) this.dialog.showModal();
-    this.message("The codes differ: someone may be intercepting between this browser and your"
-      + " machine. The bridge is revoked: run “coder1-bridge unpair” on it, then pair again.");
+    $("#pair-again").focus();
     if (comparing) await this.app.revokeNow(comparing.peer);
   }
 }

@@ -2,6 +2,7 @@
 // where each terminal's output has got to, what the page acknowledges to its bridge, and the
 // input it keeps until the bridge confirms it. No DOM here, so Node can test it
 // (tests/js/streams_test.mjs); app.js joins it to xterm.js and to the bridge links.
+import { windowBytes } from "./bounds.js";
 import { Backlog, MAX_BACKLOG } from "./link.js";
 import { Kind } from "./wire.js";
 
@@ -158,10 +159,9 @@ export class Acknowledger {
     this.streams.delete(output.key);
   }
 
-  /** The bridge's window, from RESUMED. */
+  /** The bridge's window, from RESUMED (in bounds: a tiny one would ACK every byte). */
   setWindow(window) {
-    const bytes = position(window);
-    if (bytes !== null && bytes > 0) this.window = bytes;
+    this.window = windowBytes(window) ?? this.window;
   }
 
   /** `output` was taken in further: acknowledge now, or in `delay` ms from now. */

@@ -1,6 +1,7 @@
 // One terminal tab of the IDE page: an xterm.js terminal attached to a PTY on a bridge.
 import { Terminal } from "./vendor/xterm.mjs";
 import { FitAddon } from "./vendor/addon-fit.mjs";
+import { terminalSize } from "./bounds.js";
 import { Kind, json } from "./wire.js";
 import { InputStream, OutputStream, sequencedType } from "./streams.js";
 
@@ -110,9 +111,10 @@ export class TerminalTab {
     this.sender.transmit(Kind.PTY_OPEN, { cols: this.term.cols, rows: this.term.rows });
   }
 
-  reattach(size) {
+  reattach(listed) {
     this.state = "running";
-    this.term.resize(size.cols, size.rows);
+    const { cols, rows } = terminalSize(listed);
+    this.term.resize(cols, rows);
     this.fit.fit();
   }
 

@@ -1,0 +1,142 @@
+"""
+How the bridge reaches its relay: the endpoint (TLS 1.3 with the relay's
+certificate checked, through HTTPS_PROXY when set) and the relay's JSON API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from io import BytesIO
+from typing import Any
+
+import attrs
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from coder1_bridge.config import RelayAddress
+from coder1_bridge.output import Problem
+from coder1_bridge.proxy import ProxySetting, TunnelEndpoint, proxy_for
+from coder1_bridge.relay_errors import Where, WitnessedTLS, explain
+from coder1_wire.tls import client_tls_options
+
+
+def relay_tls(relay: RelayAddress) -> WitnessedTLS:
+    """TLS 1.3 settings for C{relay}, trusting its C{--ca-cert} or the system's CAs."""
+    ca = relay.ca_cert_pem.encode() if relay.ca_cert_pem else None
+    try:
+        return WitnessedTLS(client_tls_options(relay.host, ca))
+    except ValueError:
+        raise Problem(
+            "The relay certificate given (--ca-cert) holds no PEM certificate: give the "
+            "relay's certificate file, such as ~/.local/state/coder1-relay/dev-cert.pem."
+        ) from None
+
+
+def relay_proxy(relay: RelayAddress, environ: Mapping[str, str]) -> ProxySetting | None:
+    """The proxy on the way to C{relay}, if any."""
+    try:
+        return proxy_for(relay.host, relay.port, environ)
+    except ValueError as e:
+        raise Problem(f"{e}. Fix it, or unset it to connect directly.") from None
+
+
+def relay_endpoint(
+    reactor: Any, relay: RelayAddress, tls: WitnessedTLS, environ: Mapping[str, str]
+) -> IStreamClientEndpoint:
+    """TCP to the relay (or a tunnel through the proxy), with TLS on top."""
+    proxy = relay_proxy(relay, environ)
+    if proxy is None:
+        tcp: IStreamClientEndpoint = HostnameEndpoint(reactor, relay.host, relay.port)
+    else:
+        to_proxy = HostnameEndpoint(reactor, proxy.host, proxy.port)
+        tcp = TunnelEndpoint(reactor, to_proxy, proxy, relay.host, relay.port)
+    return wrapClientTLS(tls, tcp)
+
+
+@attrs.frozen
+class RelayAnswer:
+    """One answer of the relay's API."""
+
+    status: int
+    body: dict[str, Any]
+    headers: Headers
+
+    @property
+    def message(self) -> str:
+        """The relay's own words for a refusal."""
+        message = self.body.get("message")
+        return message if isinstance(message, str) else f"HTTP {self.status}"
+
+    def date(self) -> float | None:
+        """The relay's clock (its C{Date} header), in seconds since the epoch."""
+        values = self.headers.getRawHeaders(b"date")
+        if not values:
+            return None
+        try:
+            return parsedate_to_datetime(values[0].decode("latin-1")).timestamp()
+        except (ValueError, TypeError):
+            return None
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.frozen
+class _Endpoints:
+    endpoint: IStreamClientEndpoint
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return self.endpoint
+
+
+@attrs.define
+class RelayAPI:
+    """The relay's JSON API, over the same TLS and proxy as the bridge's WebSocket."""
+
+    reactor: Any
+    relay: RelayAddress
+    environ: Mapping[str, str]
+    #: What the person can do about the relay's certificate, for the explanations.
+    ca_hint: str = "pass the relay's certificate with --ca-cert FILE"
+
+    async def call(
+        self,
+        method: bytes,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        token: str | None = None,
+    ) -> RelayAnswer:
+        """
+        One request; its answer, whatever its status.
+
+        @raise Problem: the relay could not be reached (said why, and what to try).
+        """
+        tls = relay_tls(self.relay)
+        endpoint = relay_endpoint(self.reactor, self.relay, tls, self.environ)
+        agent = Agent.usingEndpointFactory(self.reactor, _Endpoints(endpoint))
+        headers = Headers({b"User-Agent": [b"coder1-bridge"]})
+        if token is not None:
+            headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())
+        producer = None
+        if body is not None:
+            headers.addRawHeader(b"Content-Type", b"application/json")
+            producer = FileBodyProducer(BytesIO(json.dumps(body).encode()))
+        url = (self.relay.url + path).encode()
+        try:
+            response = await agent.request(method, url, headers, producer)
+            raw = await readBody(response)
+        except Exception as e:
+            where = Where(self.relay, self.ca_hint)
+            raise Problem(explain(e, where, self.reactor.seconds(), tls.presented())) from None
+        try:
+            decoded = json.loads(raw)
+        except (ValueError, RecursionError):
+            decoded = {}
+        return RelayAnswer(
+            response.code, decoded if isinstance(decoded, dict) else {}, response.headers
+        )
