@@ -75,6 +75,7 @@ from zope.interface import implementer
 from coder1_relay.store import BridgeRecord, IRelayStore, Presence, StoreUnavailable
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
+from coder1_wire.crash import MAX_REPORT_BYTES, sanitize_crash_report
 from coder1_wire.envelope import (
     FIRST_END_TO_END,
     HEADER_SIZE,
@@ -586,12 +587,19 @@ class Hub:
             source.close(closecodes.PROTOCOL_ERROR, "control frame not allowed here")
 
     def _crash(self, source: Endpoint, envelope: Envelope) -> None:
+        if len(envelope.payload) > MAX_REPORT_BYTES:
+            self.telemetry.crash_report_refused()
+            self.log.info("refused an oversized crash report from a bridge")
+            return
         try:
             report: Any = envelope.json()
         except EnvelopeError:
             report = None
-        if not self.telemetry.crash_report(report):
+        if sanitize_crash_report(report) is None:
+            self.telemetry.crash_report_refused()
             self.log.info("refused a malformed crash report from a bridge")
+            return
+        self.telemetry.crash_report(report, source.session, source.peer)
 
     def _send_presence(self, session: str, to: list[Endpoint] | None = None) -> None:
         def send(bridges: list[Presence]) -> None:

@@ -32,7 +32,7 @@ from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.redis_settings import RedisSettings
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
-from coder1_relay.telemetry import Telemetry
+from coder1_relay.telemetry import Telemetry, TelemetrySettings
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire import closecodes
@@ -61,6 +61,7 @@ class RelaySettings:
     #: A line per HTTP request (twisted.web's combined log format): about 8 % of
     #: the relay's CPU while it pairs.
     access_log: bool = True
+    telemetry: TelemetrySettings = TelemetrySettings()
     #: Where the state shared by a deployment's relay processes is kept (Redis);
     #: None: in this process's memory, and C{pairings.json} in C{state_dir}.
     store: RedisSettings | None = None
@@ -192,7 +193,11 @@ class RelayService(MultiService):
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
         if store is None:
             store = self._make_store(reactor, settings)
-        self.telemetry = Telemetry(settings.state_dir.child("telemetry.sqlite").path, reactor)
+        self.telemetry = Telemetry(
+            settings.state_dir.child("telemetry.sqlite").path,
+            reactor,
+            settings=settings.telemetry,
+        )
         self.telemetry.setServiceParent(self)
         tokens = TokenAuthority(
             self.keys.signing_key,

@@ -19,6 +19,7 @@ from coder1_relay.redis_settings import (
 )
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
+from coder1_relay.telemetry import TelemetrySettings
 
 _DEFAULT = Limits()
 #: The limits as options: (option, C{Limits} field, type, help).  README.md ("Limits") says why.
@@ -149,6 +150,13 @@ class Options(usage.Options):
         ],
         ["token-days", None, 30.0, "Lifetime of bridge tokens, in days.", float],
         [
+            "telemetry-max-size",
+            None,
+            32.0,
+            "MiB the telemetry database may fill; past it new rows are dropped and counted.",
+            float,
+        ],
+        [
             "store",
             None,
             None,
@@ -233,6 +241,8 @@ class Options(usage.Options):
         address = self["node-address"]
         if address is not None and not _host_port(address):
             raise usage.UsageError("--node-address must be HOST:PORT")
+        if self["telemetry-max-size"] < 1:
+            raise usage.UsageError("--telemetry-max-size must be at least 1 (MiB)")
         if self["send-buffer-size"] <= 0:
             raise usage.UsageError("--send-buffer-size must be positive")
         self.store = self._store()
@@ -281,6 +291,7 @@ class Options(usage.Options):
             token_lifetime=self["token-days"] * 86400.0,
             limits=self.limits(),
             access_log=not self["no-access-log"],
+            telemetry=TelemetrySettings(max_bytes=int(self["telemetry-max-size"] * 1024 * 1024)),
             store=self.store,
             node_listen=self["node-listen"],
             node_address=self["node-address"],

@@ -1,11 +1,16 @@
 """
 Content-free telemetry for the relay: counts, timestamps and versions.
 
-Every string written to the database is either from a fixed vocabulary (a
-role, a counter name) or has passed a strict pattern (a bridge version, a
-validated crash report), so no command text, output, path or environment
-value can end up in it, whatever a party sends.  The relay's connection ids
-stay in memory; rows get their own numbers.
+Every string written to the database is from a fixed vocabulary: a role, a
+counter name, a reason, a name in the relay's own copy of the bridge's code
+(L{coder1_relay.code_names}), or a version made of digits and PEP 440's
+markers; so no command text, output, path or environment value can end up in
+it, whatever a party sends.  The relay's connection ids stay in memory; rows
+get their own numbers.
+
+Everything is bounded: crash reports by their size, by a daily budget per
+bridge, per session and in all (L{coder1_relay.crash_budget}); the file by
+C{TelemetrySettings.max_bytes}, past which new rows are dropped and counted.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from coder1_relay.code_names import CodeNames
+from coder1_relay.crash_budget import CrashBudget, CrashBudgetPolicy
 from coder1_wire.crash import is_version, sanitize_crash_report
 
 log = Logger()
@@ -37,6 +44,13 @@ ROLES = frozenset({"ide", "bridge"})
 #: pairing API said 429, C{timeout} a client was too slow with TLS or a request.
 THROTTLE_REASONS = frozenset({"rate", "connections", "sessions", "pairing", "timeout"})
 INVALID_VERSION = "invalid"
+#: The label of versions past L{MAX_VERSIONS} distinct ones in an hour.
+OTHER_VERSION = "other"
+MAX_VERSIONS = 16
+#: Why a crash report was not kept (the label of C{crash_report_dropped}):
+#: C{budget} its bridge's, session's or the relay's daily budget was used up,
+#: C{pending} too many waited for the next write, C{full} the database is at its cap.
+DROP_REASONS = frozenset({"budget", "pending", "full"})
 #: Counters are kept per hour: enough for an operator, coarse for everyone else.
 PERIOD = 3600
 #: Valid crash reports held between two flushes; more are counted, not kept.
@@ -64,18 +78,27 @@ CREATE TABLE IF NOT EXISTS counts (
 CREATE TABLE IF NOT EXISTS crash_reports (
     id INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
-    type TEXT NOT NULL,
+    type TEXT NOT NULL,       -- a name in the relay's copy of the bridge's code, or '?'
     version TEXT NOT NULL,
-    frames TEXT NOT NULL      -- JSON of the sanitized frames
+    frames TEXT NOT NULL,     -- JSON: [{module, function, line}], names as for type
+    signature TEXT NOT NULL   -- 16 hex digits of SHA-256 over type and frames
 );
 CREATE INDEX IF NOT EXISTS crash_reports_received_at ON crash_reports (received_at);
 """
+#: Crash rows of a relay before this schema could hold names a bridge chose: deleted.
+_MIGRATE = (
+    "DROP TABLE IF EXISTS crash_reports",
+    "DROP INDEX IF EXISTS crash_reports_received_at",
+)
 _ADD_COUNT = """
 INSERT INTO counts (period, name, label, value) VALUES (?, ?, ?, ?)
 ON CONFLICT (period, name, label) DO UPDATE SET value = value + excluded.value
 """
 _ADD_CONNECTION = "INSERT INTO connections (role, opened_at, closed_at) VALUES (?, ?, ?)"
-_ADD_CRASH = "INSERT INTO crash_reports (received_at, type, version, frames) VALUES (?, ?, ?, ?)"
+_ADD_CRASH = (
+    "INSERT INTO crash_reports (received_at, type, version, frames, signature)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
 _PRUNE = (
     "DELETE FROM connections WHERE closed_at < ?",
     "DELETE FROM counts WHERE period < ?",
@@ -91,7 +114,10 @@ class Count(enum.Enum):
     #: Bridge connections, labelled with the bridge's version.
     BRIDGE_VERSION = "bridge_version"
     CRASH_REPORT_REFUSED = "crash_report_refused"
+    #: Labelled with a C{DROP_REASONS} word.
     CRASH_REPORT_DROPPED = "crash_report_dropped"
+    #: Closed connections not written: the database is at its cap.
+    CONNECTION_DROPPED = "connection_dropped"
     #: Clients throttled or refused by a limit, labelled with a C{THROTTLE_REASONS} word.
     THROTTLED = "throttled"
 
@@ -108,6 +134,17 @@ class ClockLike(Protocol):
     def callLater(
         self, delay: float, callable: Callable[..., object], *args: object, **kwargs: object
     ) -> IDelayedCall: ...
+
+
+@attrs.frozen
+class TelemetrySettings:
+    """What an operator chooses (C{--telemetry-max-size})."""
+
+    #: The database file's size, at most.  New rows stop a little below it (a
+    #: quarter of it, at most 4 MiB, is kept for the hourly counts); past that they
+    #: are dropped and counted.
+    max_bytes: int = 32 * 1024 * 1024
+    crash_budget: CrashBudgetPolicy = CrashBudgetPolicy()
 
 
 @attrs.frozen
@@ -137,12 +174,18 @@ class Telemetry(Service):
         retention: float = 30 * 86400,
         flush_interval: float = 10.0,
         prune_interval: float = 3600.0,
+        settings: TelemetrySettings = TelemetrySettings(),
+        code_names: CodeNames | None = None,
     ) -> None:
         self._db_path = db_path
         self._clock = clock
         self._retention = retention
         self._flush_interval = flush_interval
         self._prune_interval = prune_interval
+        self._settings = settings
+        self._names = code_names
+        self._budget = CrashBudget(clock, settings.crash_budget)
+        self._versions: tuple[int, set[str]] = (-1, set())
         self._db: sqlite3.Connection | None = None
         self._live: dict[str, _Open] = {}
         self._counts: Counter[tuple[int, Count, str]] = Counter()
@@ -156,7 +199,9 @@ class Telemetry(Service):
     def startService(self) -> None:
         # Opened here rather than in __init__: twistd starts services after
         # dropping privileges, so the file belongs to the relay's user.
-        self._db = _open(self._db_path)
+        self._db = _open(self._db_path, self._settings.max_bytes)
+        if self._names is None:
+            self._names = CodeNames.of_packages()
         super().startService()
         log.info("Telemetry in {where}", where=self._db_path or "memory")
         self._pruner.start(self._prune_interval, now=True)
@@ -196,8 +241,21 @@ class Telemetry(Service):
         self._count(Count.COMMAND_COMPLETED)
 
     def bridge_version(self, version: str) -> None:
-        """A bridge connected with this version; anything unlike a version counts as invalid."""
-        self._count(Count.BRIDGE_VERSION, version if is_version(version) else INVALID_VERSION)
+        """
+        A bridge connected with this version: anything unlike a version counts
+        as invalid, and past L{MAX_VERSIONS} distinct ones in an hour as other.
+        """
+        period = self._period()
+        if self._versions[0] != period:
+            self._versions = (period, set())
+        seen = self._versions[1]
+        if not is_version(version):
+            version = INVALID_VERSION
+        elif version not in seen and len(seen) >= MAX_VERSIONS:
+            version = OTHER_VERSION
+        else:
+            seen.add(version)
+        self._count(Count.BRIDGE_VERSION, version)
 
     def throttled(self, reason: str) -> None:
         """A limit throttled or refused a client, for C{reason} (one of C{THROTTLE_REASONS})."""
@@ -205,22 +263,36 @@ class Telemetry(Service):
             raise ValueError(f"unknown throttle reason {reason!r}")
         self._count(Count.THROTTLED, reason)
 
-    def crash_report(self, report: object) -> bool:
+    def crash_report(self, report: object, session: str = "", peer: int = 0) -> bool:
         """
-        Keep a bridge's crash report if it passes L{sanitize_crash_report}.
+        Keep what the relay may of bridge C{peer} of C{session}'s crash
+        report: if it passes L{sanitize_crash_report} and the day's budget
+        allows, its names that the relay's copy of the bridge's code holds.
 
         @return: whether it will be stored.
         """
         clean = sanitize_crash_report(report)
         if clean is None:
-            self._count(Count.CRASH_REPORT_REFUSED)
+            self.crash_report_refused()
+            return False
+        if not self._budget.take(session, peer):
+            self._count(Count.CRASH_REPORT_DROPPED, "budget")
             return False
         if len(self._crashes) >= MAX_PENDING_CRASHES:
-            self._count(Count.CRASH_REPORT_DROPPED)
+            self._count(Count.CRASH_REPORT_DROPPED, "pending")
             return False
-        frames = json.dumps(clean["frames"], separators=(",", ":"))
-        self._crashes.append((self._clock.seconds(), clean["type"], clean["version"], frames))
+        names = self._names if self._names is not None else CodeNames.of_packages()
+        self._names = names
+        kept = names.keep(clean)
+        frames = json.dumps(kept["frames"], separators=(",", ":"))
+        self._crashes.append(
+            (self._clock.seconds(), kept["type"], kept["version"], frames, kept["signature"])
+        )
         return True
+
+    def crash_report_refused(self) -> None:
+        """A bridge sent something that is not a crash report (malformed or too large)."""
+        self._count(Count.CRASH_REPORT_REFUSED)
 
     def snapshot(self) -> dict[str, object]:
         """Open connections, unwritten counters and recently written rows."""
@@ -251,7 +323,7 @@ class Telemetry(Service):
             "crash_reports": [
                 {**row, "frames": json.loads(str(row["frames"]))}
                 for row in self._query(
-                    "SELECT received_at, type, version, frames FROM crash_reports"
+                    "SELECT received_at, type, version, frames, signature FROM crash_reports"
                     " WHERE received_at >= ? ORDER BY received_at DESC LIMIT ?",
                     since,
                     _RECENT_ROWS,
@@ -259,24 +331,29 @@ class Telemetry(Service):
             ],
         }
 
-    def _count(self, name: Count, label: str = "") -> None:
-        period = int(self._clock.seconds() // PERIOD) * PERIOD
-        self._counts[period, name, label] += 1
+    def _period(self) -> int:
+        return int(self._clock.seconds() // PERIOD) * PERIOD
+
+    def _count(self, name: Count, label: str = "", by: int = 1) -> None:
+        self._counts[self._period(), name, label] += by
 
     def _flush(self) -> None:
         if self._db is None:
             return
-        counts, self._counts = self._counts, Counter()
         closed, self._closed = self._closed, []
         crashes, self._crashes = self._crashes, []
-        _write(
-            self._db,
-            [
-                (_ADD_COUNT, [(p, n.value, lb, v) for (p, n, lb), v in counts.items()]),
-                (_ADD_CONNECTION, closed),
-                (_ADD_CRASH, crashes),
-            ],
-        )
+        if closed or crashes:
+            max_bytes = self._settings.max_bytes
+            full = _used_bytes(self._db) >= max_bytes - min(max_bytes // 4, _HEADROOM)
+            # Past the soft cap, or at the file's hard one: dropped and counted.
+            if full or not _write(self._db, [(_ADD_CONNECTION, closed), (_ADD_CRASH, crashes)]):
+                if crashes:
+                    self._count(Count.CRASH_REPORT_DROPPED, "full", len(crashes))
+                if closed:
+                    self._count(Count.CONNECTION_DROPPED, "", len(closed))
+        # The counts: a few rows an hour, from fixed vocabularies, in the room kept for them.
+        counts, self._counts = self._counts, Counter()
+        _write(self._db, [(_ADD_COUNT, [(p, n.value, lb, v) for (p, n, lb), v in counts.items()])])
 
     def _prune(self) -> None:
         if self._db is not None:
@@ -291,7 +368,19 @@ class Telemetry(Service):
         return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
-def _open(path: str | None) -> sqlite3.Connection:
+#: Room below C{max_bytes} kept for the counts, at most.
+_HEADROOM = 4 * 1024 * 1024
+
+
+def _used_bytes(db: sqlite3.Connection) -> int:
+    """The bytes of the database's pages in use (free pages are reused first)."""
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    (free,) = db.execute("PRAGMA freelist_count").fetchone()
+    (size,) = db.execute("PRAGMA page_size").fetchone()
+    return int((pages - free) * size)
+
+
+def _open(path: str | None, max_bytes: int) -> sqlite3.Connection:
     if path is None:
         db = sqlite3.connect(":memory:")
     else:
@@ -303,17 +392,30 @@ def _open(path: str | None) -> sqlite3.Connection:
         finally:
             os.close(fd)
         db = sqlite3.connect(path)
+    db.execute("PRAGMA secure_delete = ON")  # before the migration deletes anything
+    columns = [row[1] for row in db.execute("PRAGMA table_info(crash_reports)")]
+    if columns and "signature" not in columns:
+        with db:
+            for statement in _MIGRATE:
+                db.execute(statement)
     db.executescript(_SETUP)
+    # The hard cap: a write past it fails (its batch is dropped and counted), so
+    # the file never grows beyond it, whatever the soft cap let through.
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.execute(f"PRAGMA max_page_count = {max_bytes // page_size}")
     return db
 
 
-def _write(db: sqlite3.Connection, batches: Iterable[tuple[str, Sequence[_Row]]]) -> None:
-    """Run all C{batches} in one transaction; on error, log and drop them."""
+def _write(db: sqlite3.Connection, batches: Iterable[tuple[str, Sequence[_Row]]]) -> bool:
+    """Run all C{batches} in one transaction; on error, log and drop them, return False."""
     try:
         with db:
             for sql, rows in batches:
                 # Skipped when empty: executemany prepares the statement even for no rows.
                 if rows:
                     db.executemany(sql, rows)
-    except sqlite3.Error:
-        log.failure("Telemetry write failed; this batch is dropped")
+    except sqlite3.Error as e:
+        # SQLite's own words ("database or disk is full", "no such table: counts").
+        log.error("Telemetry write failed ({why}); this batch is dropped", why=str(e))
+        return False
+    return True

@@ -7,6 +7,11 @@ it again with L{sanitize_crash_report} before keeping it.  A report names only
 code: the exception's class and the frames of our own packages (module,
 function, line).  Never a message, an argument, a local, a file path or a
 frame of anyone else's code: those are where the user's data lives.
+
+Every field has a bound, and so has the whole report (L{MAX_REPORT_BYTES}).
+What passes here is only well formed: the relay keeps no name a bridge wrote,
+only the names its own copy of the bridge's code holds
+(L{coder1_relay.code_names}).
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ from types import FrameType
 from typing import TypedDict
 
 OUR_PACKAGES = ("coder1_bridge", "coder1_wire")
-MAX_FRAMES = 64
-MAX_LINE = 10**6
+#: The innermost frames a report keeps.
+MAX_FRAMES = 32
+MAX_LINE = 100_000
+#: A report's JSON encoding, at most: the relay refuses a larger one unread.
+MAX_REPORT_BYTES = 16384
 
 # Always used with fullmatch: a bare "$" also matches before a trailing newline.
-# A version must start with a digit so that a word (a name, a token) is not one.
-VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,31}")
-_MODULE = re.compile(r"coder1_(bridge|wire)(\.[a-z_][a-z0-9_]*)*")
-_FUNCTION = re.compile(r"[A-Za-z_<>][A-Za-z0-9_<>]{0,99}")
-_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,199}")
+# A version is numbers and the fixed markers of PEP 440 (a, b, rc, .post, .dev),
+# nothing else: no letters a bridge could spell a word with.
+VERSION = re.compile(
+    r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}((a|b|rc)[0-9]{1,4})?(\.post[0-9]{1,4})?(\.dev[0-9]{1,4})?"
+)
+_MODULE = re.compile(r"coder1_(bridge|wire)(\.[a-z_][a-z0-9_]{0,39}){0,3}")
+_FUNCTION = re.compile(r"[A-Za-z_<>][A-Za-z0-9_<>]{0,59}")
+_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,159}")
 
 _REPORT_KEYS = frozenset({"type", "frames", "version"})
 _FRAME_KEYS = frozenset({"module", "function", "line"})
@@ -76,7 +87,8 @@ def sanitize_crash_report(obj: object) -> CrashReport | None:
     A clean copy of C{obj} if it is exactly a crash report, else L{None}.
 
     Exact types (no bool for an int, no subclasses), no missing or extra keys,
-    every string matching its pattern: whatever passes cannot be free text.
+    every string matching its pattern and so of bounded length, at most
+    L{MAX_FRAMES} frames: a report that passes is at most a few kilobytes.
     """
     if type(obj) is not dict or obj.keys() != _REPORT_KEYS:
         return None

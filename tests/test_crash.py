@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_wire.crash import (
     MAX_FRAMES,
+    MAX_REPORT_BYTES,
     build_crash_report,
     sanitize_crash_report,
     telemetry_enabled,
@@ -98,10 +99,12 @@ def _with_frame(**changes: object) -> dict[str, Any]:
 
 # The shape the brief asks for, written out independently of the module.
 _SPEC = {
-    "type": re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,199}"),
-    "version": re.compile(r"[0-9][0-9A-Za-z.+-]{0,31}"),
-    "module": re.compile(r"coder1_(bridge|wire)(\.[a-z_][a-z0-9_]*)*"),
-    "function": re.compile(r"[A-Za-z_<>][A-Za-z0-9_<>]{0,99}"),
+    "type": re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,159}"),
+    "version": re.compile(
+        r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}((a|b|rc)[0-9]{1,4})?(\.post[0-9]{1,4})?(\.dev[0-9]{1,4})?"
+    ),
+    "module": re.compile(r"coder1_(bridge|wire)(\.[a-z_][a-z0-9_]{0,39}){0,3}"),
+    "function": re.compile(r"[A-Za-z_<>][A-Za-z0-9_<>]{0,59}"),
 }
 
 
@@ -110,12 +113,12 @@ def _assert_valid(report: object) -> None:
     assert set(report) == {"type", "frames", "version"}
     assert type(report["type"]) is str and _SPEC["type"].fullmatch(report["type"])
     assert type(report["version"]) is str and _SPEC["version"].fullmatch(report["version"])
-    assert type(report["frames"]) is list and len(report["frames"]) <= 64
+    assert type(report["frames"]) is list and len(report["frames"]) <= 32
     for frame in report["frames"]:
         assert type(frame) is dict and set(frame) == {"module", "function", "line"}
         assert type(frame["module"]) is str and _SPEC["module"].fullmatch(frame["module"])
         assert type(frame["function"]) is str and _SPEC["function"].fullmatch(frame["function"])
-        assert type(frame["line"]) is int and 1 <= frame["line"] <= 10**6
+        assert type(frame["line"]) is int and 1 <= frame["line"] <= 100_000
 
 
 _json = st.recursive(
@@ -127,7 +130,7 @@ _frames = st.fixed_dictionaries(
     {
         "module": st.from_regex(_SPEC["module"], fullmatch=True),
         "function": st.from_regex(_SPEC["function"], fullmatch=True),
-        "line": st.integers(1, 10**6),
+        "line": st.integers(1, 100_000),
     }
 )
 _reports = st.fixed_dictionaries(
@@ -152,7 +155,7 @@ def _near_miss(report: dict[str, Any], data: st.DataObject) -> object:
 class BuildTests(SynchronousTestCase):
     """L{build_crash_report} names code, never data."""
 
-    def test_noMessageNoPath(self) -> None:
+    def test_no_message_no_path(self) -> None:
         """The exception's message, its arguments and file names are not in the report."""
         report = _report(OURS["handle"], SECRET_PATH)
         text = json.dumps(report)
@@ -167,7 +170,7 @@ class BuildTests(SynchronousTestCase):
             },
         )
 
-    def test_onlyOurFrames(self) -> None:
+    def test_only_our_frames(self) -> None:
         """Frames of other modules, here the test's and a third party's, are left out."""
         report = _report(THEIRS["call"], OURS["call"], THEIRS["call"], OURS["handle"], "x")
         self.assertEqual(
@@ -175,21 +178,21 @@ class BuildTests(SynchronousTestCase):
             [("coder1_bridge.fake", "call"), ("coder1_bridge.fake", "handle")],
         )
 
-    def test_ourExceptionClass(self) -> None:
+    def test_our_exception_class(self) -> None:
         """An exception class of ours is named with its module."""
         report = _report(OURS["spawn"], SECRET_PATH)
         self.assertEqual(report["type"], "coder1_bridge.fake.SpawnError")
         self.assertNotIn(SECRET_PATH, json.dumps(report))
 
-    def test_foreignExceptionClass(self) -> None:
+    def test_foreign_exception_class(self) -> None:
         """Anyone else's exception class is named by its nearest builtin base."""
         self.assertEqual(_report(THEIRS["fail"])["type"], "LookupError")
 
-    def test_unnameableClassOfOurs(self) -> None:
+    def test_unnameable_class_of_ours(self) -> None:
         """A class of ours whose name does not fit the pattern falls back to its base."""
         self.assertEqual(_report(OURS["local_error"])["type"], "KeyError")
 
-    def test_frameLimit(self) -> None:
+    def test_frame_limit(self) -> None:
         """Only the innermost frames are kept, up to the limit."""
         report = _report(OURS["recurse"], 100)
         self.assertEqual(len(report["frames"]), MAX_FRAMES)
@@ -213,14 +216,14 @@ class SanitizeTests(SynchronousTestCase):
         self.assertIsNot(clean, report)
         self.assertIsNot(clean["frames"][0], report["frames"][0])
 
-    def test_extraKeys(self) -> None:
+    def test_extra_keys(self) -> None:
         """A key beyond the shape, at the top or in a frame, refuses the report."""
         self.assertIsNone(sanitize_crash_report({**_valid(), "message": CANARY}))
         self.assertIsNone(sanitize_crash_report(_with_frame(path=SECRET_PATH)))
         self.assertIsNone(sanitize_crash_report(_with_frame(args=[CANARY])))
         self.assertIsNone(sanitize_crash_report(_with_frame(locals={"x": CANARY})))
 
-    def test_missingKeys(self) -> None:
+    def test_missing_keys(self) -> None:
         """A report or frame without one of its keys is refused."""
         for key in ("type", "frames", "version"):
             report = _valid()
@@ -230,14 +233,30 @@ class SanitizeTests(SynchronousTestCase):
         del report["frames"][0]["line"]
         self.assertIsNone(sanitize_crash_report(report))
 
-    def test_longStrings(self) -> None:
+    def test_long_strings(self) -> None:
         """Strings past their length limit are refused."""
-        self.assertIsNone(sanitize_crash_report({**_valid(), "type": "E" * 201}))
-        self.assertIsNone(sanitize_crash_report({**_valid(), "version": "1" * 33}))
-        self.assertIsNone(sanitize_crash_report(_with_frame(function="f" * 101)))
-        self.assertIsNotNone(sanitize_crash_report(_with_frame(function="f" * 100)))
+        self.assertIsNone(sanitize_crash_report({**_valid(), "type": "E" * 161}))
+        self.assertIsNotNone(sanitize_crash_report({**_valid(), "type": "E" * 160}))
+        self.assertIsNone(sanitize_crash_report({**_valid(), "version": "1" * 5}))
+        self.assertIsNone(sanitize_crash_report({**_valid(), "version": "1.2.3.4.5"}))
+        self.assertIsNone(sanitize_crash_report(_with_frame(function="f" * 61)))
+        self.assertIsNotNone(sanitize_crash_report(_with_frame(function="f" * 60)))
+        self.assertIsNone(sanitize_crash_report(_with_frame(module="coder1_bridge." + "m" * 41)))
+        self.assertIsNone(sanitize_crash_report(_with_frame(module="coder1_bridge" + ".m" * 4)))
+        self.assertIsNone(sanitize_crash_report(_with_frame(module="coder1_bridge." + "m" * 10**6)))
 
-    def test_badModules(self) -> None:
+    def test_largest_report_fits(self) -> None:
+        """
+        The largest report that passes encodes in under L{MAX_REPORT_BYTES}: the
+        relay's size check, made before it parses, never refuses a valid one.
+        """
+        module = "coder1_bridge" + ("." + "m" * 40) * 3
+        frame = {"module": module, "function": "f" * 60, "line": 100_000}
+        report = {"type": "E" * 160, "frames": [frame] * MAX_FRAMES, "version": "9999.9999"}
+        self.assertEqual(sanitize_crash_report(report), report)
+        self.assertLess(len(json.dumps(report).encode()), MAX_REPORT_BYTES)
+
+    def test_bad_modules(self) -> None:
         """Only modules of our packages, as dotted lower-case names, are accepted."""
         for module in (
             "os.path",
@@ -252,13 +271,13 @@ class SanitizeTests(SynchronousTestCase):
         ):
             self.assertIsNone(sanitize_crash_report(_with_frame(module=module)), module)
 
-    def test_badValues(self) -> None:
+    def test_bad_values(self) -> None:
         """Content in any field, wrong types and lines out of range are refused."""
         for changes in (
             {"function": "handle /tmp/x"},
             {"function": CANARY},
             {"line": 0},
-            {"line": 10**6 + 1},
+            {"line": 100_001},
             {"line": True},
             {"line": 12.0},
             {"line": "12"},
@@ -271,20 +290,22 @@ class SanitizeTests(SynchronousTestCase):
             ("version", CANARY),
             ("version", "x; rm -rf /"),
             ("version", "0.1.0\n"),
+            ("version", "0.1.0+local"),
+            ("version", "1e7f3a9"),
             ("version", 1),
             ("frames", {}),
             ("frames", [_valid()["frames"][0]] * (MAX_FRAMES + 1)),
         ):
             self.assertIsNone(sanitize_crash_report({**_valid(), key: value}), (key, value))
 
-    def test_notADict(self) -> None:
+    def test_not_a_dict(self) -> None:
         """Anything but a dict is refused."""
         for obj in (None, [], "report", 7, [_valid()]):
             self.assertIsNone(sanitize_crash_report(obj))
 
     @settings(max_examples=300, deadline=None)
     @given(_json)
-    def test_arbitraryJSON(self, obj: object) -> None:
+    def test_arbitrary_json(self, obj: object) -> None:
         """Arbitrary JSON never raises and gives None or a valid report."""
         clean = sanitize_crash_report(obj)
         if clean is not None:
@@ -292,7 +313,7 @@ class SanitizeTests(SynchronousTestCase):
 
     @settings(max_examples=100, deadline=None)
     @given(_reports, st.data())
-    def test_nearMisses(self, report: dict[str, Any], data: st.DataObject) -> None:
+    def test_near_misses(self, report: dict[str, Any], data: st.DataObject) -> None:
         """A valid report with one part replaced gives None or a valid report."""
         clean = sanitize_crash_report(_near_miss(report, data))
         if clean is not None:
@@ -300,7 +321,7 @@ class SanitizeTests(SynchronousTestCase):
 
     @settings(max_examples=100, deadline=None)
     @given(_reports)
-    def test_validReports(self, report: dict[str, Any]) -> None:
+    def test_valid_reports(self, report: dict[str, Any]) -> None:
         """Every report of the right shape is accepted unchanged."""
         self.assertEqual(sanitize_crash_report(report), report)
 

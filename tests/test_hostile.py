@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Coroutine
+from contextlib import closing
 from typing import Any, TypeVar
 
 import attrs
@@ -57,7 +60,9 @@ from coder1_relay.context import (
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService
 from coder1_relay.tap import Options
+from coder1_relay.telemetry import TelemetrySettings
 from coder1_wire import closecodes
+from coder1_wire.crash import MAX_FRAMES
 from coder1_wire.e2e import Identity, b64u
 from coder1_wire.envelope import (
     HEADER,
@@ -65,6 +70,7 @@ from coder1_wire.envelope import (
     Envelope,
     EnvelopeError,
     Kind,
+    control,
     decode,
     is_end_to_end,
     is_to_browser,
@@ -429,9 +435,16 @@ class RelayUnderAttack(TestCase):
 
     timeout = 90
 
-    async def start(self, limits: Limits | None = None, hub: HubSettings | None = None) -> None:
+    async def start(
+        self,
+        limits: Limits | None = None,
+        hub: HubSettings | None = None,
+        telemetry: TelemetrySettings | None = None,
+    ) -> None:
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         settings: dict[str, Any] = {}
+        if telemetry is not None:
+            settings["telemetry"] = telemetry
         if limits is not None:
             settings["limits"] = limits
         if hub is not None:
@@ -1577,6 +1590,51 @@ class Handshake(Protocol):
 
 class FloodTests(RelayUnderAttack):
     """Thousands of pairing attempts and handshakes from one address: throttled and counted."""
+
+    async def test_crash_report_flood(self) -> None:
+        """
+        The audit's flood: a paired bridge sends crash reports with 1 MB module
+        names, then thousands of the largest valid ones, with a canary for
+        every name.  The huge ones are refused unread, the bridge's day's
+        budget keeps 5 of the rest, the names none of the relay's code holds
+        are kept as "?", the database stays under its cap, another session's
+        bridge still has its report kept, and the bystander kept working.
+        """
+        cap = 1024 * 1024
+        await self.start(telemetry=TelemetrySettings(max_bytes=cap))
+        _, token, peer = await self.attacker_bridge()
+        attacker = await self.bridge_wire("127.0.0.7", token)
+        frame = {"module": "coder1_bridge.canary_7f3a9", "function": "CANARY_7f3a9", "line": 1}
+        valid = {"type": "CANARY_7f3a9", "frames": [frame] * MAX_FRAMES, "version": "0.1.0"}
+        huge = {**valid, "frames": [{**frame, "module": "coder1_bridge." + "m" * 10**6}]}
+        for report, times in ((huge, 20), (valid, 2000)):
+            message = ws_frame(0x2, control(Kind.CRASH, report, peer=peer).encode())
+            for _ in range(times):
+                attacker.send(message)
+            self.assertEqual(await attacker.outcome(b"after"), "alive")
+        _, other_token, other_peer = await self.attacker_bridge()
+        other = await self.bridge_wire("127.0.0.8", other_token)
+        real = {
+            "type": "coder1_bridge.replay.BadResume",
+            "frames": [{"module": "coder1_bridge.connection", "function": "attach", "line": 7}],
+            "version": "0.1.0",
+        }
+        other.send(ws_frame(0x2, control(Kind.CRASH, real, peer=other_peer).encode()))
+        self.assertEqual(await other.outcome(b"after"), "alive")
+        await self.bystander_kept_working()
+        await stop_all(self.relay)
+
+        path = self.relay.settings.state_dir.child("telemetry.sqlite").path
+        self.assertLessEqual(os.path.getsize(path), cap)
+        with open(path, "rb") as file:
+            self.assertNotIn(b"7f3a9", file.read())
+        with closing(sqlite3.connect(path)) as db:
+            rows = db.execute("SELECT type, frames FROM crash_reports ORDER BY id").fetchall()
+            counts = dict(db.execute("SELECT name || ':' || label, value FROM counts").fetchall())
+        self.assertEqual([t for t, _ in rows], ["?"] * 5 + [real["type"]])
+        self.assertEqual(json.loads(rows[-1][1])[0]["function"], "attach")
+        self.assertEqual(counts["crash_report_refused:"], 20)
+        self.assertEqual(counts["crash_report_dropped:budget"], 2000 - 5)
 
     async def test_pairing_flood(self) -> None:
         """
