@@ -32,7 +32,7 @@ from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.redis_settings import RedisSettings
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
-from coder1_relay.telemetry import Telemetry, TelemetrySettings
+from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire import closecodes
@@ -40,6 +40,7 @@ from coder1_wire.tls import client_tls_options
 
 if TYPE_CHECKING:
     from coder1_relay.redis_store import RedisStore
+    from coder1_relay.redis_telemetry import RedisTelemetry
 
 
 @attrs.frozen
@@ -197,6 +198,7 @@ class RelayService(MultiService):
             settings.state_dir.child("telemetry.sqlite").path,
             reactor,
             settings=settings.telemetry,
+            shared=self._shared_telemetry(settings),
         )
         self.telemetry.setServiceParent(self)
         tokens = TokenAuthority(
@@ -245,6 +247,16 @@ class RelayService(MultiService):
         from coder1_relay.redis_directory import RedisDirectory
 
         return RedisDirectory(redis.client, reactor, key_id, prefix=redis.prefix)
+
+    def _shared_telemetry(self, settings: RelaySettings) -> RedisTelemetry | None:
+        """With a Redis store: every relay process's telemetry in it, in one place."""
+        if self.redis is None:
+            return None
+        from coder1_relay.redis_telemetry import RedisTelemetry
+
+        return RedisTelemetry(
+            self.redis.client, RETENTION, settings.telemetry.crash_budget.per_relay
+        )
 
     def _make_store(self, reactor: Any, settings: RelaySettings) -> IRelayStore:
         if settings.store is None:

@@ -21,17 +21,22 @@ import os
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet.defer import FirstError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coder1_relay.code_names import CodeNames
 from coder1_relay.crash_budget import CrashBudget, CrashBudgetPolicy
 from coder1_wire.crash import is_version, sanitize_crash_report
+
+if TYPE_CHECKING:  # txredisapi is an extra
+    from coder1_relay.redis_telemetry import RedisTelemetry
 
 log = Logger()
 
@@ -51,6 +56,8 @@ MAX_VERSIONS = 16
 #: C{budget} its bridge's, session's or the relay's daily budget was used up,
 #: C{pending} too many waited for the next write, C{full} the database is at its cap.
 DROP_REASONS = frozenset({"budget", "pending", "full"})
+#: How long rows are kept: 30 days.
+RETENTION = 30 * 86400
 #: Counters are kept per hour: enough for an operator, coarse for everyone else.
 PERIOD = 3600
 #: Valid crash reports held between two flushes; more are counted, not kept.
@@ -171,11 +178,12 @@ class Telemetry(Service):
         db_path: str | None,
         clock: ClockLike,
         *,
-        retention: float = 30 * 86400,
+        retention: float = RETENTION,
         flush_interval: float = 10.0,
         prune_interval: float = 3600.0,
         settings: TelemetrySettings = TelemetrySettings(),
         code_names: CodeNames | None = None,
+        shared: RedisTelemetry | None = None,
     ) -> None:
         self._db_path = db_path
         self._clock = clock
@@ -186,6 +194,8 @@ class Telemetry(Service):
         self._names = code_names
         self._budget = CrashBudget(clock, settings.crash_budget)
         self._versions: tuple[int, set[str]] = (-1, set())
+        #: With several relay processes: where they all write, instead of SQLite.
+        self._shared = shared
         self._db: sqlite3.Connection | None = None
         self._live: dict[str, _Open] = {}
         self._counts: Counter[tuple[int, Count, str]] = Counter()
@@ -199,11 +209,13 @@ class Telemetry(Service):
     def startService(self) -> None:
         # Opened here rather than in __init__: twistd starts services after
         # dropping privileges, so the file belongs to the relay's user.
-        self._db = _open(self._db_path, self._settings.max_bytes)
+        if self._shared is None:
+            self._db = _open(self._db_path, self._settings.max_bytes)
         if self._names is None:
             self._names = CodeNames.of_packages()
         super().startService()
-        log.info("Telemetry in {where}", where=self._db_path or "memory")
+        where = "the shared store" if self._shared else self._db_path or "memory"
+        log.info("Telemetry in {where}", where=where)
         self._pruner.start(self._prune_interval, now=True)
         self._flusher.start(self._flush_interval, now=False)
 
@@ -338,6 +350,9 @@ class Telemetry(Service):
         self._counts[self._period(), name, label] += by
 
     def _flush(self) -> None:
+        if self._shared is not None:
+            self._flush_shared(self._shared)
+            return
         if self._db is None:
             return
         closed, self._closed = self._closed, []
@@ -354,6 +369,26 @@ class Telemetry(Service):
         # The counts: a few rows an hour, from fixed vocabularies, in the room kept for them.
         counts, self._counts = self._counts, Counter()
         _write(self._db, [(_ADD_COUNT, [(p, n.value, lb, v) for (p, n, lb), v in counts.items()])])
+
+    def _flush_shared(self, shared: RedisTelemetry) -> None:
+        closed, self._closed = self._closed, []
+        crashes, self._crashes = self._crashes, []
+        counts, self._counts = self._counts, Counter()
+        if not (closed or crashes or counts):
+            return
+        named = {(p, n.value, lb): v for (p, n, lb), v in counts.items()}
+
+        def dropped(n: int) -> None:
+            if n:
+                self._count(Count.CRASH_REPORT_DROPPED, "full", n)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, FirstError):
+                error = error.subFailure.value
+            log.warn("Telemetry not written ({why}); this batch is dropped", why=str(error))
+
+        shared.write(named, closed, crashes).addCallbacks(dropped, failed)
 
     def _prune(self) -> None:
         if self._db is not None:
