@@ -369,6 +369,8 @@ class RelayService(MultiService):
         store = self.context.store
         if isinstance(store, MemoryStore):
             await store.flushed()
+        # Telemetry before the store's client: with Redis, its last batch goes there.
+        await self.telemetry.stopService()
         await super().stopService()
 
     def stopService(self) -> Deferred[None]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import FirstError
+from twisted.internet.defer import Deferred, FirstError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -201,7 +201,7 @@ class Telemetry(Service):
         self._counts: Counter[tuple[int, Count, str]] = Counter()
         self._closed: list[_Row] = []
         self._crashes: list[_Row] = []
-        self._flusher = LoopingCall(self._flush)
+        self._flusher = LoopingCall(self._flush_on_time)
         self._flusher.clock = cast(IReactorTime, clock)
         self._pruner = LoopingCall(self._prune)
         self._pruner.clock = cast(IReactorTime, clock)
@@ -219,7 +219,10 @@ class Telemetry(Service):
         self._pruner.start(self._prune_interval, now=True)
         self._flusher.start(self._flush_interval, now=False)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        """Write what is pending; fires once it is written (to Redis, when shared)."""
+        if not self.running:
+            return succeed(None)
         super().stopService()
         for loop in (self._flusher, self._pruner):
             if loop.running:  # not when startService failed part way
@@ -227,10 +230,11 @@ class Telemetry(Service):
         # The relay is going away and its connections with it.
         for connection_id in list(self._live):
             self.connection_closed(connection_id)
-        self._flush()
+        written = self._flush()
         if self._db is not None:
             self._db.close()
             self._db = None
+        return written
 
     def connection_opened(self, role: str, connection_id: str) -> None:
         """A party connected; C{connection_id} is the relay's own opaque id."""
@@ -349,12 +353,15 @@ class Telemetry(Service):
     def _count(self, name: Count, label: str = "", by: int = 1) -> None:
         self._counts[self._period(), name, label] += by
 
-    def _flush(self) -> None:
+    def _flush_on_time(self) -> None:
+        """The timer's flush: the next comes on time, whether or not Redis has answered."""
+        self._flush()
+
+    def _flush(self) -> Deferred[None]:
         if self._shared is not None:
-            self._flush_shared(self._shared)
-            return
+            return self._flush_shared(self._shared)
         if self._db is None:
-            return
+            return succeed(None)
         closed, self._closed = self._closed, []
         crashes, self._crashes = self._crashes, []
         if closed or crashes:
@@ -369,13 +376,14 @@ class Telemetry(Service):
         # The counts: a few rows an hour, from fixed vocabularies, in the room kept for them.
         counts, self._counts = self._counts, Counter()
         _write(self._db, [(_ADD_COUNT, [(p, n.value, lb, v) for (p, n, lb), v in counts.items()])])
+        return succeed(None)
 
-    def _flush_shared(self, shared: RedisTelemetry) -> None:
+    def _flush_shared(self, shared: RedisTelemetry) -> Deferred[None]:
         closed, self._closed = self._closed, []
         crashes, self._crashes = self._crashes, []
         counts, self._counts = self._counts, Counter()
         if not (closed or crashes or counts):
-            return
+            return succeed(None)
         named = {(p, n.value, lb): v for (p, n, lb), v in counts.items()}
 
         def dropped(n: int) -> None:
@@ -388,7 +396,7 @@ class Telemetry(Service):
                 error = error.subFailure.value
             log.warn("Telemetry not written ({why}); this batch is dropped", why=str(error))
 
-        shared.write(named, closed, crashes).addCallbacks(dropped, failed)
+        return shared.write(named, closed, crashes).addCallbacks(dropped, failed)
 
     def _prune(self) -> None:
         if self._db is not None:

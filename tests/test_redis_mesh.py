@@ -20,11 +20,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from coder1_bridge.pairing import pair
 from coder1_relay.certs import DEV_CERT_NAME
+from coder1_wire import __version__
 from coder1_wire.e2e import b64u
 from coder1_wire.envelope import Envelope, Kind, control
 
@@ -59,6 +61,7 @@ from .test_flow import (
 )
 from .test_mesh import share_keys
 from .test_resume import STREAM, ResumingIDE, expected_output
+from .test_telemetry_summary import RELAY_SCRIPT
 
 #: `seq 1 LINES`: 52,888,896 bytes.
 LINES = 6_000_000
@@ -151,6 +154,18 @@ class AcrossProcessesTests(RedisMeshTestCase):
         await ide.wait_for(lambda e: e.kind == Kind.PTY_OPENED and e.stream == 2)
         ide.send(Envelope(Kind.PTY_INPUT, stream=2, seq=1, peer=1, payload=b"echo $((7*6))x\n"))
         await ide.wait_for(lambda e: e.kind == Kind.PTY_OUTPUT and b"42x" in e.payload)
+
+        # Both nodes' telemetry (written as they stop) is read in one place.
+        for node in self.nodes:
+            await node.child.stop()
+        out, err, status = await getProcessOutputAndValue(
+            RELAY_SCRIPT, ["telemetry", "--store", self.redis.url], env=os.environ, reactor=reactor
+        )
+        self.assertEqual((err, status), (b"", 0))
+        (today,) = [line for line in out.decode().splitlines() if line.startswith("  20")][-1:]
+        # day, tabs, bridges, commands, completed: a tab on A, the bridge on B.
+        self.assertEqual(today.split()[1:5], ["1", "1", "1", "1"])
+        self.assertIn(f"Bridge versions (connections): {__version__} 1", out.decode())
 
     async def test_revocation_on_one_process_closes_bridge_on_other(self) -> None:
         """A bridge connected to B and revoked through A is closed at once, told it was revoked."""

@@ -33,14 +33,15 @@ class SharedTelemetryTests(RedisTestCase):
         await client.when_ready()
         telemetry = Telemetry(None, clock, shared=RedisTelemetry(client, RETENTION, per_day))
         telemetry.startService()
-        self.addCleanup(lambda: telemetry.running and telemetry.stopService())  # type: ignore[func-returns-value]
+        self.addCleanup(telemetry.stopService)
         return telemetry
 
     async def keys(self, part: str, n: int) -> None:
         """Wait until Redis has C{n} keys with C{part} in their names."""
 
         async def there() -> bool:
-            return len([k for k in await (await self.client()).call("KEYS", "*") if part in k]) == n
+            found = await (await self.client()).call("KEYS", "*")
+            return len([k for k in found if part in k]) == n
 
         await self.eventually(there, f"{n} {part} keys")
 
