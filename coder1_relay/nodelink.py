@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from coder1_relay.context import Limits
 from coder1_relay.mesh import Owner
-from coder1_relay.reading import Backpressure, Reader, ReadGate
+from coder1_relay.reading import Backpressure, GatedReading, Reader, ReadGate
 from coder1_relay.tokens import TokenAuthority
 from coder1_wire import closecodes
 
@@ -57,7 +57,7 @@ class Carried(Reader, Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-class NodeLink(WebSocketClientProtocol):
+class NodeLink(GatedReading, WebSocketClientProtocol):  # type: ignore[misc]  # autobahn's bases
     """The accepting node's end of a node link."""
 
     factory: NodeLinkFactory
@@ -65,18 +65,6 @@ class NodeLink(WebSocketClientProtocol):
     client: Carried | None = None
     #: What the owner sent before that (its WELCOME), in order.
     _early: list[bytes]
-    _gate: ReadGate
-
-    def pause_reading(self) -> None:
-        self._gate.pause()
-
-    def resume_reading(self) -> None:
-        self._gate.resume()
-
-    def processData(self) -> bool:
-        if self._gate.closed:
-            return False
-        return bool(WebSocketClientProtocol.processData(self))
 
     def connectionMade(self) -> None:
         super().connectionMade()

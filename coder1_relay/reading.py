@@ -93,3 +93,25 @@ class Backpressure:
 
     def stopProducing(self) -> None:
         self.other.resume_reading()
+
+
+class GatedReading:
+    """
+    What an Autobahn protocol that a L{ReadGate} reads for (C{_gate}, made in
+    its C{connectionMade}) adds: reading paused and resumed by the gate, and
+    no frame handled while it is closed.  Mixed in before the protocol class.
+    """
+
+    _gate: ReadGate
+
+    def pause_reading(self) -> None:
+        self._gate.pause()
+
+    def resume_reading(self) -> None:
+        self._gate.resume()
+
+    def processData(self) -> bool:
+        # Autobahn handles the frames it has buffered one per call, until this says no.
+        if self._gate.closed:
+            return False
+        return bool(super().processData())  # type: ignore[misc]

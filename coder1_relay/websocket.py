@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
 from coder1_relay.nodelink import LinkRefused, NodeLink
-from coder1_relay.reading import Backpressure, ReadGate
+from coder1_relay.reading import Backpressure, GatedReading, ReadGate
 from coder1_relay.routing import RATE, Endpoint
 from coder1_relay.store import StoreUnavailable
 from coder1_relay.tokens import NodeClaims, TokenError
@@ -58,7 +58,7 @@ _HANDSHAKE_LEFTOVERS = (
 _log = Logger()
 
 
-class _RelayProtocol(WebSocketServerProtocol):
+class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[misc]  # autobahn's bases
     """
     What both endpoints share: the link the hub sends through, the reader it
     holds and releases, the message rate, and, with several relay nodes, the
@@ -73,19 +73,6 @@ class _RelayProtocol(WebSocketServerProtocol):
     _link: NodeLink | None = None
     #: The connection's id in telemetry (a node link carries it to the owner).
     connection_id: str = ""
-    _gate: ReadGate
-
-    def pause_reading(self) -> None:
-        self._gate.pause()
-
-    def resume_reading(self) -> None:
-        self._gate.resume()
-
-    def processData(self) -> bool:
-        # Autobahn handles the frames it has buffered one per call, until this says no.
-        if self._gate.closed:
-            return False
-        return bool(WebSocketServerProtocol.processData(self))
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""

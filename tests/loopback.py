@@ -27,6 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, CookieAgent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
@@ -324,6 +325,30 @@ class Browser:
         for bridge in presence.json()["bridges"] if handshake else []:
             await connection.handshake(bridge["peer"])
         return connection
+
+
+class RelayAndPage(TestCase):
+    """
+    A real relay on loopback (C{self.relay}), a browser session with its page
+    open (C{self.browser}), the relay's certificate in a file (C{self.ca}) and a
+    config directory for a bridge (C{self.config_dir}); C{start} is for
+    subclasses to extend.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
+        return Deferred.fromCoroutine(self.start())
+
+    async def start(self) -> None:
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        self.relay = await start_relay(FilePath(self.mktemp()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
+        self.browser = Browser(self.relay)
+        await self.browser.open_page()
+        self.config_dir = FilePath(self.mktemp())
+        self.ca = FilePath(self.mktemp())
+        self.ca.setContent(self.relay.keys.tls_cert_pem)
 
 
 async def pair_bridge(

@@ -44,11 +44,10 @@ from coder1_wire.e2e import Identity, b64u, sas, unb64u
 from coder1_wire.envelope import Kind, control
 
 from .loopback import (
-    Browser,
     IDEConnection,
+    RelayAndPage,
     reactor,
     relay_address,
-    settle,
     start_relay,
     stop_all,
 )
@@ -83,26 +82,11 @@ class _Answers(Resource):
         return self.answers.get(request.path.decode(), b"{}")
 
 
-class CLITests(TestCase):
+class CLITests(RelayAndPage):
     """
     pair, status and unpair against a real relay over TLS, and against a relay
     whose answers carry numbers no bridge should take (checked: never a traceback).
     """
-
-    timeout = 60
-
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
-        return Deferred.fromCoroutine(self.start())
-
-    async def start(self) -> None:
-        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        self.relay = await start_relay(FilePath(self.mktemp()))
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
-        self.browser = Browser(self.relay)
-        await self.browser.open_page()
-        self.config_dir = FilePath(self.mktemp())
-        self.ca = FilePath(self.mktemp())
-        self.ca.setContent(self.relay.keys.tls_cert_pem)
 
     async def cli(self, *argv: str, answer: str = "") -> tuple[int, str]:
         out = io.StringIO()
@@ -553,20 +537,13 @@ class Typist(Collect):
         return self.output.decode(errors="replace")
 
 
-class TypedTests(TestCase):
+class TypedTests(RelayAndPage):
     """The real program in a pseudo-terminal, against a real relay, typed into as a person does."""
 
     timeout = 90
 
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
-        return Deferred.fromCoroutine(self.start())
-
     async def start(self) -> None:
-        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        self.relay = await start_relay(FilePath(self.mktemp()))
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
-        self.browser = Browser(self.relay)
-        await self.browser.open_page()
+        await super().start()
         self.home = FilePath(self.mktemp())
         self.home.makedirs()
         self.ca = self.home.child("relay.pem")

@@ -8,17 +8,16 @@ from __future__ import annotations
 import io
 import re
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from coder1_bridge import cli
 from coder1_bridge.doctor import Doctor, Failed
 from coder1_bridge.relay_api import RelayAnswer
 
-from .loopback import Browser, reactor, settle, start_relay, stop_all
+from .loopback import RelayAndPage, reactor, stop_all
 
 STEPS = ["config", "dns", "tcp", "tls", "token", "clock", "shell", "pty", "proxy"]
 
@@ -31,23 +30,11 @@ def lines(out: str) -> list[tuple[str, str, str]]:
     ]
 
 
-class DoctorTests(TestCase):
+class DoctorTests(RelayAndPage):
     """The checks against a real relay."""
 
-    timeout = 60
-
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
-        return Deferred.fromCoroutine(self.start())
-
     async def start(self) -> None:
-        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        self.relay = await start_relay(FilePath(self.mktemp()))
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
-        self.browser = Browser(self.relay)
-        await self.browser.open_page()
-        self.config_dir = FilePath(self.mktemp())
-        self.ca = FilePath(self.mktemp())
-        self.ca.setContent(self.relay.keys.tls_cert_pem)
+        await super().start()
         self.environ = {"SHELL": "/bin/sh"}
 
     async def cli(self, *argv: str) -> tuple[int, str]:

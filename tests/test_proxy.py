@@ -16,14 +16,13 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge import cli
 from coder1_bridge.config import BridgeConfig
 from coder1_bridge.proxy import ProxySetting, bypassed, proxy_for
 
-from .loopback import Browser, reactor, settle, start_bridge, start_relay, stop_all
+from .loopback import RelayAndPage, reactor, start_bridge, stop_all
 
 
 class ProxyForTests(SynchronousTestCase):
@@ -193,23 +192,11 @@ class _Upstream(Protocol):
         self.client.transport.loseConnection()  # type: ignore[union-attr]
 
 
-class ThroughProxyTests(TestCase):
+class ThroughProxyTests(RelayAndPage):
     """The bridge behind an HTTP proxy, against a real relay, over real TLS inside the tunnel."""
 
-    timeout = 60
-
-    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
-        return Deferred.fromCoroutine(self.start())
-
     async def start(self) -> None:
-        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
-        self.relay = await start_relay(FilePath(self.mktemp()))
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(self.relay)))
-        self.browser = Browser(self.relay)
-        await self.browser.open_page()
-        self.config_dir = FilePath(self.mktemp())
-        self.ca = FilePath(self.mktemp())
-        self.ca.setContent(self.relay.keys.tls_cert_pem)
+        await super().start()
         self.proxy = ConnectProxy()
         self.proxy_url = await self.proxy.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(self.proxy.close()))
