@@ -503,6 +503,8 @@ class RelaySite(Site):
 
     protocol = RelayHTTPChannel  # type: ignore[assignment]  # not the HTTP/2-or-1.1 switch
     requestFactory = RelayRequest
+    #: No "Starting factory <...RelaySite object at 0x...>" in the operator's log.
+    noisy = False
 
     def __init__(
         self, resource: Resource, context: RelayContext, *, access_log: bool = True

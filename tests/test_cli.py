@@ -401,7 +401,8 @@ class TwistdTests(TestCase):
     async def test_relay_starts_with_defaults(self) -> None:
         """
         twistd -n coder1-relay prints its URL, its certificate's fingerprint and the option
-        bridges trust it with, and makes 0600 keys.
+        bridges trust it with, and makes 0600 keys; its log names no object by its address
+        (no "Starting factory <...RelaySite object at 0x...>").
         """
         state = FilePath(self.mktemp())
         proto = Collect(
@@ -430,6 +431,7 @@ class TwistdTests(TestCase):
         shown = home_relative(state.child("dev-cert.pem").path)
         trust = f"; bridges trust it with --ca-cert {shown}"
         self.assertIn(trust.encode(), proto.output)
+        self.assertNotIn(b" object at 0x", proto.output)
         for name in ("signing-key.pem", "dev-key.pem", "revocations.json"):
             if state.child(name).exists():
                 self.assertEqual(state.child(name).getPermissions().shorthand(), "rw-------")
