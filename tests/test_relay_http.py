@@ -304,7 +304,8 @@ class PairingCodeTests(RelayTestCase):
         await self.start()
         status, body, _ = await self.browser.request(b"POST", "/api/pairing-codes", CODE_BODY)
         self.assertEqual(status, 201)
-        self.assertEqual(body["ca_cert"], self.relay.settings.state_dir.child(DEV_CERT_NAME).path)
+        dev_cert = self.relay.settings.state_dir.child(DEV_CERT_NAME).path
+        self.assertEqual(body["ca_cert"], home_relative(dev_cert))
         home = os.path.expanduser("~")
         self.assertEqual(home_relative(f"{home}/.local/state/x.pem"), "~/.local/state/x.pem")
         self.assertEqual(home_relative(f"{home}x/y.pem"), f"{home}x/y.pem")
