@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import signal
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +24,10 @@ from twisted.python.filepath import FilePath
 from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from coder1_bridge.config import BridgeConfig, RelayAddress
 from coder1_relay.certs import DEV_CERT_NAME
 from coder1_relay.tap import Options
+from coder1_wire.e2e import Identity, b64u
 from coder1_wire.envelope import Kind
 from coder1_wire.log_format import event_as_json
 
@@ -153,12 +157,31 @@ class OptionTests(SynchronousTestCase):
         self.assertIn("give --logfile or -n", str(error))
 
 
-def spawn_twistd(*argv: str) -> Child:
+def spawn_twistd(*argv: str, env: dict[str, str] | None = None) -> Child:
     """C{twistd ARGV} with this repository on its path."""
     child = Child()
-    env = {**os.environ, "PYTHONPATH": SOURCE}
+    env = {**os.environ, "PYTHONPATH": SOURCE, **(env or {})}
     reactor.spawnProcess(child, TWISTD, [TWISTD, *argv], env=env, path=os.getcwd())
     return child
+
+
+def relay_in(child: Child, found: re.Match[bytes], state: FilePath[str]) -> ChildRelay:
+    """The relay C{child} runs, from its "coder1 relay at" line and its state directory."""
+    return ChildRelay(
+        child,
+        _Context(found.group(1).decode()),
+        _Keys(state.child(DEV_CERT_NAME).getContent()),
+        _Port(int(found.group(2))),
+    )
+
+
+async def until(condition: Callable[[], bool], log: FilePath[str]) -> None:
+    """Wait for C{condition}; fail with the daemon's log if it has not come in 60 s."""
+    for _ in range(1200):
+        if condition():
+            return
+        await deferLater(reactor, 0.05)
+    raise AssertionError(_read(log).decode(errors="replace"))
 
 
 def json_lines(output: bytes) -> list[dict[str, Any]]:
@@ -192,13 +215,7 @@ class TwistdJsonTests(TestCase):
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(relay.stop()))
         found = await relay.wait_for(rb"coder1 relay at (https://localhost:(\d+))")
-        child = ChildRelay(
-            relay,
-            _Context(found.group(1).decode()),
-            _Keys(state.child(DEV_CERT_NAME).getContent()),
-            _Port(int(found.group(2))),
-        )
-        browser = Browser(child.as_service())
+        browser = Browser(relay_in(relay, found, state).as_service())
         await browser.open_page()
         label = "LABEL-" + secrets.token_hex(6)
         config = await pair_bridge(browser, FilePath(self.mktemp()), io.StringIO(), label)
@@ -248,12 +265,47 @@ class TwistdJsonTests(TestCase):
         self.addCleanup(_stop_daemon, pidfile)
         await daemon.ended
         self.assertEqual(daemon.output, b"")
-        while not (os.path.exists(pidfile.path) and b"coder1 relay at" in _read(log)):
-            await deferLater(reactor, 0.05)
+        await until(lambda: os.path.exists(pidfile.path) and b"coder1 relay at" in _read(log), log)
+        # A page load answered: the reactor runs, so twistd's TERM handler is in place.
+        found = re.search(rb"coder1 relay at (https://localhost:(\d+))", log.getContent())
+        assert found is not None
+        await Browser(relay_in(daemon, found, state).as_service()).open_page()
         os.kill(int(pidfile.getContent()), signal.SIGTERM)
-        while os.path.exists(pidfile.path):
-            await deferLater(reactor, 0.05)
+        await until(lambda: not os.path.exists(pidfile.path), log)
         lines = json_lines(log.getContent())
         self.assertEqual(lines[-1]["text"], "Server Shut Down.")
         for line in lines:
             self.assertLessEqual(REQUIRED, set(line), line)
+
+    async def test_bridge_logs_json(self) -> None:
+        """
+        C{twistd -n coder1-bridge --log-format json} with its relay unreachable logs
+        JSON lines, among them why it retries; its token is on no line.
+        """
+        home = FilePath(self.mktemp())
+        label = "LABEL-" + secrets.token_hex(6)
+        config = BridgeConfig(
+            RelayAddress("https://localhost:1"),
+            "TOKEN-" + secrets.token_hex(6),
+            1,
+            b64u(Identity.generate().public_raw),
+            Identity.generate(),
+            label,
+        )
+        config.save(home.descendant(["config", "coder1-bridge"]))
+        bridge = spawn_twistd(
+            "-n",
+            "--pidfile=",
+            "coder1-bridge",
+            "--log-format=json",
+            env={"HOME": home.path, "XDG_CONFIG_HOME": home.child("config").path},
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(bridge.stop()))
+        await bridge.wait_for(rb"retrying in")
+        await bridge.stop()
+        lines = json_lines(bridge.output)
+        self.assertEqual(lines[-1]["text"], "Server Shut Down.")
+        self.assertTrue(any("Nothing accepts connections" in line["text"] for line in lines))
+        for line in lines:
+            self.assertLessEqual(REQUIRED, set(line), line)
+        self.assertNotIn(config.token.encode(), bridge.output)
