@@ -44,8 +44,8 @@ its commands. The bridge makes no crash report, so none is sent or kept.
 
 def describe_setting(environ: Mapping[str, str]) -> str:
     """Whether telemetry is on for a bridge started from here, and why."""
-    value = environ.get(VARIABLE)
-    if value is None:
+    value = environ.get(VARIABLE, "")
+    if not value.strip():
         return f"Telemetry is on: {VARIABLE} is not set. To turn it off: export {VARIABLE}=false"
     if not telemetry_enabled(environ):
         return f"Telemetry is off: {VARIABLE}={value} is in effect in this shell."
