@@ -79,10 +79,10 @@ def describe_reports(directory: FilePath[str], here: bool) -> list[str]:
     reports = read_reports(path)
     if not reports:
         return [f"This bridge has sent no crash report (it keeps a copy of each in {path.path})."]
-    many = f"{len(reports)} crash reports" if len(reports) > 1 else "1 crash report"
+    which = f"last {len(reports)} crash reports" if len(reports) > 1 else "crash report"
     earlier = "" if here else " while telemetry was on"
     lines = [
-        f"The last {many} this bridge sent{earlier}, exactly as sent (it keeps up to {KEEP}, "
+        f"The {which} this bridge sent{earlier}, exactly as sent (it keeps up to {KEEP}, "
         f"in {path.path}):"
     ]
     for report in reports:
