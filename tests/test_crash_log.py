@@ -14,11 +14,14 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge.commands import CommandRunner
+from coder1_bridge.config import BridgeConfig, RelayAddress
 from coder1_bridge.connection import BridgeSession
 from coder1_bridge.crash_log import CRASH_LOG_NAME, KEEP, CrashLog, read_reports
+from coder1_bridge.foreground import bridge_services
+from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
-from coder1_wire.e2e import Identity, Initiator
+from coder1_wire.e2e import Identity, Initiator, b64u
 from coder1_wire.envelope import Envelope, Kind
 
 from .test_connection import FakeLink
@@ -101,6 +104,22 @@ class CrashLogTests(SynchronousTestCase):
         )
         session.report_crash(ValueError("CANARY"))
         self.assertFalse(directory.child(CRASH_LOG_NAME).exists())
+
+    def test_bridge_keeps_copies_next_to_its_pairing(self) -> None:
+        """The bridge that C{start} and twistd run keeps its copies in the pairing's directory."""
+        reactor: Any = MemoryReactorClock()
+        directory = FilePath(self.mktemp())
+        config = BridgeConfig(
+            RelayAddress("https://localhost:1"),
+            "tok",
+            1,
+            b64u(Identity.generate().public_raw),
+            Identity.generate(),
+            "box",
+        )
+        _, bridge = bridge_services(reactor, directory, config, "box", ReplaySettings(), {})
+        assert bridge.session.crash_log is not None
+        self.assertEqual(bridge.session.crash_log.path, directory.child(CRASH_LOG_NAME))
 
     def test_foreign_entries_left_out(self) -> None:
         """An entry that is not exactly a kept report (extra fields, a message) is left out."""

@@ -99,7 +99,8 @@ class TelemetryCommandTests(TestCase):
     async def test_off_says_so_and_names_the_variable(self) -> None:
         """
         With C{CODER1_TELEMETRY=off}: telemetry is off, naming the variable and its value;
-        the bridge tells the relay so and makes no crash report; none was sent.
+        the bridge tells the relay so and makes no crash report; none was sent. One sent
+        before, while telemetry was on, is shown as such.
         """
         typist = self.bridge("telemetry", CODER1_TELEMETRY="off")
         self.assertEqual(await typist.ended, 0, typist.text)
@@ -111,6 +112,11 @@ class TelemetryCommandTests(TestCase):
         self.assertNotIn("X-Coder1-Bridge-Version", text)
         self.assertFalse(self.config_dir.child(CRASH_LOG_NAME).exists())
         self.assert_said_plainly(typist)
+        payload = self.keep_a_report("earlier")
+        again = self.bridge("telemetry", CODER1_TELEMETRY="off")
+        self.assertEqual(await again.ended, 0, again.text)
+        self.assertIn("The crash report this bridge sent while telemetry was on", again.text)
+        self.assertIn(payload.decode(), again.text)
 
     async def test_running_bridge_setting_differs(self) -> None:
         """
