@@ -7,6 +7,7 @@ C{coder1-bridge}: pair with a relay, run, check, forget; run at login; diagnose.
     coder1-bridge unpair
     coder1-bridge doctor [--relay URL] [--ca-cert PEM]
     coder1-bridge service install|uninstall|status
+    coder1-bridge telemetry
 
 This module reads the command line, asks what must be asked before the
 reactor runs (a pairing code), and hands over to the module of each
@@ -29,7 +30,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.filepath import FilePath
 
-from coder1_bridge import doctor, foreground, pairing, service_install, status
+from coder1_bridge import doctor, foreground, pairing, service_install, status, telemetry_report
 from coder1_bridge.config import (
     DEFAULT_RELAY,
     BridgeConfig,
@@ -136,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the pairing, the running bridge, and whether the relay accepts it",
     )
     sub.add_parser("unpair", parents=[common], help="revoke the token and forget the pairing")
+    sub.add_parser(
+        "telemetry",
+        parents=[common],
+        help="whether telemetry is on, what it sends, and the crash reports sent",
+    )
     svc = sub.add_parser("service", parents=[common], help="run the bridge at every login")
     svc.add_argument(
         "action",
@@ -276,6 +282,8 @@ async def dispatch(
     if command == "unpair":
         await pairing.unpair(reactor, directory, out, environ)
         return EXIT_OK
+    if command == "telemetry":
+        return await telemetry_report.telemetry(reactor, directory, out, environ)
     if command == "doctor":
         checks = doctor.Doctor(reactor, directory, environ, out)
         if args.relay or args.ca_cert:

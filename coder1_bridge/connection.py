@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
+from coder1_bridge.crash_log import CrashLog
 from coder1_bridge.processes import ProcessManager
 from coder1_bridge.replay import (
     PTY,
@@ -129,6 +130,8 @@ class BridgeSession:
     #: Set once the bridge is stopping: output is read to its end from then on.
     stopping: bool = False
     replay: ReplaySettings = attrs.field(factory=ReplaySettings)
+    #: Where a copy of each crash report sent is kept, if anywhere.
+    crash_log: CrashLog | None = None
     outbox: Outbox = attrs.field(init=False)
     ledger: InputLedger = attrs.field(factory=InputLedger)
     #: Per channel, the streams whose input it is owed an INPUT_ACK for.
@@ -515,10 +518,16 @@ class BridgeSession:
                 self._drop_channel(number)
 
     def report_crash(self, error: BaseException) -> None:
-        """Send a content-free crash report, unless telemetry is off."""
-        if self.telemetry:
-            report = build_crash_report(error, version=self.version)
-            self.send(control(Kind.CRASH, dict(report)))
+        """
+        Send a content-free crash report, unless telemetry is off, and keep a copy
+        (L{CrashLog}). None is queued: with no connection, none is made.
+        """
+        if not self.telemetry or self.link is None:
+            return
+        frame = control(Kind.CRASH, dict(build_crash_report(error, version=self.version)))
+        self.send(frame)
+        if self.crash_log is not None:
+            self.crash_log.record(frame.payload)
 
 
 def _offered_channel(offer: Envelope) -> int:

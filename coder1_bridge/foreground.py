@@ -16,6 +16,7 @@ from twisted.python.filepath import FilePath
 
 from coder1_bridge import status_socket
 from coder1_bridge.config import BridgeConfig
+from coder1_bridge.crash_log import CrashLog
 from coder1_bridge.output import EXIT_OK, EXIT_REFUSED, Problem
 from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.service import BridgeService
@@ -38,6 +39,7 @@ def bridge_services(
         label=label,
         replay=replay,
         environ=environ,
+        crash_log=CrashLog(directory, reactor),
     )
     services = MultiService()
     bridge.setServiceParent(services)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from coder1_bridge.commands import CommandRunner
 from coder1_bridge.config import BridgeConfig
 from coder1_bridge.connection import BridgeClientFactory, BridgeClientProtocol, BridgeSession
+from coder1_bridge.crash_log import CrashLog
 from coder1_bridge.reconnect import Reconnect, WatchedEndpoint
 from coder1_bridge.relay_api import relay_endpoint, relay_tls
 from coder1_bridge.relay_errors import UpgradeRefused, Where
@@ -52,6 +53,7 @@ class BridgeService(MultiService):
         max_delay: float = 30.0,
         replay: ReplaySettings | None = None,
         environ: Mapping[str, str] | None = None,
+        crash_log: CrashLog | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -72,6 +74,7 @@ class BridgeService(MultiService):
             unb64u(config.browser_key),
             config.peer,
             replay=replay or ReplaySettings(),
+            crash_log=crash_log,
         )
         self.refused: Deferred[str] = Deferred()
         self.protocol: BridgeClientProtocol | None = None
@@ -121,6 +124,7 @@ class BridgeService(MultiService):
             "since": self.connected_since,
             "terminals": self.terminals.running,
             "commands": self.runner.running,
+            "telemetry": self.session.telemetry,
         }
 
     def when_connected(self) -> Deferred[BridgeClientProtocol]:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
@@ -20,6 +20,7 @@ from coder1_bridge.config import BridgeConfig, StalePairingError, config_dir, re
 from coder1_bridge.foreground import bridge_services
 from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.service import default_label
+from coder1_wire.log_format import check_log_format, logging_as_chosen
 from coder1_wire.secretfile import InsecureFileError
 
 #: twistd's own defaults, which would put these files in the current directory.
@@ -67,11 +68,13 @@ class Options(usage.Options):
             "Seconds without any browser tab before processes are stopped (0: never).",
             float,
         ],
+        ["log-format", None, "text", "twistd's log as text, or json: one JSON object a line."],
     ]
 
     def postOptions(self) -> None:
         refuse_root(os.geteuid())
         self._keep_files_in_state_dir()
+        check_log_format(self)
         directory = FilePath(self["config-dir"]) if self["config-dir"] else config_dir()
         self["directory"] = directory
         try:
@@ -106,7 +109,7 @@ class Options(usage.Options):
             twistd["logfile"] = directory.child("bridge.log").path
 
 
-def makeService(options: Options) -> MultiService:
+def makeService(options: Options) -> IService:
     """The bridge and its status socket for C{twistd coder1-bridge} (root refused already)."""
     from twisted.internet import reactor
 
@@ -121,4 +124,4 @@ def makeService(options: Options) -> MultiService:
         os.environ,
     )
     bridge.refused.addCallback(lambda _: reactor_.stop())
-    return services
+    return logging_as_chosen(options, services)

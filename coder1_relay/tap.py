@@ -6,6 +6,7 @@ import importlib.util
 from typing import Any
 
 import attrs
+from twisted.application.service import IService
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
@@ -20,6 +21,7 @@ from coder1_relay.redis_settings import (
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
 from coder1_relay.telemetry import TelemetrySettings
+from coder1_wire.log_format import check_log_format, logging_as_chosen
 
 _DEFAULT = Limits()
 #: The limits as options: (option, C{Limits} field, type, help).  README.md ("Limits") says why.
@@ -148,6 +150,13 @@ class Options(usage.Options):
             None,
             "The URL users reach this relay at (default https://localhost:PORT).",
         ],
+        [
+            "log-format",
+            None,
+            "text",
+            "twistd's log as text, or json: one JSON object a line (time, level, namespace, "
+            "system, text).",
+        ],
         ["token-days", None, 30.0, "Lifetime of bridge tokens, in days.", float],
         [
             "telemetry-max-size",
@@ -245,6 +254,7 @@ class Options(usage.Options):
             raise usage.UsageError("--telemetry-max-size must be at least 1 (MiB)")
         if self["send-buffer-size"] <= 0:
             raise usage.UsageError("--send-buffer-size must be positive")
+        check_log_format(self)
         self.store = self._store()
         try:
             self.limits()
@@ -310,9 +320,9 @@ def _host_port(address: str) -> bool:
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
-def makeService(options: Options) -> RelayService:
-    """The relay service for C{twistd coder1-relay}."""
+def makeService(options: Options) -> IService:
+    """The relay service for C{twistd coder1-relay}, logging as C{--log-format} says."""
     from twisted.internet import reactor
 
     reactor_: Any = reactor
-    return RelayService(reactor_, options.settings())
+    return logging_as_chosen(options, RelayService(reactor_, options.settings()))

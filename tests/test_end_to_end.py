@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from coder1_wire import closecodes
 from coder1_wire.envelope import Envelope, Kind, control
+from coder1_wire.log_format import event_as_json
 
 from .loopback import (
     Browser,
@@ -254,8 +255,8 @@ class CanaryTests(LoopbackTestCase):
 
     async def test_no_trace_of_content(self) -> None:
         """
-        A marker printed by a command is nowhere in logs, telemetry or the state
-        dir; neither the bridge token nor the session cookie is in the logs.
+        A marker printed by a command is nowhere in logs (as text or JSON lines),
+        telemetry or the state dir; neither the bridge token nor the session cookie is in the logs.
         """
         capture = _Capture()
         globalLogPublisher.addObserver(capture)
@@ -274,7 +275,8 @@ class CanaryTests(LoopbackTestCase):
         await stop_all(self.relay)
         from twisted.logger import formatEvent
 
-        logged = "\n".join(formatEvent(e) + repr(e) for e in capture.events)
+        # Both log formats: the text one and --log-format json.
+        logged = "\n".join(formatEvent(e) + repr(e) + event_as_json(e) for e in capture.events)
         self.assertNotIn(marker, logged)
         # Credentials are no content, but they must not reach the logs either.
         self.assertNotIn(self.config.token, logged)
