@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from zope.interface.verify import verifyObject
 
+from coder1_relay.context import Connections
 from coder1_relay.health import MetricsService
 from coder1_relay.metrics import (
     Direction,
@@ -28,11 +29,13 @@ from coder1_relay.metrics import (
     Snapshot,
     ThrottleReason,
     TimedStore,
+    snapshot,
 )
 from coder1_relay.service import RelayService
 from coder1_relay.store import IRelayStore, MemoryStore, PendingCode
 from coder1_relay.telemetry import THROTTLE_REASONS
-from coder1_wire.envelope import Kind
+from coder1_wire import closecodes
+from coder1_wire.envelope import Envelope, Kind
 
 from .loopback import (
     Browser,
@@ -43,6 +46,8 @@ from .loopback import (
     start_relay,
     stop_all,
 )
+from .test_mesh import MeshTestCase
+from .test_routing import FakeLink, HubCase
 
 #: What the command prints: it must never appear in the metrics.
 CANARY = "canary-5be1d0c9-metrics"
@@ -300,3 +305,89 @@ class ListenerTests(TestCase):
             (status, body.splitlines()[:2]), (503, ["not ready", "listening: not listening"])
         )
         self.assertEqual((await fetch(self.relay, "/nothing"))[0], 404)
+
+
+def scrape_registry(relay: RelayService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """C{relay}'s metrics, collected here in the reactor thread (no listener)."""
+    return samples(generate_latest(relay.context.metrics.registry).decode())
+
+
+class AcrossNodesMetricsTests(MeshTestCase):
+    """Two relay nodes in one process: each reports its own connections, by role."""
+
+    async def test_node_links_counted_by_role(self) -> None:
+        """
+        With the tab on node A and its bridge on node B (which holds the
+        session), A counts an ide connection, B a bridge and a node link; the
+        command's frames are counted on B, where they are routed.
+        """
+        a, b = await self.start_nodes()
+        browser = Browser(self.deployment)
+        await browser.open_page()
+        await self.pair_bridge(browser, code_on=0, redeem_on=1)
+        ide = await self.connect(browser, a)
+        result = await ide.run(1, {"shell": "echo across"})
+        self.assertEqual(result.stdout, b"across\n")
+        found = {name: scrape_registry(node) for name, node in (("a", a), ("b", b))}
+        roles = {
+            name: {
+                role.value: metrics["coder1_relay_connections", (("role", role.value),)]
+                for role in Role
+            }
+            for name, metrics in found.items()
+        }
+        self.assertEqual(
+            roles,
+            {"a": {"ide": 1, "bridge": 0, "node": 0}, "b": {"ide": 0, "bridge": 1, "node": 1}},
+        )
+        to_browser = ("coder1_relay_forwarded_frames_total", (("direction", "to_browser"),))
+        self.assertEqual(found["a"][to_browser], 0)
+        self.assertGreater(found["b"][to_browser], 0)
+        self.assertEqual(found["b"]["coder1_relay_paired_sessions", ()], 1)
+
+
+class HubCountsTests(HubCase):
+    """The hub's own counts, as the collector's snapshot reads them (no network, a Clock)."""
+
+    def state(self) -> Snapshot:
+        return snapshot(self.hub, Connections(), self.telemetry, 0.0)
+
+    def test_forwarded_frames_and_bytes(self) -> None:
+        """A frame to the bridge, and one to two tabs: counted by direction, each copy."""
+        self.hub.attach_ide("alice", FakeLink(), "c3")
+        to_bridge = Envelope(Kind.PTY_INPUT, stream=1, peer=1, payload=b"ab").encode()
+        to_browser = Envelope(Kind.CMD_STDOUT, stream=1, peer=1, payload=b"xyz").encode()
+        self.ide.receive(to_bridge)
+        self.bridge.receive(to_browser)
+        state = self.state()
+        self.assertEqual(state.frames, {Direction.TO_BRIDGE: 1, Direction.TO_BROWSER: 2})
+        self.assertEqual(
+            state.bytes,
+            {Direction.TO_BRIDGE: len(to_bridge), Direction.TO_BROWSER: 2 * len(to_browser)},
+        )
+        self.assertEqual(state.paired_sessions, 1)
+
+    def test_held_connections_and_heartbeat_closes(self) -> None:
+        """
+        A congested tab holds itself and its bridge (two held); a bridge silent
+        for the heartbeat timeout is closed and counted.
+        """
+        self.hub.congested(self.ide)
+        self.assertEqual(self.state().held_connections, 2)
+        self.hub.drained(self.ide)
+        self.assertEqual(self.state().held_connections, 0)
+        for _ in range(4):
+            self.clock.advance(15)
+            self.ide.receive(Envelope(Kind.PING).encode())
+        self.assertEqual(self.bridge_link.closed[0], closecodes.HEARTBEAT_TIMEOUT)  # type: ignore[index]
+        self.assertEqual(self.state().heartbeat_closes, 1)
+
+    def test_throttles_by_reason(self) -> None:
+        """Telemetry's throttles since the start are reported by reason, every reason listed."""
+        self.telemetry.throttled("rate")
+        self.telemetry.throttled("rate")
+        self.telemetry.throttled("timeout")
+        throttles = self.state().throttles
+        self.assertEqual(throttles[ThrottleReason.RATE], 2)
+        self.assertEqual(throttles[ThrottleReason.TIMEOUT], 1)
+        self.assertEqual(set(throttles), set(ThrottleReason))
