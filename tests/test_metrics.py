@@ -12,10 +12,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from coder1_relay.context import Connections
@@ -33,6 +37,7 @@ from coder1_relay.metrics import (
 )
 from coder1_relay.service import RelayService
 from coder1_relay.store import IRelayStore, MemoryStore, PendingCode
+from coder1_relay.tap import Options
 from coder1_relay.telemetry import THROTTLE_REASONS
 from coder1_wire import closecodes
 from coder1_wire.envelope import Envelope, Kind
@@ -391,3 +396,45 @@ class HubCountsTests(HubCase):
         self.assertEqual(throttles[ThrottleReason.RATE], 2)
         self.assertEqual(throttles[ThrottleReason.TIMEOUT], 1)
         self.assertEqual(set(throttles), set(ThrottleReason))
+
+
+class OptionTests(TestCase):
+    """C{--metrics-listen} as an operator meets it."""
+
+    def test_option_reaches_settings(self) -> None:
+        """The option is an endpoint string, passed on as is; without it nothing is served."""
+        options = Options()
+        options.parseOptions(["--metrics-listen", "unix:/run/coder1/metrics.sock"])
+        self.assertEqual(options.settings().metrics_listen, "unix:/run/coder1/metrics.sock")
+        options = Options()
+        options.parseOptions([])
+        self.assertIsNone(options.settings().metrics_listen)
+
+    async def test_port_in_use_is_one_line(self) -> None:
+        """
+        A metrics endpoint that cannot listen (its port is taken) is said in one
+        error line naming it; the relay itself serves on.
+        """
+        events: list[dict[str, Any]] = []
+
+        @implementer(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
+            events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+        self.addCleanup(taken.stopListening)
+        address: Any = taken.getHost()
+        endpoint = f"tcp:{address.port}:interface=127.0.0.1"
+        relay = await start_relay(FilePath(self.mktemp()), metrics_listen=endpoint)
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
+        [service] = [s for s in relay if isinstance(s, MetricsService)]
+        assert service.listening is not None
+        await service.listening
+        said = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
+        self.assertEqual(len(said), 1, said)
+        self.assertTrue(said[0].startswith(f"cannot serve metrics on {endpoint}: "), said)
+        self.assertNotIn("Traceback", said[0])
+        status, _, _ = await Browser(relay).request(b"GET", "/", origin=False)
+        self.assertEqual(status, 200)
