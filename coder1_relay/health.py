@@ -189,16 +189,18 @@ class Ready(Resource):
         gone = [False]
         request.notifyFinish().addBoth(lambda _: gone.__setitem__(0, True))
 
-        def answer(readiness: Readiness) -> None:
+        def answer(status: int, body: bytes) -> None:
             if not gone[0]:
-                request.write(_text(request, readiness.status, readiness.body()))
+                request.write(_text(request, status, body))
                 request.finish()
 
         def failed(failure: Failure) -> None:
             self.log.failure("the readiness check failed", failure)
-            answer(Readiness((CheckResult(Check.LISTENING, False, "unknown"),)))
+            answer(http.SERVICE_UNAVAILABLE, b"not ready\nthe checks failed: see the relay's log\n")
 
-        Deferred.fromCoroutine(self.probe.check()).addCallbacks(answer, failed)
+        Deferred.fromCoroutine(self.probe.check()).addCallbacks(
+            lambda readiness: answer(readiness.status, readiness.body()), failed
+        )
         return NOT_DONE_YET
 
 
