@@ -7,8 +7,17 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
-from coder1_relay.health import CERTIFICATE_MARGIN, Check, ReadinessProbe, judge, listening
+from coder1_relay.health import (
+    CERTIFICATE_MARGIN,
+    Check,
+    ReadinessProbe,
+    Ready,
+    judge,
+    listening,
+)
 from coder1_relay.store import StoreUnavailable
 
 DAY = 86400.0
@@ -125,3 +134,35 @@ class ProbeTests(SynchronousTestCase):
     def test_ping_answer_is_not_inspected(self) -> None:
         """Any answer to the ping counts as reachable (Redis answers PONG)."""
         self.assertTrue(self.successResultOf(self.check(self.probe(lambda: succeed(None)))).ready)
+
+
+class ReadyResourceTests(SynchronousTestCase):
+    """C{/readyz} as a resource: the probe's verdict, or 503 when the checks themselves fail."""
+
+    def render(self, probe: ReadinessProbe) -> DummyRequest:
+        request = DummyRequest([b""])
+        self.assertEqual(Ready(probe).render_GET(request), NOT_DONE_YET)  # type: ignore[arg-type]
+        return request
+
+    def test_verdict_is_the_answer(self) -> None:
+        """A ready relay: 200, plain text, not cached, a line per check."""
+        clock = Clock()
+        request = self.render(ReadinessProbe(clock, lambda: True, lambda: 30 * DAY))
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(
+            b"".join(request.written), b"ready\nlistening: ok\nstore: ok\ncertificate: ok\n"
+        )
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"cache-control"), [b"no-store"])
+
+    def test_failing_check_is_503(self) -> None:
+        """A check that raises (an unreadable certificate): 503, logged, no traceback sent."""
+
+        def unreadable() -> float:
+            raise ValueError("no PEM here")
+
+        request = self.render(ReadinessProbe(Clock(), lambda: True, unreadable))
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(
+            b"".join(request.written), b"not ready\nthe checks failed: see the relay's log\n"
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
