@@ -246,6 +246,13 @@ class Hub:
     #: Whether a subclass overrides L{_from_ide} or L{_from_bridge}: it gets
     #: every frame decoded, through them.
     _envelope_hooks: bool = attrs.field(init=False)
+    #: Counts for the metrics (C{coder1_relay.metrics}): plain integers, as
+    #: they are kept for every frame.
+    frames_to_bridge: int = attrs.field(default=0, init=False)
+    bytes_to_bridge: int = attrs.field(default=0, init=False)
+    frames_to_browser: int = attrs.field(default=0, init=False)
+    bytes_to_browser: int = attrs.field(default=0, init=False)
+    heartbeat_closes: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         hub = type(self)
@@ -418,6 +425,7 @@ class Hub:
             return
         if now >= endpoint.heard + self.settings.heartbeat_timeout and self._silent(endpoint):
             # Its timer stays stopped; detach() (on close) forgets the rest.
+            self.heartbeat_closes += 1
             endpoint.close(closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
             return
         if now >= endpoint.next_ping:
@@ -461,6 +469,10 @@ class Hub:
     def ide_count(self, session: str) -> int:
         """How many IDE connections C{session} has attached now."""
         return len(self._ides.get(session, ()))
+
+    def paired_sessions(self) -> int:
+        """How many sessions have a bridge attached here."""
+        return len(self._bridges)
 
     def endpoints(self) -> list[Endpoint]:
         """Every connection attached now."""
@@ -539,6 +551,8 @@ class Hub:
         elif kind == _KEY_OFFER:
             self._offered(source, peer, frame)
         bridge.link.send(frame)
+        self.frames_to_bridge += 1
+        self.bytes_to_bridge += len(frame)
 
     def _offered(self, source: Endpoint, peer: int, frame: bytes) -> None:
         """Note the channel a tab's KEY_OFFER names (public, as the offer is)."""
@@ -572,8 +586,11 @@ class Hub:
         if kind == _CMD_EXIT and source.counted and source.last_exit != stream:
             source.last_exit = stream
             self.telemetry.command_completed()
-        for ide in self._ides.get(source.session, _NO_IDES):
+        ides = self._ides.get(source.session, _NO_IDES)
+        for ide in ides:
             ide.link.send(frame)
+        self.frames_to_browser += len(ides)
+        self.bytes_to_browser += len(ides) * len(frame)
 
     def _control(self, source: Endpoint, envelope: Envelope) -> None:
         if envelope.kind == Kind.PING:

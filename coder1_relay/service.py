@@ -26,7 +26,9 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
 from coder1_relay.context import Limits, PerAddress, RelayContext, connection_room
+from coder1_relay.health import watch_relay
 from coder1_relay.mesh import ISessionDirectory, Mesh
+from coder1_relay.metrics import RelayMetrics, TimedStore
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.redis_settings import RedisSettings
@@ -73,6 +75,8 @@ class RelaySettings:
     node_listen: str = "tcp:0:interface=127.0.0.1"
     node_address: str | None = None
     node_ca: FilePath[str] | None = None
+    #: Where health, readiness and metrics are served (plain HTTP; None: nowhere).
+    metrics_listen: str | None = None
 
 
 class GuardedTLSFactory(TLSMemoryBIOFactory):
@@ -194,6 +198,10 @@ class RelayService(MultiService):
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
         if store is None:
             store = self._make_store(reactor, settings)
+        #: The store itself (the context's times its calls, for the metrics).
+        self.store = store
+        metrics = RelayMetrics()
+        store = TimedStore(store, metrics.store_seconds, reactor)
         self.telemetry = Telemetry(
             settings.state_dir.child("telemetry.sqlite").path,
             reactor,
@@ -238,9 +246,11 @@ class RelayService(MultiService):
             dev_cert=None
             if settings.tls_cert
             else home_relative(settings.state_dir.child(certs.DEV_CERT_NAME).path),
+            metrics=metrics,
         )
         self.port: IListeningPort | None = None
         self.node_port: IListeningPort | None = None
+        watch_relay(self)
 
     def _make_directory(self, reactor: Any, redis: RedisStore, key_id: str) -> ISessionDirectory:
         """Several relay nodes on one Redis: who holds which session (docs/scaling.md)."""
@@ -366,7 +376,7 @@ class RelayService(MultiService):
             timer.cancel()
         if mesh is not None:
             mesh.stop()
-        store = self.context.store
+        store = self.store
         if isinstance(store, MemoryStore):
             await store.flushed()
         # Telemetry before the store's client: with Redis, its last batch goes there.

@@ -209,6 +209,13 @@ class Options(usage.Options):
             "node's own certificate if self-signed, else the system's CAs).",
         ],
         [
+            "metrics-listen",
+            None,
+            None,
+            "Endpoint to serve /healthz, /readyz and /metrics on, in plain HTTP: a private "
+            "interface, e.g. tcp:9464:interface=127.0.0.1 (default: not served).",
+        ],
+        [
             "send-buffer-size",
             None,
             HubSettings().send_buffer,
@@ -306,6 +313,7 @@ class Options(usage.Options):
             node_listen=self["node-listen"],
             node_address=self["node-address"],
             node_ca=FilePath(self["node-ca"]) if self["node-ca"] else None,
+            metrics_listen=self["metrics-listen"],
             # WebSockets go idle by the heartbeat: one idle timeout for both.
             hub=attrs.evolve(
                 HubSettings(),

@@ -201,6 +201,8 @@ class Telemetry(Service):
         self._counts: Counter[tuple[int, Count, str]] = Counter()
         self._closed: list[_Row] = []
         self._crashes: list[_Row] = []
+        #: Throttles by reason since the start, for the metrics (C{coder1_relay.metrics}).
+        self.throttle_totals: Counter[str] = Counter()
         self._flusher = LoopingCall(self._flush_on_time)
         self._flusher.clock = cast(IReactorTime, clock)
         self._pruner = LoopingCall(self._prune)
@@ -277,6 +279,7 @@ class Telemetry(Service):
         """A limit throttled or refused a client, for C{reason} (one of C{THROTTLE_REASONS})."""
         if reason not in THROTTLE_REASONS:
             raise ValueError(f"unknown throttle reason {reason!r}")
+        self.throttle_totals[reason] += 1
         self._count(Count.THROTTLED, reason)
 
     def crash_report(self, report: object, session: str = "", peer: int = 0) -> bool:

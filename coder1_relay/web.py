@@ -29,6 +29,7 @@ from twisted.web.static import File
 from zope.interface import implementer
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
+from coder1_relay.metrics import PAIRING_ERRORS, PairingOutcome
 from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
 from coder1_relay.store import BridgeRecord, StoreUnavailable
 from coder1_relay.tokens import BridgeClaims, TokenError
@@ -255,9 +256,27 @@ class API:
         }
         if self.context.dev_cert is not None:
             answer["ca_cert"] = self.context.dev_cert
+        self.context.metrics.codes_issued.inc()
         return 201, answer
 
     async def post_pair(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """A bridge redeems a code (L{_redeem}); its outcome is counted for the metrics."""
+        metrics = self.context.metrics
+        try:
+            answer = await self._redeem(request)
+        except HTTPError as e:
+            metrics.paired(PAIRING_ERRORS.get(e.error, PairingOutcome.ERROR))
+            raise
+        except StoreUnavailable:
+            metrics.paired(PairingOutcome.STORE_UNAVAILABLE)
+            raise
+        except Exception:
+            metrics.paired(PairingOutcome.ERROR)
+            raise
+        metrics.paired(PairingOutcome.OK)
+        return answer
+
+    async def _redeem(self, request: Request) -> tuple[int, dict[str, Any]]:
         body = _body(request, self.context.limits.max_body_size)
         code, label = body.get("code"), body.get("label", "bridge")
         if not isinstance(code, str) or not isinstance(label, str):

@@ -19,7 +19,7 @@ import re
 import secrets
 from http.cookies import CookieError, SimpleCookie
 from types import FunctionType
-from typing import Any
+from typing import Any, ClassVar
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
+from coder1_relay.metrics import Role
 from coder1_relay.nodelink import LinkRefused, NodeLink
 from coder1_relay.reading import Backpressure, GatedReading, ReadGate
 from coder1_relay.routing import RATE, Endpoint
@@ -66,6 +67,8 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
     """
 
     factory: RelayWebSocketFactory
+    #: What the metrics count it as (C{coder1_relay.metrics}).
+    metrics_role: ClassVar[Role]
     endpoint: Endpoint | None = None
     _bucket: TokenBucket | None = None
     #: Set when this connection's session is held by another node: what it sends
@@ -215,6 +218,7 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
 class IDEProtocol(_RelayProtocol):
     """A browser tab of an IDE session."""
 
+    metrics_role = Role.IDE
     session: str = ""
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
@@ -272,6 +276,7 @@ class IDEProtocol(_RelayProtocol):
 class BridgeProtocol(_RelayProtocol):
     """A paired bridge."""
 
+    metrics_role = Role.BRIDGE
     _attach: dict[str, Any] | None = None
     #: Ends the hold for the rate, once its debt is paid.
     _paid: IDelayedCall | None = None
@@ -396,6 +401,8 @@ async def _owned(context: RelayContext, claims: NodeClaims) -> NodeClaims:
 class NodeIDEProtocol(IDEProtocol):
     """A browser tab that connected to another relay node, for a session held here."""
 
+    metrics_role = Role.NODE
+
     def onConnect(self, request: ConnectionRequest) -> Any:
         return _node_claims(self.factory.context, request).addCallback(self._admit_tab)
 
@@ -408,6 +415,8 @@ class NodeIDEProtocol(IDEProtocol):
 
 class NodeBridgeProtocol(BridgeProtocol):
     """A bridge that connected to another relay node, for a session held here."""
+
+    metrics_role = Role.NODE
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         return _node_claims(self.factory.context, request).addCallback(self._admit_bridge)

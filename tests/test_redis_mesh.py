@@ -13,16 +13,18 @@ from __future__ import annotations
 import io
 import os
 import signal
+import tempfile
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.client import Agent, readBody
 
 from coder1_bridge.pairing import pair
 from coder1_relay.certs import DEV_CERT_NAME
@@ -99,6 +101,10 @@ class RedisMeshTestCase(TestCase):
         self.browser = Browser(self.deployment)
         await self.browser.open_page()
 
+    def node_options(self, index: int) -> list[str]:
+        """More options for node C{index} (they win over those L{start_node} gives)."""
+        return []
+
     async def start_node(self, index: int) -> ChildRelay:
         """Node C{index} (again, after it was killed: same port and state)."""
         node = await start_child_relay(
@@ -108,6 +114,7 @@ class RedisMeshTestCase(TestCase):
             self.redis.url,
             "--public-url",
             self.public_url,
+            *self.node_options(index),
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(node.child.stop()))
         return node
@@ -324,7 +331,37 @@ HAPROXY_CONFIG = (
 
 
 class HAProxyTests(RedisMeshTestCase):
-    """The HAProxy configuration the README ships, in front of two relay processes."""
+    """
+    The HAProxy configuration the README ships, in front of two relay processes,
+    probing each one's /readyz on its --metrics-listen port.  Node B reaches
+    Redis through a TCP proxy of the test's, which can cut it off.
+    """
+
+    def node_options(self, index: int) -> list[str]:
+        if index == 0:
+            self.metrics_ports = [free_port(), free_port()]
+        options = [f"--metrics-listen=tcp:{self.metrics_ports[index]}:interface=127.0.0.1"]
+        if index == 1:
+            self.reach_redis()
+            options += ["--store", f"redis://127.0.0.1:{self.redis_proxy_port}/0"]
+        return options
+
+    async def start_deployment(self) -> None:
+        self.redis_proxy = Balancer([])
+        self.redis_proxy_port = await self.redis_proxy.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.redis_proxy.stop()))
+        await super().start_deployment()
+
+    def reach_redis(self) -> None:
+        """Node B reaches Redis (again)."""
+        self.redis_proxy.backends = [self.redis.port]
+
+    def cut_redis_proxy(self) -> None:
+        """Node B loses Redis: its connections dropped, new ones closed at once."""
+        self.redis_proxy.backends = []
+        for each in list(self.redis_proxy.live):
+            transport: Any = each.transport
+            transport.abortConnection()
 
     async def start_haproxy(self) -> int:
         """HAProxy with the shipped configuration, its ports pointed at this test's relays."""
@@ -335,6 +372,13 @@ class HAProxyTests(RedisMeshTestCase):
         config = config.replace("bind :443", f"bind 127.0.0.1:{port}")
         for shipped, ours in zip(("127.0.0.1:9001", "127.0.0.1:9002"), self.ports, strict=True):
             config = config.replace(shipped, f"127.0.0.1:{ours}")
+        for shipped, ours in zip(("port 9401", "port 9402"), self.metrics_ports, strict=True):
+            config = config.replace(shipped, f"port {ours}")
+        # A short path: a UNIX socket's is at most about 100 bytes.
+        self.stats = FilePath(tempfile.mkdtemp(prefix="haproxy-"))
+        self.addCleanup(self.stats.remove)
+        socket = self.stats.child("haproxy.sock").path
+        config = f"global\n    stats socket {socket}\n\n{config}"
         path = FilePath(self.mktemp())
         path.setContent(config.encode())
         child = Child()
@@ -352,6 +396,28 @@ class HAProxyTests(RedisMeshTestCase):
             return port
         raise AssertionError(f"haproxy did not listen: {child.output[-2000:]!r}")
 
+    async def servers(self) -> dict[str, tuple[str, str]]:
+        """HAProxy's view of each relay: its status (UP, DOWN) and its last check's result."""
+        answer = await ask_unix(self.stats.child("haproxy.sock").path, b"show stat\n")
+        header, *rows = answer.decode().splitlines()
+        columns = header.lstrip("# ").split(",")
+        found = {}
+        for row in rows:
+            fields = dict(zip(columns, row.split(","), strict=False))
+            if fields.get("svname", "").startswith("relay"):
+                found[fields["svname"]] = (fields["status"], fields["check_status"])
+        return found
+
+    async def until_servers(self, wanted: dict[str, tuple[str, str]]) -> None:
+        """Wait (up to 30 s) until HAProxy sees the relays as C{wanted}."""
+        seen: dict[str, tuple[str, str]] = {}
+        for _ in range(150):
+            seen = await self.servers()
+            if all(seen.get(name) == state for name, state in wanted.items()):
+                return
+            await deferLater(reactor, 0.2)
+        raise AssertionError(f"HAProxy sees {seen}, not {wanted}")
+
     async def test_pair_and_run_through_haproxy(self) -> None:
         """
         Through HAProxy (TCP, leastconn), which sends each connection to either
@@ -360,6 +426,7 @@ class HAProxyTests(RedisMeshTestCase):
         """
         await self.start_deployment()
         port = await self.start_haproxy()
+        await self.until_servers({"relay1": ("UP", "L7OK"), "relay2": ("UP", "L7OK")})
         self.balancer.backends = [port]  # the deployment's address now leads to HAProxy
         bridge = await self.pair_bridge(code_on=0, redeem_on=0, max_delay=1.0)
         self.balancer.backends = [port]
@@ -380,3 +447,55 @@ class HAProxyTests(RedisMeshTestCase):
         self.addCleanup(ide.close)
         result = await ide.run(2, {"shell": "echo still-through-haproxy"})
         self.assertEqual(result.stdout, b"still-through-haproxy\n")
+
+    async def test_node_without_redis_leaves_rotation(self) -> None:
+        """
+        Node B loses Redis: its /readyz answers 503 ("store: unreachable"),
+        HAProxy takes it out of rotation (its check fails with status 503), and
+        every code asked for through HAProxy meanwhile is issued by node A.
+        Once B reaches Redis again, HAProxy puts it back.
+        """
+        await self.start_deployment()
+        port = await self.start_haproxy()
+        await self.until_servers({"relay1": ("UP", "L7OK"), "relay2": ("UP", "L7OK")})
+        self.cut_redis_proxy()
+        await self.until_servers({"relay1": ("UP", "L7OK"), "relay2": ("DOWN", "L7STS")})
+        ready = await fetch_plain(self.metrics_ports[1], "/readyz")
+        self.assertEqual(
+            ready, (503, "not ready\nlistening: ok\nstore: unreachable\ncertificate: ok\n")
+        )
+        self.balancer.backends = [port]
+        for _ in range(4):  # each would be 503 on node B
+            await self.browser.new_code()
+        self.reach_redis()
+        await self.until_servers({"relay1": ("UP", "L7OK"), "relay2": ("UP", "L7OK")})
+
+
+class _Collect(Protocol):
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.received)
+
+
+async def ask_unix(path: str, request: bytes) -> bytes:
+    """Send C{request} on a UNIX socket; everything answered until it closes."""
+    protocol = _Collect(request)
+    await UNIXClientEndpoint(reactor, path).connect(Factory.forProtocol(lambda: protocol))
+    return await protocol.done.addTimeout(10, reactor)
+
+
+async def fetch_plain(port: int, path: str) -> tuple[int, str]:
+    """GET C{path} on 127.0.0.1:C{port} in plain HTTP: status and body."""
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    return response.code, (await readBody(response)).decode()
