@@ -21,6 +21,7 @@ from coder1_bridge.foreground import bridge_services
 from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.service import default_label
 from coder1_wire.secretfile import InsecureFileError
+from coder1_wire.twistd_errors import OneLineUsageErrors
 
 #: twistd's own defaults, which would put these files in the current directory.
 TWISTD_PIDFILE = "twistd.pid"
@@ -34,9 +35,10 @@ def state_dir(environ: Mapping[str, str] = os.environ) -> FilePath[str]:
     return FilePath(base).child("coder1-bridge")
 
 
-class Options(usage.Options):
+class Options(OneLineUsageErrors):
     """Options for a bridge paired beforehand with C{coder1-bridge pair}."""
 
+    command = "twistd coder1-bridge"
     synopsis = "[options]"
     longdesc = (
         "Connects out to the relay this machine is paired with and runs the IDE's commands "
