@@ -30,6 +30,7 @@ from coder1_relay.context import Limits, PerAddress, RelayContext, connection_ro
 from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
+from coder1_relay.plain_http import PlainHTTPAnsweringTLS
 from coder1_relay.redis_settings import RedisSettings
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.startup_errors import listen_failure
@@ -90,6 +91,8 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
     log = Logger()
     #: Seconds between two log lines saying that the relay is full.
     FULL_LOG_INTERVAL = 60.0
+    #: Plain HTTP to this port is redirected to the https URL.
+    protocol = PlainHTTPAnsweringTLS
 
     def __init__(
         self,
@@ -125,6 +128,10 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
         address = self._address_of.pop(p, None)
         if address is not None:
             self.addresses.release(address)
+
+    def https_url(self) -> str:
+        """Where plain HTTP requests to this port are sent: the relay's public URL."""
+        return self.context.public_url
 
     def _full(self) -> None:
         """Say why connections are refused, at most once a minute (each is counted)."""
