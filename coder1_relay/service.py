@@ -288,15 +288,24 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.listening = Deferred.fromCoroutine(self._listen())
         # Ports from tcp:, unix:, systemd: and the like are bound at once: a
-        # failure is raised from here, so twistd exits non-zero (a daemon's
-        # parent too).  One that fails later stops the relay.
+        # listener that fails is raised from here, so twistd exits non-zero (a
+        # daemon's parent too).  One that fails later stops the relay.
+        starting = True
+
+        def failed(reason: Failure) -> Failure | None:
+            if starting and reason.check(CannotStart):
+                return reason
+            self._failed_to_listen(reason)
+            return None
+
+        self.listening = Deferred.fromCoroutine(self._listen())
+        self.listening.addErrback(failed)
+        starting = False
         failed_now: list[Failure] = []
         self.listening.addErrback(failed_now.append)
         if failed_now:
             failed_now[0].raiseException()
-        self.listening.addErrback(self._failed_to_listen)
         self.store_checked = Deferred.fromCoroutine(self._check_store())
 
     async def _check_store(self) -> None:
@@ -318,10 +327,12 @@ class RelayService(MultiService):
             self.log.emit(level, "{text}", text=text)
 
     def _failed_to_listen(self, reason: Failure) -> None:
-        if reason.check(CannotStart):
-            self.log.critical("{message}", message=reason.getErrorMessage())
-        else:
-            self.log.failure("relay failed to listen", reason)
+        if not reason.check(CannotStart):
+            self.log.failure("relay failed to start", reason)
+            return
+        # A listener that fails later (an endpoint that listens asynchronously):
+        # a relay listening on nothing must not stay up.
+        self.log.critical("{message}", message=reason.getErrorMessage())
         if getattr(self.reactor, "running", False):
             self.reactor.stop()
 

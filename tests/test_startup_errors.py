@@ -15,14 +15,18 @@ import signal
 import socket
 import sys
 
+import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from coder1_relay.service import RelayService, RelaySettings, home_relative
 from coder1_relay.startup_errors import check_endpoint, socket_reason
@@ -282,3 +286,32 @@ class ReasonTests(SynchronousTestCase):
             CannotStart, check_endpoint, reactor, "systemd:domain=INET6:index=0", "--listen"
         )
         self.assertIn("start the relay through its .socket unit", str(error))
+
+
+@implementer(ILogObserver)
+@attrs.define
+class _Recorder:
+    """Keeps the events it is given."""
+
+    events: list[LogEvent]
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+
+class LaterFailureTests(SynchronousTestCase):
+    """A listener that fails after C{startService} has returned (an endpoint that listens late)."""
+
+    def test_stops_the_relay_with_one_line(self) -> None:
+        """The relay logs the one line, critical, and stops its reactor: it does not run on."""
+        clock = MemoryReactorClock()
+        clock.running = True
+        relay = RelayService(clock, RelaySettings(state_dir=FilePath(self.mktemp())))
+        events: list[LogEvent] = []
+        relay.log = Logger(observer=_Recorder(events))
+        relay._failed_to_listen(Failure(CannotStart("Cannot listen on x (--listen): why.")))
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in events],
+            [(LogLevel.critical, "Cannot listen on x (--listen): why.")],
+        )
+        self.assertTrue(clock.hasStopped)
