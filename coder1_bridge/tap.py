@@ -100,8 +100,15 @@ class Options(OneLineUsageErrors):
         if not (pid or log):
             return
         directory = state_dir()
-        directory.makedirs(ignoreExistingDirectory=True)
-        directory.chmod(0o700)
+        try:
+            directory.makedirs(ignoreExistingDirectory=True)
+            directory.chmod(0o700)
+        except OSError as e:
+            raise usage.UsageError(
+                f"cannot use {directory.path} for the pid file and log "
+                f"({(e.strerror or str(e)).lower()}): set XDG_STATE_HOME to a directory you "
+                "may write, or give --pidfile and --logfile"
+            ) from None
         if pid:
             twistd["pidfile"] = directory.child("bridge.pid").path
         if log:

@@ -239,6 +239,34 @@ class StartFailureTests(TestCase):
             output, "twistd coder1-bridge: not paired yet; run: coder1-bridge pair CODE"
         )
 
+    async def test_bridge_daemon_without_a_state_directory(self) -> None:
+        """
+        C{twistd coder1-bridge} as a daemon, whose state directory (for its pid file
+        and log) cannot be made: one line that says which and what to do, exit status 2.
+        (With no pairing in its config directory, no daemon could start anyway.)
+        """
+        if os.geteuid() == 0:
+            raise self.skipTest("root may write anywhere; the tests run as an ordinary user")
+        locked = self.home.child("locked")
+        locked.makedirs()
+        locked.chmod(0o500)
+        self.addCleanup(locked.chmod, 0o700)
+        output = _Output()
+        environ = {
+            **os.environ,
+            "PYTHONPATH": SOURCE,
+            "XDG_CONFIG_HOME": self.home.path,
+            "XDG_STATE_HOME": locked.path,
+        }
+        argv = [TWISTD, "coder1-bridge"]
+        reactor.spawnProcess(output, TWISTD, argv, env=environ, path=self.home.path)
+        self.assertEqual(await output.ended, 2, output.err)
+        self.assert_one_line(
+            output,
+            f"cannot use {locked.child('coder1-bridge').path} for the pid file and log "
+            "(permission denied): set XDG_STATE_HOME to a directory you may write",
+        )
+
 
 class ServiceStartTests(TestCase):
     """The relay service itself, when its port is taken between the check and the listen."""
