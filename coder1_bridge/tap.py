@@ -22,6 +22,7 @@ from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.service import default_label
 from coder1_wire.log_format import check_log_format, logging_as_chosen
 from coder1_wire.secretfile import InsecureFileError
+from coder1_wire.twistd_errors import OneLineUsageErrors
 
 #: twistd's own defaults, which would put these files in the current directory.
 TWISTD_PIDFILE = "twistd.pid"
@@ -35,9 +36,10 @@ def state_dir(environ: Mapping[str, str] = os.environ) -> FilePath[str]:
     return FilePath(base).child("coder1-bridge")
 
 
-class Options(usage.Options):
+class Options(OneLineUsageErrors):
     """Options for a bridge paired beforehand with C{coder1-bridge pair}."""
 
+    command = "twistd coder1-bridge"
     synopsis = "[options]"
     longdesc = (
         "Connects out to the relay this machine is paired with and runs the IDE's commands "
@@ -101,8 +103,15 @@ class Options(usage.Options):
         if not (pid or log):
             return
         directory = state_dir()
-        directory.makedirs(ignoreExistingDirectory=True)
-        directory.chmod(0o700)
+        try:
+            directory.makedirs(ignoreExistingDirectory=True)
+            directory.chmod(0o700)
+        except OSError as e:
+            raise usage.UsageError(
+                f"cannot use {directory.path} for the pid file and log "
+                f"({(e.strerror or str(e)).lower()}): set XDG_STATE_HOME to a directory you "
+                "may write, or give --pidfile and --logfile"
+            ) from None
         if pid:
             twistd["pidfile"] = directory.child("bridge.pid").path
         if log:

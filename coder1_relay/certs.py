@@ -142,7 +142,7 @@ def fingerprint(cert_pem: bytes) -> str:
     The SHA-256 fingerprint of the first (leaf) certificate in C{cert_pem},
     formatted like C{openssl x509 -fingerprint -sha256}: C{"AB:CD:..."}.
     """
-    leaf = _parse_certs(cert_pem, "certificate")[0]
+    leaf = _parse_certs(cert_pem, "certificate data")[0]
     return leaf.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
@@ -154,7 +154,7 @@ def server_tls_options(keys: RelayKeys) -> IOpenSSLServerConnectionCreator:
     9).  The result is a L{CertificateOptions}, so it also provides
     L{IOpenSSLContextFactory} for C{listenSSL}.
     """
-    leaf, *intermediates = _parse_certs(keys.tls_cert_pem, "chain")
+    leaf, *intermediates = _parse_certs(keys.tls_cert_pem, "chain data")
     # CertificateOptions hands these straight to pyOpenSSL, which deprecates
     # its own X509/PKey wrappers in favour of cryptography objects; Twisted's
     # annotations still name the wrappers.
@@ -173,7 +173,7 @@ def _parse_certs(pem: bytes, what: str) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem)
     except ValueError as e:
-        raise ValueError(f"no valid PEM certificate in the {what} data") from e
+        raise ValueError(f"no valid PEM certificate in the {what}") from e
 
 
 def _load_tls_key(pem: bytes, where: str) -> _TlsKey:
@@ -181,7 +181,8 @@ def _load_tls_key(pem: bytes, where: str) -> _TlsKey:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:
         # TypeError: the key is encrypted; we have no way to ask for a password.
-        raise ValueError(f"{where} is not an unencrypted PEM private key: {e}") from e
+        # cryptography's own words name its parser, not what to do.
+        raise ValueError(f"{where} is not an unencrypted PEM private key") from e
     if not isinstance(key, _TlsKey):
         raise ValueError(f"{where} holds a {type(key).__name__}, not a TLS server key")
     return key

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
@@ -31,14 +32,17 @@ from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.metrics import RelayMetrics, TimedStore
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
+from coder1_relay.plain_http import PlainHTTPAnsweringTLS
 from coder1_relay.redis_settings import RedisSettings
 from coder1_relay.routing import Hub, HubSettings
+from coder1_relay.startup_errors import listen_failure
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire import closecodes
 from coder1_wire.tls import client_tls_options
+from coder1_wire.twistd_errors import CannotStart
 
 if TYPE_CHECKING:
     from coder1_relay.redis_store import RedisStore
@@ -91,6 +95,8 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
     log = Logger()
     #: Seconds between two log lines saying that the relay is full.
     FULL_LOG_INTERVAL = 60.0
+    #: Plain HTTP to this port is redirected to the https URL.
+    protocol = PlainHTTPAnsweringTLS
 
     def __init__(
         self,
@@ -126,6 +132,10 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
         address = self._address_of.pop(p, None)
         if address is not None:
             self.addresses.release(address)
+
+    def https_url(self) -> str:
+        """Where plain HTTP requests to this port are sent: the relay's public URL."""
+        return self.context.public_url
 
     def _full(self) -> None:
         """Say why connections are refused, at most once a minute (each is counted)."""
@@ -288,8 +298,24 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # Ports from tcp:, unix:, systemd: and the like are bound at once: a
+        # listener that fails is raised from here, so twistd exits non-zero (a
+        # daemon's parent too).  One that fails later stops the relay.
+        starting = True
+
+        def failed(reason: Failure) -> Failure | None:
+            if starting and reason.check(CannotStart):
+                return reason
+            self._failed_to_listen(reason)
+            return None
+
         self.listening = Deferred.fromCoroutine(self._listen())
-        self.listening.addErrback(lambda f: self.log.failure("relay failed to listen", f))
+        self.listening.addErrback(failed)
+        starting = False
+        failed_now: list[Failure] = []
+        self.listening.addErrback(failed_now.append)
+        if failed_now:
+            failed_now[0].raiseException()
         self.store_checked = Deferred.fromCoroutine(self._check_store())
 
     async def _check_store(self) -> None:
@@ -310,8 +336,26 @@ class RelayService(MultiService):
         for level, text in notes:
             self.log.emit(level, "{text}", text=text)
 
+    def _failed_to_listen(self, reason: Failure) -> None:
+        if not reason.check(CannotStart):
+            self.log.failure("relay failed to start", reason)
+            return
+        # A listener that fails later (an endpoint that listens asynchronously):
+        # a relay listening on nothing must not stay up.
+        self.log.critical("{message}", message=reason.getErrorMessage())
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+    async def _listen_on(
+        self, description: str, option: str, factory: IProtocolFactory
+    ) -> IListeningPort:
+        """Listen on endpoint C{description}; L{CannotStart} says why not."""
+        try:
+            return await serverFromString(self.reactor, description).listen(factory)
+        except Exception as e:
+            raise listen_failure(description, option, e) from None
+
     async def _listen(self) -> IListeningPort:
-        endpoint = serverFromString(self.reactor, self.settings.listen)
         room = connection_room(self.settings.limits.max_connections, *open_file_limit())
         (self.log.warn if room.warn else self.log.info)("{room}", room=room.message)
         factory = GuardedTLSFactory(
@@ -320,9 +364,10 @@ class RelayService(MultiService):
             make_site(self.context, access_log=self.settings.access_log),
             room.cap,
         )
-        self.port = port = await endpoint.listen(factory)
+        self.port = port = await self._listen_on(self.settings.listen, "--listen", factory)
         if not self.context.public_url:
-            self.context.public_url = f"https://localhost:{port.getHost().port}"
+            host: Any = port.getHost()
+            self.context.public_url = f"https://localhost:{host.port}"
         if self.context.mesh is not None:
             await self._join(self.context.mesh)
         if not FilePath(STATIC).descendant(["vendor", "xterm.mjs"]).exists():
@@ -343,8 +388,9 @@ class RelayService(MultiService):
         node_factory = TLSMemoryBIOFactory(
             certs.server_tls_options(self.keys), False, make_node_site(self.context)
         )
-        node_endpoint = serverFromString(self.reactor, self.settings.node_listen)
-        self.node_port = await node_endpoint.listen(node_factory)
+        self.node_port = await self._listen_on(
+            self.settings.node_listen, "--node-listen", node_factory
+        )
         host: Any = self.node_port.getHost()
         address = self.settings.node_address or f"{host.host}:{host.port}"
         await mesh.directory.start(address)

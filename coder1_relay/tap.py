@@ -20,8 +20,10 @@ from coder1_relay.redis_settings import (
 )
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
+from coder1_relay.startup_errors import check_endpoint, file_failure
 from coder1_relay.telemetry import TelemetrySettings
 from coder1_wire.log_format import check_log_format, logging_as_chosen
+from coder1_wire.twistd_errors import OneLineUsageErrors, runs_in_foreground, say_cannot_start
 
 _DEFAULT = Limits()
 #: The limits as options: (option, C{Limits} field, type, help).  README.md ("Limits") says why.
@@ -107,9 +109,10 @@ LIMIT_OPTIONS: list[tuple[str, str, type, str]] = [
 MIN_IDLE_TIMEOUT = 2 * HubSettings().heartbeat_interval
 
 
-class Options(usage.Options):
+class Options(OneLineUsageErrors):
     """Options for the relay; every listening address is an endpoint string."""
 
+    command = "twistd coder1-relay"
     synopsis = "[options]"
     longdesc = (
         "Runs the Coder1 relay: serves the IDE page, issues pairing codes, and forwards "
@@ -251,7 +254,8 @@ class Options(usage.Options):
             raise usage.UsageError("--token-days must be positive")
         url = self["public-url"]
         if url is not None and not url.startswith("https://"):
-            raise usage.UsageError("--public-url must be an https:// URL")
+            example = "https://" + url.partition("://")[2 if "://" in url else 0]
+            raise usage.UsageError(f"--public-url must be an https:// URL, such as {example}")
         if self["idle-timeout"] < MIN_IDLE_TIMEOUT:
             raise usage.UsageError(f"--idle-timeout must be at least {MIN_IDLE_TIMEOUT:g}")
         address = self["node-address"]
@@ -329,8 +333,28 @@ def _host_port(address: str) -> bool:
 
 
 def makeService(options: Options) -> IService:
-    """The relay service for C{twistd coder1-relay}, logging as C{--log-format} says."""
+    """
+    The relay service for C{twistd coder1-relay}, logging as C{--log-format}
+    says.  What would stop it from starting (a listening endpoint, a file) is
+    checked here, before twistd detaches a daemon, and said in one line.
+    """
     from twisted.internet import reactor
 
     reactor_: Any = reactor
-    return logging_as_chosen(options, RelayService(reactor_, options.settings()))
+    say_cannot_start(runs_in_foreground(options))
+    settings = options.settings()
+    check_endpoint(reactor_, settings.listen, "--listen")
+    if settings.store is not None:
+        check_endpoint(reactor_, settings.node_listen, "--node-listen")
+    if settings.metrics_listen is not None:
+        check_endpoint(reactor_, settings.metrics_listen, "--metrics-listen")
+    try:
+        relay = RelayService(reactor_, settings)
+    except Exception as e:
+        said = file_failure(
+            e, state_dir=settings.state_dir, tls_cert=settings.tls_cert, tls_key=settings.tls_key
+        )
+        if said is None:
+            raise
+        raise said from None
+    return logging_as_chosen(options, relay)
