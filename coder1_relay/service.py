@@ -30,6 +30,7 @@ from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.redis_settings import RedisSettings
+from coder1_relay.reload import CertificateReloader, ClientTLS, PairFiles
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
@@ -73,6 +74,8 @@ class RelaySettings:
     node_listen: str = "tcp:0:interface=127.0.0.1"
     node_address: str | None = None
     node_ca: FilePath[str] | None = None
+    #: Seconds between two looks at the TLS files' modification times (reload.py).
+    certificate_check_interval: float = 300.0
 
 
 class GuardedTLSFactory(TLSMemoryBIOFactory):
@@ -166,6 +169,19 @@ def node_trust(keys: certs.RelayKeys, node_ca: FilePath[str] | None) -> bytes | 
     return keys.tls_cert_pem if leaf.issuer == leaf.subject else None
 
 
+def _pair_files(settings: RelaySettings) -> PairFiles:
+    """The TLS pair's files: the operator's, else the dev certificate in the state directory."""
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        return PairFiles(settings.tls_cert, settings.tls_key)
+    state = settings.state_dir
+    return PairFiles(
+        state.child(certs.DEV_CERT_NAME),
+        state.child(certs.DEV_KEY_NAME),
+        certs.DEV_CERT_NAME,
+        certs.DEV_KEY_NAME,
+    )
+
+
 class RelayService(MultiService):
     """The relay: TLS 1.3 listener, WebSocket hub, pairing, telemetry."""
 
@@ -192,6 +208,19 @@ class RelayService(MultiService):
             hostnames=settings.hostnames,
         )
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
+        #: Reads the TLS pair again on SIGHUP and when its files change.
+        self.certificates = CertificateReloader(
+            reactor,
+            _pair_files(settings),
+            self.keys,
+            self._reloaded,
+            settings.certificate_check_interval,
+        )
+        self.certificates.setServiceParent(self)
+        #: The node links' trust: kept in step with the certificate.
+        self.node_tls = ClientTLS(
+            client_tls_options(_public_host(settings), node_trust(self.keys, settings.node_ca))
+        )
         if store is None:
             store = self._make_store(reactor, settings)
         self.telemetry = Telemetry(
@@ -218,7 +247,7 @@ class RelayService(MultiService):
             links = NodeLinks(
                 reactor,
                 tokens,
-                client_tls_options(_public_host(settings), node_trust(self.keys, settings.node_ca)),
+                self.node_tls,
                 _public_host(settings),
                 settings.limits,
                 hub_settings.send_buffer,
@@ -241,6 +270,25 @@ class RelayService(MultiService):
         )
         self.port: IListeningPort | None = None
         self.node_port: IListeningPort | None = None
+
+    def reload_certificate(self) -> bool:
+        """Serve the TLS pair now on disk, if it is good (what SIGHUP does)."""
+        return self.certificates.reload()
+
+    def _reloaded(self, keys: certs.RelayKeys) -> None:
+        """
+        A new pair is served: node links trust it too (and still the one before,
+        which nodes that have not reloaded yet present).
+        """
+        before, self.keys = self.keys, keys
+        self.fingerprint = certs.fingerprint(keys.tls_cert_pem)
+        try:
+            trust = node_trust(keys, self.settings.node_ca)
+            if trust is not None and self.settings.node_ca is None:
+                trust += node_trust(before, None) or b""
+            self.node_tls.current = client_tls_options(_public_host(self.settings), trust)
+        except (OSError, ValueError):
+            self.log.error("--node-ca cannot be read: node links keep the CAs they had")
 
     def _make_directory(self, reactor: Any, redis: RedisStore, key_id: str) -> ISessionDirectory:
         """Several relay nodes on one Redis: who holds which session (docs/scaling.md)."""
@@ -306,7 +354,7 @@ class RelayService(MultiService):
         (self.log.warn if room.warn else self.log.info)("{room}", room=room.message)
         factory = GuardedTLSFactory(
             self.context,
-            certs.server_tls_options(self.keys),
+            self.certificates.tls,
             make_site(self.context, access_log=self.settings.access_log),
             room.cap,
         )
@@ -331,7 +379,7 @@ class RelayService(MultiService):
     async def _join(self, mesh: Mesh) -> None:
         """Listen for other nodes' links, and join the deployment."""
         node_factory = TLSMemoryBIOFactory(
-            certs.server_tls_options(self.keys), False, make_node_site(self.context)
+            self.certificates.tls, False, make_node_site(self.context)
         )
         node_endpoint = serverFromString(self.reactor, self.settings.node_listen)
         self.node_port = await node_endpoint.listen(node_factory)

@@ -17,6 +17,7 @@ from coder1_relay.redis_settings import (
     RedisSettings,
     settings_from_options,
 )
+from coder1_relay.reload import ReloadOnHangup
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
 from coder1_relay.telemetry import TelemetrySettings
@@ -315,4 +316,6 @@ def makeService(options: Options) -> RelayService:
     from twisted.internet import reactor
 
     reactor_: Any = reactor
-    return RelayService(reactor_, options.settings())
+    service = RelayService(reactor_, options.settings())
+    ReloadOnHangup(reactor_, service.reload_certificate).setServiceParent(service)
+    return service
