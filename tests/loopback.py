@@ -391,6 +391,7 @@ async def crash_relay(relay: RelayService) -> None:
         tls.transport.abortConnection()
     await relay.context.connections.when_idle()
     relay.telemetry.stopService()
+    relay.certificates.stopService()
     relay.running = False
 
 
