@@ -22,11 +22,20 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.application.service import Service
+
+# Twisted's trust roots implement this interface; twisted.internet.ssl does not re-export it.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -34,6 +43,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from coder1_relay import certs
+from coder1_wire.tls import client_tls_options
 
 #: Seconds between two looks at the files' modification times.
 CHECK_INTERVAL = 300.0
@@ -63,6 +73,43 @@ class ClientTLS:
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return self.current.clientConnectionForTLS(tlsProtocol)
+
+
+@implementer(IOpenSSLTrustRoot)
+class _EachAsItself:
+    """
+    Trust in the given certificates where each is trusted as itself (OpenSSL's
+    C{PARTIAL_CHAIN}): two self-signed certificates with the same subject, a
+    node's old one and its new one, would otherwise be mistaken for each
+    other's issuer and one of them refused.
+    """
+
+    def __init__(self, certificates: list[x509.Certificate]) -> None:
+        self.certificates = certificates
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        trust: Any = trustRootFromCertificates(
+            [Certificate(crypto.X509.from_cryptography(each)) for each in self.certificates]
+        )
+        trust._addCACertsToContext(context)
+        store = context.get_cert_store()
+        assert store is not None  # an SSL.Context always has one
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+
+
+def node_link_tls(hostname: str, trusted_pem: bytes | None) -> IOpenSSLClientConnectionCreator:
+    """
+    TLS 1.3 towards other relay nodes at C{hostname}: trusting C{trusted_pem}'s
+    certificates (CAs, or the shared self-signed certificates, old and new),
+    or the system's CAs when None.
+    """
+    if trusted_pem is None:
+        return client_tls_options(hostname, None)
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=_EachAsItself(x509.load_pem_x509_certificates(trusted_pem)),
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3},
+    )
 
 
 class RefusedPair(Exception):

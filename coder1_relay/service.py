@@ -30,14 +30,13 @@ from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.redis_settings import RedisSettings
-from coder1_relay.reload import CertificateReloader, ClientTLS, PairFiles
+from coder1_relay.reload import CertificateReloader, ClientTLS, PairFiles, node_link_tls
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire import closecodes
-from coder1_wire.tls import client_tls_options
 
 if TYPE_CHECKING:
     from coder1_relay.redis_store import RedisStore
@@ -219,7 +218,7 @@ class RelayService(MultiService):
         self.certificates.setServiceParent(self)
         #: The node links' trust: kept in step with the certificate.
         self.node_tls = ClientTLS(
-            client_tls_options(_public_host(settings), node_trust(self.keys, settings.node_ca))
+            node_link_tls(_public_host(settings), node_trust(self.keys, settings.node_ca))
         )
         if store is None:
             store = self._make_store(reactor, settings)
@@ -286,7 +285,7 @@ class RelayService(MultiService):
             trust = node_trust(keys, self.settings.node_ca)
             if trust is not None and self.settings.node_ca is None:
                 trust += node_trust(before, None) or b""
-            self.node_tls.current = client_tls_options(_public_host(self.settings), trust)
+            self.node_tls.current = node_link_tls(_public_host(self.settings), trust)
         except (OSError, ValueError):
             self.log.error("--node-ca cannot be read: node links keep the CAs they had")
 

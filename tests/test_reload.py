@@ -32,17 +32,23 @@ from coder1_relay import certs
 from coder1_relay.reload import CertificateReloader, PairFiles, RefusedPair, read_pair
 from coder1_relay.service import RelayService
 from coder1_wire.envelope import Envelope, Kind, control
+from coder1_wire.secretfile import write_secret
 
 from .loopback import (
     RELAY_MAIN,
     Browser,
+    ChildRelay,
     IDEConnection,
+    _Context,
+    _Keys,
+    _Port,
     settle,
     spawn_python,
     start_bridge,
     start_relay,
     stop_all,
 )
+from .test_mesh import MeshTestCase
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -293,11 +299,6 @@ class _Terminal(IDEConnection):
 
 
 @attrs.frozen
-class _Keys:
-    tls_cert_pem: bytes
-
-
-@attrs.frozen
 class _TrustingCA:
     """What L{Browser} reads of a relay, with the CA as the certificate it trusts."""
 
@@ -435,3 +436,52 @@ class HangupTests(TestCase):
         )
         self.assertNotIn("Traceback", text)
         self.assertNotIn(folder.path, text)
+
+
+def dev_pair() -> tuple[bytes, bytes]:
+    """A new self-signed pair for localhost, as a shared development certificate is."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certs._self_signed(key, {"localhost", _loopback()})
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+class MeshReloadTests(MeshTestCase):
+    """Relay nodes that share a self-signed certificate renew it one after the other."""
+
+    async def test_node_links_across_a_rolling_renewal(self) -> None:
+        """
+        Two nodes share a self-signed certificate, which their node links
+        trust.  Node A (where the tab is) reloads a new one first: its link to
+        node B (which holds the session and still presents the old one) works;
+        then B reloads too, and a tab on A still reaches the bridge on B.
+        """
+        a, b = await self.start_nodes()
+        browser = Browser(self.deployment)
+        await browser.open_page()
+        await self.pair_bridge(browser, code_on=0, redeem_on=1)
+        new = dev_pair()
+        browser.relay = ChildRelay(
+            None,  # type: ignore[arg-type]  # no process: only what clients read
+            _Context(self.deployment.context.public_url),
+            _Keys(new[0]),
+            _Port(self.deployment.port.getHost().port),  # type: ignore[union-attr]
+        ).as_service()
+        for step, node in enumerate((a, b)):
+            state = node.settings.state_dir
+            install_dev(state, new)
+            self.assertTrue(node.reload_certificate())
+            ide = await self.connect(browser, a)
+            result = await ide.run(1, {"shell": f"echo step-{step}"})
+            self.assertEqual(result.stdout, f"step-{step}\n".encode())
+            await ide.close()
+
+
+def install_dev(state: FilePath[str], pair: tuple[bytes, bytes]) -> None:
+    """Write C{pair} as the development certificate in the state directory C{state}."""
+    for name, data in ((certs.DEV_CERT_NAME, pair[0]), (certs.DEV_KEY_NAME, pair[1])):
+        write_secret(state.child(name), data)
