@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography import x509
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -26,6 +26,7 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
 from coder1_relay.context import Limits, PerAddress, RelayContext, connection_room
+from coder1_relay.drain import DRAIN_TIMEOUT, Drain
 from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
@@ -36,7 +37,6 @@ from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
-from coder1_wire import closecodes
 
 if TYPE_CHECKING:
     from coder1_relay.redis_store import RedisStore
@@ -73,6 +73,8 @@ class RelaySettings:
     node_listen: str = "tcp:0:interface=127.0.0.1"
     node_address: str | None = None
     node_ca: FilePath[str] | None = None
+    #: Seconds a stopping relay waits for its connections to close and its store to flush.
+    drain_timeout: float = DRAIN_TIMEOUT
     #: Seconds between two looks at the TLS files' modification times (reload.py).
     certificate_check_interval: float = 300.0
 
@@ -389,33 +391,25 @@ class RelayService(MultiService):
 
     async def _stop(self) -> None:
         await self.listening
-        if self.port is not None:
-            await maybeDeferred(self.port.stopListening)
         mesh = self.context.mesh
-        if mesh is not None:
-            # Leave first: the connections closed below reconnect to other nodes,
+        store = self.context.store
+
+        async def leave() -> None:
+            # Leave first: the connections closed next reconnect to other nodes,
             # which may claim this node's sessions at once.
+            assert mesh is not None
             if self.node_port is not None:
                 await maybeDeferred(self.node_port.stopListening)
             await mesh.directory.stop()
-        connections = self.context.connections
-        for connection in list(connections.live):
-            connection.close(closecodes.SHUTTING_DOWN, "relay shutting down")
-        idle = connections.when_idle()
 
-        def abort_stragglers() -> None:
-            for connection in list(connections.live):
-                connection.abort()
-
-        timer = self.reactor.callLater(5, abort_stragglers)
-        await idle
-        if timer.active():
-            timer.cancel()
+        await Drain(self.reactor, self.settings.drain_timeout).run(
+            [self.port] if self.port is not None else [],
+            (lambda: Deferred.fromCoroutine(leave())) if mesh is not None else None,
+            self.context.connections,
+            store.flushed if isinstance(store, MemoryStore) else lambda: succeed(None),
+        )
         if mesh is not None:
             mesh.stop()
-        store = self.context.store
-        if isinstance(store, MemoryStore):
-            await store.flushed()
         # Telemetry before the store's client: with Redis, its last batch goes there.
         await self.telemetry.stopService()
         await super().stopService()

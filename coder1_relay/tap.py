@@ -11,6 +11,7 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay.certs import default_state_dir
 from coder1_relay.context import Limits
+from coder1_relay.drain import DRAIN_TIMEOUT
 from coder1_relay.redis_settings import (
     DEFAULT_PREFIX,
     PASSWORD_ENV,
@@ -201,6 +202,14 @@ class Options(usage.Options):
             "node's own certificate if self-signed, else the system's CAs).",
         ],
         [
+            "drain-timeout",
+            None,
+            DRAIN_TIMEOUT,
+            "Seconds a stopping relay waits for its WebSockets (closed with 1001, going "
+            "away) to close and its store to flush before it exits.",
+            float,
+        ],
+        [
             "send-buffer-size",
             None,
             HubSettings().send_buffer,
@@ -244,6 +253,8 @@ class Options(usage.Options):
             raise usage.UsageError("--node-address must be HOST:PORT")
         if self["telemetry-max-size"] < 1:
             raise usage.UsageError("--telemetry-max-size must be at least 1 (MiB)")
+        if self["drain-timeout"] < 0:
+            raise usage.UsageError("--drain-timeout must be 0 or more")
         if self["send-buffer-size"] <= 0:
             raise usage.UsageError("--send-buffer-size must be positive")
         self.store = self._store()
@@ -297,6 +308,7 @@ class Options(usage.Options):
             node_listen=self["node-listen"],
             node_address=self["node-address"],
             node_ca=FilePath(self["node-ca"]) if self["node-ca"] else None,
+            drain_timeout=self["drain-timeout"],
             # WebSockets go idle by the heartbeat: one idle timeout for both.
             hub=attrs.evolve(
                 HubSettings(),
