@@ -12,6 +12,7 @@ process exits 0.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,3 +88,14 @@ class Drain:
         except defer.TimeoutError:
             return False
         return True
+
+
+def exit_zero_after_sigterm(reactor: Any) -> None:
+    """
+    A relay drained on SIGTERM stopped as asked: let twistd exit 0.  (Twisted
+    records the signal, C{reactor._exitSignal}, and twistd kills itself with
+    it once the reactor has stopped, so the exit status would say "killed by
+    SIGTERM".)
+    """
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None

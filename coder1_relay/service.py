@@ -26,7 +26,7 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
 from coder1_relay.context import Limits, PerAddress, RelayContext, connection_room
-from coder1_relay.drain import DRAIN_TIMEOUT, Drain
+from coder1_relay.drain import DRAIN_TIMEOUT, Drain, exit_zero_after_sigterm
 from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
@@ -413,6 +413,7 @@ class RelayService(MultiService):
         # Telemetry before the store's client: with Redis, its last batch goes there.
         await self.telemetry.stopService()
         await super().stopService()
+        exit_zero_after_sigterm(self.reactor)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import signal
+import ssl
 from typing import cast
 
 import attrs
@@ -18,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,6 +30,7 @@ from coder1_wire import closecodes
 from coder1_wire.envelope import Kind, control
 
 from .loopback import Browser, pair_bridge, settle, start_bridge, start_child_relay, stop_all
+from .test_cli import TWISTD, Collect, spawn
 from .test_resume import LINES, STREAM, ResumingIDE, expected_output
 
 
@@ -193,3 +196,34 @@ class RestartTests(TestCase):
         self.assertEqual(len(ide.data), len(expected))
         self.assertEqual(hashlib.sha256(ide.data).digest(), hashlib.sha256(expected).digest())
         print(f"reconnect gap after the new relay listened: {gap:.2f} s", flush=True)
+
+
+class TwistdTests(TestCase):
+    """C{twistd -n coder1-relay} itself."""
+
+    timeout = 60
+
+    async def test_sigterm_exits_zero(self) -> None:
+        """
+        SIGTERM stops C{twistd -n coder1-relay} with exit status 0 (not
+        "killed by SIGTERM", as twistd reports by default), after its drain.
+        """
+        proto = Collect(r"coder1 relay at https://localhost:(\d+)")
+        process = spawn(
+            proto,
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "coder1-relay",
+                "--listen=tcp:0:interface=127.0.0.1",
+                f"--state-dir={self.mktemp()}",
+                "--drain-timeout=5",
+            ],
+        )
+        found = await proto.matched
+        # An answered connection: the reactor runs, so its SIGTERM handler is in place.
+        await deferToThread(ssl.get_server_certificate, ("127.0.0.1", int(found.group(1))))
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual(await proto.ended, 0, proto.output.decode())
+        self.assertIn(b"relay stopped: 0 connections closed with 1001", proto.output)
