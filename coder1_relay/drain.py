@@ -68,8 +68,8 @@ class Drain:
             await connections.when_idle()
         stored = await self._within(flushed(), deadline)
         self.log.info(
-            "relay stopped: {closed} connections closed with 1001 (going away), "
-            "{dropped} dropped at the drain timeout",
+            "relay stopped: WebSockets closed with 1001 (going away): {closed}, "
+            "dropped at the drain timeout: {dropped}",
             closed=len(live) - dropped,
             dropped=dropped,
         )

@@ -109,8 +109,8 @@ class DrainTests(SynchronousTestCase):
         flushed.callback(None)
         self.successResultOf(done)
         self.assertIn(
-            "relay stopped: 2 connections closed with 1001 (going away), "
-            "0 dropped at the drain timeout",
+            "relay stopped: WebSockets closed with 1001 (going away): 2, "
+            "dropped at the drain timeout: 0",
             self.lines,
         )
 
@@ -129,7 +129,7 @@ class DrainTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.successResultOf(done)
         self.assertEqual(self.events[-1], "abort")
-        self.assertIn("1 connections closed with 1001 (going away), 1 dropped", self.lines[-2])
+        self.assertIn("(going away): 1, dropped at the drain timeout: 1", self.lines[-2])
         self.assertIn("not finished writing within --drain-timeout (10 s)", self.lines[-1])
 
 
@@ -175,8 +175,8 @@ class RestartTests(TestCase):
         assert reason is not None
         self.assertIsInstance(reason.value, ProcessDone)  # exit status 0
         output = relays[0].child.output.decode()
-        self.assertRegex(
-            output, r"relay stopped: 2 connections closed with 1001 \(going away\), 0 dropped"
+        self.assertIn(
+            "WebSockets closed with 1001 (going away): 2, dropped at the drain timeout: 0", output
         )
         self.assertNotIn("Traceback", output)
         self.assertEqual(old_bridge.relay_close_code, closecodes.GOING_AWAY)
@@ -226,4 +226,4 @@ class TwistdTests(TestCase):
         await deferToThread(ssl.get_server_certificate, ("127.0.0.1", int(found.group(1))))
         process.signalProcess(signal.SIGTERM)
         self.assertEqual(await proto.ended, 0, proto.output.decode())
-        self.assertIn(b"relay stopped: 0 connections closed with 1001", proto.output)
+        self.assertIn(b"relay stopped: WebSockets closed with 1001 (going away): 0", proto.output)
