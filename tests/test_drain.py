@@ -22,10 +22,12 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from coder1_relay.context import Connections
 from coder1_relay.drain import Drain
+from coder1_relay.tap import Options
 from coder1_wire import closecodes
 from coder1_wire.envelope import Kind, control
 
@@ -227,3 +229,18 @@ class TwistdTests(TestCase):
         process.signalProcess(signal.SIGTERM)
         self.assertEqual(await proto.ended, 0, proto.output.decode())
         self.assertIn(b"relay stopped: WebSockets closed with 1001 (going away): 0", proto.output)
+
+
+class OptionTests(SynchronousTestCase):
+    """C{--drain-timeout}."""
+
+    def test_drain_timeout(self) -> None:
+        """It defaults to 10 s, takes fractions and 0, and refuses a negative number."""
+        self.assertEqual(Options().settings().drain_timeout, 10.0)
+        options = Options()
+        options.parseOptions(["--drain-timeout=2.5"])
+        self.assertEqual(options.settings().drain_timeout, 2.5)
+        options.parseOptions(["--drain-timeout=0"])
+        self.assertEqual(options.settings().drain_timeout, 0)
+        error = self.assertRaises(UsageError, Options().parseOptions, ["--drain-timeout=-1"])
+        self.assertEqual(str(error), "--drain-timeout must be 0 or more")
