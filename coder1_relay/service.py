@@ -31,7 +31,13 @@ from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.redis_settings import RedisSettings
-from coder1_relay.reload import CertificateReloader, ClientTLS, PairFiles, node_link_tls
+from coder1_relay.reload import (
+    CHECK_INTERVAL,
+    CertificateReloader,
+    ClientTLS,
+    PairFiles,
+    node_link_tls,
+)
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
@@ -76,7 +82,7 @@ class RelaySettings:
     #: Seconds a stopping relay waits for its connections to close and its store to flush.
     drain_timeout: float = DRAIN_TIMEOUT
     #: Seconds between two looks at the TLS files' modification times (reload.py).
-    certificate_check_interval: float = 300.0
+    certificate_check_interval: float = CHECK_INTERVAL
 
 
 class GuardedTLSFactory(TLSMemoryBIOFactory):
