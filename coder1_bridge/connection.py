@@ -580,6 +580,8 @@ class BridgeClientProtocol(WebSocketClientProtocol):
     factory: BridgeClientFactory
     #: Why the connection went, as Twisted said it (a refused TLS handshake, say).
     lost_because: Failure | None = None
+    #: The close code the relay sent, if it sent one.
+    relay_close_code: int | None = None
 
     def send(self, frame: bytes) -> None:
         if self.state == WebSocketClientProtocol.STATE_OPEN:
@@ -614,6 +616,7 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.relay_close_code = self.remoteCloseCode
         self.factory.session.detach(self)
         refused = _REFUSED.search(reason or "")
         if refused:

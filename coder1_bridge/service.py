@@ -154,6 +154,7 @@ class BridgeService(MultiService):
             self.protocol = None
             self.connected_since = None
             self.log.info("disconnected from the relay; reconnecting")
+            self.reconnect.closed(protocol.relay_close_code)
             return
         upgrade = _UPGRADE_FAILED.search(protocol.wasNotCleanReason or "")
         if upgrade is not None:

@@ -108,10 +108,14 @@ class NodeLink(GatedReading, WebSocketClientProtocol):  # type: ignore[misc]  # 
         client, self.client = self.client, None
         if client is None:
             return
-        if wasClean and code is not None and (code == closecodes.NORMAL or code >= 4000):
+        if wasClean and code is not None and (code in _PASSED_ON or code >= 4000):
             client.close(code, reason or "")
         else:
             client.close(closecodes.NODE_GONE, "the relay node holding this session went away")
+
+
+#: Standard close codes that a link passes on to its client as they are.
+_PASSED_ON = (closecodes.NORMAL, closecodes.GOING_AWAY)
 
 
 def _refusal(reason: str | None) -> LinkRefused:

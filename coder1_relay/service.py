@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography import x509
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -27,6 +27,7 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay import certs
 from coder1_relay.context import Limits, PerAddress, RelayContext, connection_room
+from coder1_relay.drain import DRAIN_TIMEOUT, Drain, exit_zero_after_sigterm
 from coder1_relay.health import watch_relay
 from coder1_relay.mesh import ISessionDirectory, Mesh
 from coder1_relay.metrics import RelayMetrics, TimedStore
@@ -34,14 +35,19 @@ from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.plain_http import PlainHTTPAnsweringTLS
 from coder1_relay.redis_settings import RedisSettings
+from coder1_relay.reload import (
+    CHECK_INTERVAL,
+    CertificateReloader,
+    ClientTLS,
+    PairFiles,
+    node_link_tls,
+)
 from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.startup_errors import listen_failure
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
-from coder1_wire import closecodes
-from coder1_wire.tls import client_tls_options
 from coder1_wire.twistd_errors import CannotStart
 
 if TYPE_CHECKING:
@@ -81,6 +87,10 @@ class RelaySettings:
     node_ca: FilePath[str] | None = None
     #: Where health, readiness and metrics are served (plain HTTP; None: nowhere).
     metrics_listen: str | None = None
+    #: Seconds a stopping relay waits for its connections to close and its store to flush.
+    drain_timeout: float = DRAIN_TIMEOUT
+    #: Seconds between two looks at the TLS files' modification times (reload.py).
+    certificate_check_interval: float = CHECK_INTERVAL
 
 
 class GuardedTLSFactory(TLSMemoryBIOFactory):
@@ -180,6 +190,19 @@ def node_trust(keys: certs.RelayKeys, node_ca: FilePath[str] | None) -> bytes | 
     return keys.tls_cert_pem if leaf.issuer == leaf.subject else None
 
 
+def _pair_files(settings: RelaySettings) -> PairFiles:
+    """The TLS pair's files: the operator's, else the dev certificate in the state directory."""
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        return PairFiles(settings.tls_cert, settings.tls_key)
+    state = settings.state_dir
+    return PairFiles(
+        state.child(certs.DEV_CERT_NAME),
+        state.child(certs.DEV_KEY_NAME),
+        certs.DEV_CERT_NAME,
+        certs.DEV_KEY_NAME,
+    )
+
+
 class RelayService(MultiService):
     """The relay: TLS 1.3 listener, WebSocket hub, pairing, telemetry."""
 
@@ -206,6 +229,19 @@ class RelayService(MultiService):
             hostnames=settings.hostnames,
         )
         self.fingerprint = certs.fingerprint(self.keys.tls_cert_pem)
+        #: Reads the TLS pair again on SIGHUP and when its files change.
+        self.certificates = CertificateReloader(
+            reactor,
+            _pair_files(settings),
+            self.keys,
+            self._reloaded,
+            settings.certificate_check_interval,
+        )
+        self.certificates.setServiceParent(self)
+        #: The node links' trust: kept in step with the certificate.
+        self.node_tls = ClientTLS(
+            node_link_tls(_public_host(settings), node_trust(self.keys, settings.node_ca))
+        )
         if store is None:
             store = self._make_store(reactor, settings)
         #: The store itself (the context's times its calls, for the metrics).
@@ -236,7 +272,7 @@ class RelayService(MultiService):
             links = NodeLinks(
                 reactor,
                 tokens,
-                client_tls_options(_public_host(settings), node_trust(self.keys, settings.node_ca)),
+                self.node_tls,
                 _public_host(settings),
                 settings.limits,
                 hub_settings.send_buffer,
@@ -261,6 +297,25 @@ class RelayService(MultiService):
         self.port: IListeningPort | None = None
         self.node_port: IListeningPort | None = None
         watch_relay(self)
+
+    def reload_certificate(self) -> bool:
+        """Serve the TLS pair now on disk, if it is good (what SIGHUP does)."""
+        return self.certificates.reload()
+
+    def _reloaded(self, keys: certs.RelayKeys) -> None:
+        """
+        A new pair is served: node links trust it too (and still the one before,
+        which nodes that have not reloaded yet present).
+        """
+        before, self.keys = self.keys, keys
+        self.fingerprint = certs.fingerprint(keys.tls_cert_pem)
+        try:
+            trust = node_trust(keys, self.settings.node_ca)
+            if trust is not None and self.settings.node_ca is None:
+                trust += node_trust(before, None) or b""
+            self.node_tls.current = node_link_tls(_public_host(self.settings), trust)
+        except (OSError, ValueError):
+            self.log.error("--node-ca cannot be read: node links keep the CAs they had")
 
     def _make_directory(self, reactor: Any, redis: RedisStore, key_id: str) -> ISessionDirectory:
         """Several relay nodes on one Redis: who holds which session (docs/scaling.md)."""
@@ -360,7 +415,7 @@ class RelayService(MultiService):
         (self.log.warn if room.warn else self.log.info)("{room}", room=room.message)
         factory = GuardedTLSFactory(
             self.context,
-            certs.server_tls_options(self.keys),
+            self.certificates.tls,
             make_site(self.context, access_log=self.settings.access_log),
             room.cap,
         )
@@ -386,7 +441,7 @@ class RelayService(MultiService):
     async def _join(self, mesh: Mesh) -> None:
         """Listen for other nodes' links, and join the deployment."""
         node_factory = TLSMemoryBIOFactory(
-            certs.server_tls_options(self.keys), False, make_node_site(self.context)
+            self.certificates.tls, False, make_node_site(self.context)
         )
         self.node_port = await self._listen_on(
             self.settings.node_listen, "--node-listen", node_factory
@@ -398,36 +453,29 @@ class RelayService(MultiService):
 
     async def _stop(self) -> None:
         await self.listening
-        if self.port is not None:
-            await maybeDeferred(self.port.stopListening)
         mesh = self.context.mesh
-        if mesh is not None:
-            # Leave first: the connections closed below reconnect to other nodes,
+        store = self.store  # not the metrics' timing wrapper
+
+        async def leave() -> None:
+            # Leave first: the connections closed next reconnect to other nodes,
             # which may claim this node's sessions at once.
+            assert mesh is not None
             if self.node_port is not None:
                 await maybeDeferred(self.node_port.stopListening)
             await mesh.directory.stop()
-        connections = self.context.connections
-        for connection in list(connections.live):
-            connection.close(closecodes.SHUTTING_DOWN, "relay shutting down")
-        idle = connections.when_idle()
 
-        def abort_stragglers() -> None:
-            for connection in list(connections.live):
-                connection.abort()
-
-        timer = self.reactor.callLater(5, abort_stragglers)
-        await idle
-        if timer.active():
-            timer.cancel()
+        await Drain(self.reactor, self.settings.drain_timeout).run(
+            [self.port] if self.port is not None else [],
+            (lambda: Deferred.fromCoroutine(leave())) if mesh is not None else None,
+            self.context.connections,
+            store.flushed if isinstance(store, MemoryStore) else lambda: succeed(None),
+        )
         if mesh is not None:
             mesh.stop()
-        store = self.store
-        if isinstance(store, MemoryStore):
-            await store.flushed()
         # Telemetry before the store's client: with Redis, its last batch goes there.
         await self.telemetry.stopService()
         await super().stopService()
+        exit_zero_after_sigterm(self.reactor)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -12,12 +12,14 @@ from twisted.python.filepath import FilePath
 
 from coder1_relay.certs import default_state_dir
 from coder1_relay.context import Limits
+from coder1_relay.drain import DRAIN_TIMEOUT
 from coder1_relay.redis_settings import (
     DEFAULT_PREFIX,
     PASSWORD_ENV,
     RedisSettings,
     settings_from_options,
 )
+from coder1_relay.reload import ReloadOnHangup
 from coder1_relay.routing import HubSettings
 from coder1_relay.service import RelayService, RelaySettings
 from coder1_relay.startup_errors import check_endpoint, file_failure
@@ -219,6 +221,14 @@ class Options(OneLineUsageErrors):
             "interface, e.g. tcp:9464:interface=127.0.0.1 (default: not served).",
         ],
         [
+            "drain-timeout",
+            None,
+            DRAIN_TIMEOUT,
+            "Seconds a stopping relay waits for its WebSockets (closed with 1001, going "
+            "away) to close and its store to flush before it exits.",
+            float,
+        ],
+        [
             "send-buffer-size",
             None,
             HubSettings().send_buffer,
@@ -263,6 +273,8 @@ class Options(OneLineUsageErrors):
             raise usage.UsageError("--node-address must be HOST:PORT")
         if self["telemetry-max-size"] < 1:
             raise usage.UsageError("--telemetry-max-size must be at least 1 (MiB)")
+        if self["drain-timeout"] < 0:
+            raise usage.UsageError("--drain-timeout must be 0 or more")
         if self["send-buffer-size"] <= 0:
             raise usage.UsageError("--send-buffer-size must be positive")
         check_log_format(self)
@@ -318,6 +330,7 @@ class Options(OneLineUsageErrors):
             node_address=self["node-address"],
             node_ca=FilePath(self["node-ca"]) if self["node-ca"] else None,
             metrics_listen=self["metrics-listen"],
+            drain_timeout=self["drain-timeout"],
             # WebSockets go idle by the heartbeat: one idle timeout for both.
             hub=attrs.evolve(
                 HubSettings(),
@@ -357,4 +370,5 @@ def makeService(options: Options) -> IService:
         if said is None:
             raise
         raise said from None
+    ReloadOnHangup(reactor_, relay.reload_certificate).setServiceParent(relay)
     return logging_as_chosen(options, relay)

@@ -90,7 +90,12 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
             self.sendMessage(frame, isBinary=True)
 
     def close(self, code: int, reason: str) -> None:
-        self.sendClose(code, reason)
+        if code == closecodes.GOING_AWAY:
+            # Autobahn's sendClose takes 1000 and 3000-4999 only; RFC 6455's
+            # "going away" is what browsers and other clients know.
+            self.sendCloseFrame(code, reason.encode()[:123])
+        else:
+            self.sendClose(code, reason)
 
     def abort(self) -> None:
         self.dropConnection(abort=True)

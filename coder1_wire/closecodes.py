@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 NORMAL = 1000
-#: The relay is shutting down; reconnect (with backoff).
-SHUTTING_DOWN = 4001
+#: The relay process is stopping (RFC 6455 "going away"); reconnect at once,
+#: to another relay process or to this one restarted.
+GOING_AWAY = 1001
 #: A frame whose envelope is malformed, of an unknown kind, or in the wrong direction.
 PROTOCOL_ERROR = 4000
 #: The token was revoked while the connection was open.
@@ -20,3 +21,8 @@ NODE_GONE = 4012
 HEARTBEAT_TIMEOUT = 4011
 #: The connection sent messages faster than the relay's limit (C{Limits.messages_per_second}).
 RATE_LIMITED = 4029
+
+
+#: Closes after which a client reconnects at once rather than after its backoff:
+#: the relay (or the node holding the session) went away, not the client's fault.
+RECONNECT_AT_ONCE = frozenset({GOING_AWAY, NODE_GONE})

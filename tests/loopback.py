@@ -391,6 +391,7 @@ async def crash_relay(relay: RelayService) -> None:
         tls.transport.abortConnection()
     await relay.context.connections.when_idle()
     relay.telemetry.stopService()
+    relay.certificates.stopService()
     relay.running = False
 
 
@@ -454,6 +455,8 @@ class Child(ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
         self.ended: Deferred[None] = Deferred()
+        #: How it ended (ProcessDone, or ProcessTerminated with its code or signal).
+        self.reason: Failure | None = None
         self._waiting: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
 
     @property
@@ -472,6 +475,7 @@ class Child(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
         for _, d in self._waiting:
             d.errback(AssertionError(f"child ended: {self.output[-2000:]!r}"))
         self._waiting = []

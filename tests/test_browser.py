@@ -825,6 +825,33 @@ class BrowserTests(TestCase):
         self.assertEqual(pins, [2, [f"{self.url} {key}"]])
         await page.shot("migrate-05-kept")
 
+    async def test_the_page_comes_back_at_once_after_a_restart(self) -> None:
+        """
+        A relay that stops (SIGTERM's drain) closes the page's WebSocket with 1001, going
+        away: the page retries 0.1-1 s apart without counting towards its backoff (failed
+        attempts while nothing listens included), and is connected again once a relay listens
+        on the port again.
+        """
+        page = await self.fresh_page()
+        port = self.relay.port.getHost().port  # type: ignore[union-attr]
+        connection = "window.coder1.connection"
+        await page.js(
+            f"const c = {connection}; const connect = c.connect.bind(c);"
+            "c.tries = 0; c.connect = () => { c.tries += 1; connect(); };"
+        )
+        await stop_all(self.relay)
+        state = "return document.querySelector('#connection-state').dataset.state"
+        await page.wait(f"{state} !== 'connected'", what="the page to see the relay gone")
+        await page.wait(
+            f"return {connection}.tries >= 3", what="attempts while no relay listens", timeout=10
+        )
+        self.assertEqual(
+            await page.js(f"return [{connection}.attempt, {connection}.promptUntil !== null]"),
+            [0, True],
+        )
+        self.relay = await start_relay(self.state_dir, listen=f"tcp:{port}:interface=127.0.0.1")
+        await page.wait(f"{state} === 'connected'", what="the page back", timeout=10)
+
     async def test_output_and_input_survive_a_relay_crash(self) -> None:
         """
         A terminal prints half a million numbered lines (3.9 MB), paced so that the page is

@@ -7,6 +7,7 @@ the status socket goes.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import tempfile
 
@@ -19,9 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge.config import RelayAddress
 from coder1_bridge.output import INTERNAL, ForegroundObserver, detailed_observer
-from coder1_bridge.reconnect import Reconnect
+from coder1_bridge.reconnect import PROMPT_WINDOW, Reconnect
 from coder1_bridge.relay_errors import Where, WitnessedTLS
 from coder1_bridge.status_socket import MAX_SOCKET_PATH, socket_path
+from coder1_wire import closecodes
 from coder1_wire.tls import client_tls_options
 
 
@@ -110,6 +112,45 @@ class ReconnectTests(SynchronousTestCase):
         )
         self.assertRegex(said[1], r"^Relay still unreachable, retrying in \d+ s\.$")
         self.assertRegex(said[2], r"^Lost the connection to the relay\. Retrying in \d+ s\.$")
+
+    def test_going_away_reconnects_at_once(self) -> None:
+        """
+        After a 1001 close (the relay is stopping) attempts come 0.1 to 1 s
+        apart, however many fail, said once; once the window has passed, the
+        usual backoff starts from its first step.  Other closes get the backoff.
+        """
+        out = io.StringIO()
+        policy = self.reconnect(out)
+        policy.initial_delay = 60.0
+        policy.max_delay = 600.0
+        clock = policy.clock
+        for draw, expected in ((0.0, 0.1), (1.0, 1.0)):
+            policy.uniform = itertools.repeat(draw).__next__
+            policy.opened()
+            policy.closed(closecodes.GOING_AWAY)
+            self.assertAlmostEqual(policy.delay(1), expected)
+        policy.uniform = itertools.repeat(0.5).__next__
+        delays = []
+        while clock.seconds() < PROMPT_WINDOW:
+            policy.failed(Failure(ConnectionRefusedError()))
+            delays.append(policy.delay(1))
+            clock.advance(delays[-1])
+        self.assertEqual(set(delays), {0.55})
+        policy.failed(Failure(ConnectionRefusedError()))
+        self.assertTrue(90 <= policy.delay(1) <= 91)
+        self.assertEqual(out.getvalue().count("The relay is restarting; reconnecting."), 2)
+        for code in (closecodes.NORMAL, closecodes.HEARTBEAT_TIMEOUT, None):
+            policy.opened()
+            policy.closed(code)
+            self.assertGreaterEqual(policy.delay(1), 90)
+
+    def test_node_gone_reconnects_at_once(self) -> None:
+        """A 4012 close (the relay node holding the session went away) is prompt too."""
+        policy = self.reconnect(io.StringIO())
+        policy.initial_delay = 60.0
+        policy.opened()
+        policy.closed(closecodes.NODE_GONE)
+        self.assertLessEqual(policy.delay(1), 1.0)
 
 
 class SocketPathTests(SynchronousTestCase):

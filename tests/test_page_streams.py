@@ -63,3 +63,11 @@ class PageStreamsTests(TestCase):
         terminal's size.
         """
         await self.run_script("bounds_test.mjs", 7)
+
+    async def test_reconnect(self) -> None:
+        """
+        After a 1001 (the relay is going away) or 4012 close the page tries again in 0.1
+        to 1 s, and keeps doing so for 20 s, uncounted; any other close gets the backoff
+        as before.
+        """
+        await self.run_script("reconnect_test.mjs", 4)
