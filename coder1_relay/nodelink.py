@@ -184,7 +184,6 @@ class NodeLinks:
         except Exception:
             _log.info("could not reach relay node {node}", node=owner.node)
             raise LinkRefused(0, "the relay node holding this session is unreachable") from None
-        try:
-            return await factory.opened.addTimeout(LINK_TIMEOUT, self.reactor)
-        except TimeoutError:
-            raise LinkRefused(0, "the relay node holding this session did not answer") from None
+        # Bounded by Autobahn's opening handshake timeout (LINK_TIMEOUT, from the
+        # TCP connection on, TLS included): past it, LinkRefused (_refusal).
+        return await factory.opened

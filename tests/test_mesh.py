@@ -14,6 +14,8 @@ import io
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.python.filepath import FilePath
@@ -21,8 +23,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from coder1_bridge.pairing import pair
+from coder1_relay import nodelink
 from coder1_relay.certs import DEV_CERT_NAME, DEV_KEY_NAME, SIGNING_KEY_NAME
-from coder1_relay.mesh import RELEASE_DELAY, MemoryDirectory, Mesh, SharedMemory
+from coder1_relay.mesh import RELEASE_DELAY, MemoryDirectory, Mesh, Owner, SharedMemory
 from coder1_relay.service import RelayService, RelaySettings
 from coder1_relay.store import BridgeRecord, MemoryStore, StoreUnavailable
 from coder1_wire import closecodes
@@ -41,6 +44,7 @@ from .loopback import (
     relay_address,
     settle,
     start_bridge,
+    start_relay,
     stop_all,
 )
 from .test_routing import make_hub
@@ -223,6 +227,41 @@ class _UnreachableDirectory(MemoryDirectory):
 
     def publish(self, event: dict[str, Any]) -> Deferred[None]:
         return fail(StoreUnavailable("no Redis"))
+
+
+class SilentOwnerTests(TestCase):
+    """A node that takes the connection but never answers the link."""
+
+    async def test_silent_owner_refused(self) -> None:
+        """
+        A link whose TLS and WebSocket handshake never completes is given up
+        after the link timeout (Autobahn's opening handshake timeout, which
+        covers TLS too) as L{LinkRefused}, which the caller turns into a close
+        its client reconnects after.
+        """
+        self.patch(nodelink, "LINK_TIMEOUT", 0.2)
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        relay = await start_relay(FilePath(self.mktemp()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
+        silent = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        self.addCleanup(silent.stopListening)
+        links = nodelink.NodeLinks(
+            reactor,
+            relay.context.tokens,
+            relay.node_tls,
+            "localhost",
+            relay.settings.limits,
+            65536,
+        )
+        owner = Owner("silent", f"127.0.0.1:{silent.getHost().port}")
+        with self.assertRaises(nodelink.LinkRefused) as refused:
+            await links.open(owner, "ide", "session", "c1", {})
+        self.assertEqual(
+            (refused.exception.status, refused.exception.reason),
+            (0, "the relay node holding this session is unreachable; try again"),
+        )
 
 
 class MeshUnitTests(SynchronousTestCase):
