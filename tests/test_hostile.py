@@ -478,12 +478,14 @@ class RelayUnderAttack(TestCase):
 
     def throttled(self, reason: str) -> int:
         """How often the relay's telemetry counted a C{throttled} of C{reason}."""
+        return self.counted("throttled", reason)
+
+    def counted(self, name: str, label: str) -> int:
+        """The relay's telemetry count C{name} of C{label}, written or not."""
         snapshot: dict[str, Any] = self.relay.telemetry.snapshot()
         rows = [*snapshot["pending"]["counts"], *snapshot["counts"]]
         return sum(
-            int(row["value"])
-            for row in rows
-            if row["name"] == "throttled" and row["label"] == reason
+            int(row["value"]) for row in rows if row["name"] == name and row["label"] == label
         )
 
     async def other_browser(self) -> Browser:
@@ -1622,6 +1624,11 @@ class FloodTests(RelayUnderAttack):
         other.send(ws_frame(0x2, control(Kind.CRASH, real, peer=other_peer).encode()))
         self.assertEqual(await other.outcome(b"after"), "alive")
         await self.bystander_kept_working()
+        # Every report was handled (under load, the last may still be on their way).
+        for _ in range(100):
+            if self.counted("crash_report_dropped", "budget") == 2000 - 5:
+                break
+            await deferLater(reactor, 0.1)
         await stop_all(self.relay)
 
         path = self.relay.settings.state_dir.child("telemetry.sqlite").path

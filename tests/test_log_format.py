@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -141,20 +142,25 @@ class OptionTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--log-format", "xml"])
         self.assertEqual(str(error), "--log-format must be text or json, not 'xml'")
 
+    def refused(self, *argv: str) -> str:
+        """What twistd says, on stderr, when it refuses C{argv} (one line, exit status 2)."""
+        said = io.StringIO()
+        self.patch(sys, "stderr", said)
+        error = self.assertRaises(SystemExit, self.parse, *argv)
+        self.assertEqual(error.code, 2)
+        self.assertEqual(said.getvalue().count("\n"), 1)
+        return said.getvalue()
+
     def test_json_refused_with_syslog_or_logger(self) -> None:
         """JSON goes to twistd's log file or standard output, not to syslog or a --logger."""
         for twistd in (["--syslog"], ["--logger", "twisted.logger.textFileLogObserver"]):
-            error = self.assertRaises(
-                usage.UsageError, self.parse, *twistd, "coder1-relay", "--log-format", "json"
-            )
-            self.assertIn("--log-format json writes to twistd's --logfile", str(error))
+            said = self.refused(*twistd, "coder1-relay", "--log-format", "json")
+            self.assertIn("--log-format json writes to twistd's --logfile", said)
 
     def test_json_daemon_to_stdout_refused(self) -> None:
         """A daemon cannot log to standard output, as twistd itself says."""
-        error = self.assertRaises(
-            usage.UsageError, self.parse, "--logfile=-", "coder1-relay", "--log-format=json"
-        )
-        self.assertIn("give --logfile or -n", str(error))
+        said = self.refused("--logfile=-", "coder1-relay", "--log-format=json")
+        self.assertIn("give --logfile or -n", said)
 
 
 def spawn_twistd(*argv: str, env: dict[str, str] | None = None) -> Child:
