@@ -33,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
         "--systems",
         type=lambda s: s.split(","),
         help="keystroke, bulk: comma-separated subset of "
-        "coder1,coder1-command,naive,naive-pty,termpair,terminado",
+        "coder1,coder1-command,naive,naive-pty,termpair,terminado, and on two relay "
+        "processes and a Redis: coder1-cross (tab and bridge on different nodes), "
+        "coder1-node (on the same node)",
     )
     p.add_argument("--count", type=int, help="keystroke: keystrokes per round")
     p.add_argument("--size", help="bulk: bytes of zeros before base64 (e.g. 200M)")

@@ -51,7 +51,7 @@ async def run(options: Any) -> Table:
             Metric("p99", "p99", "us", digits=0),
             Metric("mean", "mean", "us", digits=0),
         ],
-        BASELINE,
+        terminals.baseline(systems, BASELINE),
         notes=[
             f"{count} keystrokes per round after {warmup} not counted; "
             "TLS 1.3 on every WebSocket; coder1 and termpair also encrypt end to end",
