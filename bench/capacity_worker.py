@@ -9,14 +9,21 @@ page and the bridge do.  Reads commands on stdin:
 
     grow N S    pair until this worker holds N sessions, or for at most S seconds, then
                 print ``held N {json}``
+    held        print ``holding N``: the sessions this worker holds
     quit        close everything and exit
 
-    python -m bench.capacity_worker PORT CERT_PEM FIRST_INDEX CONCURRENCY
+    python -m bench.capacity_worker PORT CERT_PEM FIRST_INDEX CONCURRENCY [NODE_PORTS]
+
+With NODE_PORTS (comma-separated), PORT is a deployment's public port, named in
+every URL, and each connection goes to one of NODE_PORTS picked at random, as
+through a round-robin TCP balancer in front of several relay processes
+(L{bench.mesh.Nodes}).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from typing import Any
@@ -60,6 +67,8 @@ class Worker(LineReceiver):
             target, _, seconds = arg.partition(" ")
             grown = self.grow(int(target), float(seconds or "inf"))
             Deferred.fromCoroutine(grown).addErrback(self._failed)
+        elif command == "held":
+            self.sendLine(f"holding {len(self.links) // 2}".encode())
         elif command == "quit":
             self.finished.callback(None)
 
@@ -141,7 +150,13 @@ class Worker(LineReceiver):
 async def _run(reactor: Any, argv: list[str]) -> None:
     port, cert, first, concurrency = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
     with open(cert, "rb") as f:
-        relay = h.Relay(None, port, True, f.read(), "")  # type: ignore[arg-type]
+        pem = f.read()
+    relay = h.Relay(None, port, True, pem, "")  # type: ignore[arg-type]
+    if len(argv) > 5:
+        from bench.mesh import Nodes
+
+        ports = [int(p) for p in argv[5].split(",")]
+        relay = Nodes(None, port, True, pem, "", ports, random.Random(first))  # type: ignore[arg-type]
     worker = Worker(relay, first, concurrency)
     stdio.StandardIO(worker)
     worker.sendLine(b"worker ready")

@@ -126,7 +126,7 @@ class ForwardTests(BenchTestCase):
 class CapacityTests(BenchTestCase):
     async def test_capacity(self) -> None:
         """A few sessions paired and held through client processes; RSS and rates filled."""
-        table = await capacity.run(options(sessions=[16]))
+        [table] = await capacity.run(options(sessions=[16]))
         self.assertFilled(table, ["16 sessions"], "per")
         self.assertFilled(table, ["16 sessions"], "rate")
 
