@@ -170,7 +170,8 @@ async def _deployment(
                     )
             if count > 1 and len(targets) > 1:
                 await h.sleep(3.0)
-                row = held.row(f"{step.held} sessions")
+                label = f"{target} sessions" if step.held >= target else f"{step.held} sessions"
+                row = held.row(label)
                 if step.paired:
                     row.add("rate", step.paired / step.seconds)
                 await _held_row(row, mesh, step.held - base_held, base_rss, base_redis, base_keys)
@@ -183,7 +184,7 @@ async def _deployment(
             calls = sum((await mesh.redis.command_stats()).values())
             await h.sleep(IDLE_WAIT)
             calls = sum((await mesh.redis.command_stats()).values()) - calls
-            row = held.row(f"{step.held} sessions, {IDLE_WAIT:.0f} s later (idle)")
+            row = held.row(f"{label}, {IDLE_WAIT:.0f} s later (idle)")
             row.add("idle ops", calls / IDLE_WAIT)
             await _held_row(row, mesh, step.held - base_held, base_rss, base_redis, base_keys)
             stats = await mesh.redis.command_stats()
