@@ -88,6 +88,7 @@ async def run(options: Any) -> list[Table]:
             Metric("redis", "Redis CPU per pairing", "ms", digits=2),
             Metric("ops", "Redis commands per pairing", "", digits=1),
             Metric("client", "client CPU per pairing", "ms", digits=2),
+            Metric("per", "relay RSS per session, all nodes", "KiB", digits=1),
             Metric("p50", "pairing p50", "ms", digits=0),
             Metric("p99", "pairing p99", "ms", digits=0),
         ],
@@ -162,14 +163,17 @@ async def _deployment(
             step = await _grow_step(workers, share, watched, limit)
             calls = sum((await mesh.redis.command_stats()).values()) - calls
             name = f"{count} relay process{'es' if count > 1 else ''}"
+            await h.sleep(3.0)  # for RSS: what the step freed is returned
             if number == 0:
                 _pairing_row(pairing.row(name), step, relay_pids, redis_pid, calls)
+                growth = sum(h.memory(pid)["rss"] - base_rss[pid] for pid in relay_pids)
+                if step.held > base_held:
+                    pairing.row(name).add("per", growth / (step.held - base_held) / 1024)
                 if step.failed:
                     pairing.notes.append(
                         f"{name}: {step.failed} pairings failed, e.g. {step.failures[:2]}"
                     )
             if count > 1 and len(targets) > 1:
-                await h.sleep(3.0)
                 label = f"{target} sessions" if step.held >= target else f"{step.held} sessions"
                 row = held.row(label)
                 if step.paired:
