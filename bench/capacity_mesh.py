@@ -4,14 +4,17 @@
     python -m bench capacity --relays 2 --store redis [--sessions 1000,10000] [--rounds N]
 
 Each round runs the same client processes (L{bench.capacity_worker}) against a
-deployment of one relay process and then of C{--relays}, each on a Redis of the run's
-own (L{bench.mesh}), and pairs the first C{--sessions} count on each: pairings a
+deployment of one relay process and then of C{--relays} (twice, see below), each on a
+Redis of the run's own (L{bench.mesh}), and pairs the first C{--sessions} count on each: pairings a
 second observed, the relays' CPU per pairing (all nodes), Redis's CPU and commands per
 pairing, and the rate the deployment could sustain with a core per relay process (the
 pairings over the CPU time of its busiest process).  There is no balancer process:
 each client connection goes to a node picked at random (L{bench.mesh.Nodes}), as a
 round-robin TCP balancer shared by many users spreads them; so about half the sessions
-of two nodes have their tab and bridge on different nodes, joined by a node link.
+of two nodes have their tab and bridge on different nodes, joined by a node link.  A
+third deployment per round picks the node by the client's source address instead
+(HAProxy's C{balance source}; here every connection of a session comes from one
+address), so no session crosses nodes: what the node links cost is the difference.
 
 After the last round, the C{--relays} deployment goes on to hold the other counts:
 RSS of each relay process, per session it carries (its growth over the sessions held,
@@ -78,6 +81,7 @@ async def run(options: Any) -> list[Table]:
         )
         targets = [min(t, limit) for t in targets]
     one, many = "1 relay process", f"{relays} relay processes"
+    sticky = f"{relays} relay processes, balanced by source address"
     pairing = Table(
         f"Pairings: {relays} relay processes against 1, on one Redis (same run, "
         f"{targets[0]} sessions paired each)",
@@ -97,6 +101,7 @@ async def run(options: Any) -> list[Table]:
     )
     pairing.row(one)
     pairing.row(many)
+    pairing.row(sticky)
     held = Table(
         f"Idle paired sessions held by {relays} relay processes on one Redis",
         [
@@ -120,9 +125,10 @@ async def run(options: Any) -> list[Table]:
     )
     rounds = max(1, options.rounds)
     for index in range(rounds):
-        for count in (1, relays):
-            last = index == rounds - 1 and count == relays
-            await _deployment(count, targets if last else targets[:1], pairing, held, options)
+        await _deployment(one, 1, targets[:1], pairing, held, options)
+        await _deployment(sticky, relays, targets[:1], pairing, held, options, by_source=True)
+        last = index == rounds - 1
+        await _deployment(many, relays, targets if last else targets[:1], pairing, held, options)
     pairing.notes.append(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return [pairing, held]
 
@@ -132,7 +138,14 @@ def _names(count: int) -> list[str]:
 
 
 async def _deployment(
-    count: int, targets: list[int], pairing: Table, held: Table, options: Any
+    name: str,
+    count: int,
+    targets: list[int],
+    pairing: Table,
+    held: Table,
+    options: Any,
+    *,
+    by_source: bool = False,
 ) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
@@ -142,7 +155,7 @@ async def _deployment(
     try:
         await h.sleep(1.0)
         cert = os.path.join(mesh.state_dirs[0], "dev-cert.pem")
-        ports = ",".join(map(str, mesh.ports))
+        ports = ("source:" if by_source else "") + ",".join(map(str, mesh.ports))
         for i in range(clients):
             argv = [sys.executable, "-m", "bench.capacity_worker", str(mesh.public_port), cert]
             argv += [str(i * 1_000_000), "4", ports]
@@ -162,7 +175,6 @@ async def _deployment(
             limit = STEP_SECONDS if count == 1 else 2 * STEP_SECONDS
             step = await _grow_step(workers, share, watched, limit)
             calls = sum((await mesh.redis.command_stats()).values()) - calls
-            name = f"{count} relay process{'es' if count > 1 else ''}"
             await h.sleep(3.0)  # for RSS: what the step freed is returned
             if number == 0:
                 _pairing_row(pairing.row(name), step, relay_pids, redis_pid, calls)

@@ -17,7 +17,8 @@ page and the bridge do.  Reads commands on stdin:
 With NODE_PORTS (comma-separated), PORT is a deployment's public port, named in
 every URL, and each connection goes to one of NODE_PORTS picked at random, as
 through a round-robin TCP balancer in front of several relay processes
-(L{bench.mesh.Nodes}).
+(L{bench.mesh.Nodes}); with NODE_PORTS written C{source:P1,P2}, picked by its
+source address (every connection of a session to one node).
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ async def _run(reactor: Any, argv: list[str]) -> None:
     if len(argv) > 5:
         from bench.mesh import Nodes
 
-        ports = [int(p) for p in argv[5].split(",")]
-        relay = Nodes(None, port, True, pem, "", ports, random.Random(first))  # type: ignore[arg-type]
+        by_source = argv[5].startswith("source:")
+        ports = [int(p) for p in argv[5].removeprefix("source:").split(",")]
+        relay = Nodes(None, port, True, pem, "", ports, random.Random(first), by_source)  # type: ignore[arg-type]
     worker = Worker(relay, first, concurrency)
     stdio.StandardIO(worker)
     worker.sendLine(b"worker ready")

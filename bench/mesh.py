@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import attrs
@@ -113,18 +114,25 @@ async def start_redis() -> Redis:
 class Nodes(h.Relay):
     """
     Some nodes of a deployment as a client sees them: URLs name the public port
-    (C{port}); each new connection goes to one of C{ports}, picked at random.
+    (C{port}); each new connection goes to one of C{ports}, picked at random (or by
+    its source address).
     """
 
     ports: list[int] = attrs.field(factory=list)
     pick: random.Random = attrs.field(factory=lambda: random.Random(0))
+    #: Pick by the client's source address instead (HAProxy's C{balance source}):
+    #: every connection of one simulated user reaches the same node.
+    by_source: bool = False
 
     def endpoint(
         self,
         source: str | None = None,
         creator: IOpenSSLClientConnectionCreator | None = None,
     ) -> IStreamClientEndpoint:
-        port = self.pick.choice(self.ports)
+        if self.by_source and source is not None:
+            port = self.ports[zlib.crc32(source.encode()) % len(self.ports)]
+        else:
+            port = self.pick.choice(self.ports)
         tcp = TCP4ClientEndpoint(
             h.reactor, "127.0.0.1", port, timeout=30, bindAddress=(source, 0) if source else None
         )

@@ -173,10 +173,13 @@ class CapacityTests(BenchTestCase):
         self.needs_redis()
         self.patch(capacity_mesh, "IDLE_WAIT", 2.0)
         pairing, held = await capacity.run(options(relays=2, store="redis", sessions=[8, 16]))
+        self.assertEqual(len(pairing.rows), 3)  # one; two at random; two by source address
         for metric in ("rate", "cpu", "cap", "redis", "ops", "client"):
-            self.assertFilled(pairing, ["1 relay process", "2 relay processes"], metric)
-        for metric in ("rss", "files", "redis", "keys"):
+            self.assertFilled(pairing, [r.name for r in pairing.rows], metric)
+        for metric in ("rss", "files", "keys"):
             self.assertFilled(held, ["16 sessions", "16 sessions, 2 s later (idle)"], metric)
+        # Redis's memory moves by more than a few sessions' worth on its own: measured only.
+        self.assertTrue(math.isfinite(held.median("16 sessions", "redis")))
         self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle ops")
 
     test_capacity_on_two_relays.timeout = 300  # type: ignore[attr-defined]
