@@ -21,7 +21,8 @@ RSS of each relay process, per session it carries (its growth over the sessions 
 divided by the number of nodes), open files of the busiest process, and Redis's
 memory per session (C{INFO memory} C{used_memory} growth over the sessions held);
 then once more 65 s later, when the pairings' rate windows have expired (an idle
-session), with the Redis commands a second the idle deployment sends.
+session), with the Redis commands a second the idle deployment sends and the relays'
+CPU meanwhile (heartbeats: every connection is pinged every 15 s).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ async def run(options: Any) -> list[Table]:
             Metric("redis", "Redis used_memory per session", "KiB", digits=2),
             Metric("keys", "Redis keys per session", "", digits=1),
             Metric("idle ops", "Redis commands/s, idle", "", digits=1),
+            Metric("idle cpu", "relay CPU idle, all nodes", "% of a core", digits=1),
             Metric("rate", "pairings/s observed", "", False, digits=0),
         ],
         "",
@@ -198,10 +200,13 @@ async def _deployment(
                     )
         if count > 1 and len(targets) > 1:
             calls = sum((await mesh.redis.command_stats()).values())
+            cpu = sum(h.cpu_seconds(pid) for pid in relay_pids)
             await h.sleep(IDLE_WAIT)
+            cpu = sum(h.cpu_seconds(pid) for pid in relay_pids) - cpu
             calls = sum((await mesh.redis.command_stats()).values()) - calls
             row = held.row(f"{label}, {IDLE_WAIT:.0f} s later (idle)")
             row.add("idle ops", calls / IDLE_WAIT)
+            row.add("idle cpu", cpu / IDLE_WAIT * 100)
             await _held_row(row, mesh, step.held - base_held, base_rss, base_redis, base_keys)
             stats = await mesh.redis.command_stats()
             top = sorted(stats.items(), key=lambda kv: -kv[1])[:6]

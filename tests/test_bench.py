@@ -115,7 +115,8 @@ class KeystrokeTests(BenchTestCase):
         self.needs_redis()
         table = await keystroke.run(options(count=5, systems=["coder1-node", "coder1-cross"]))
         self.assertEqual(table.baseline, "coder1 same node of two")
-        self.assertFilled(table, ["coder1 same node of two", "coder1 across nodes"], "p50")
+        for metric in ("p50", "cpu"):
+            self.assertFilled(table, ["coder1 same node of two", "coder1 across nodes"], metric)
 
     async def test_peers(self) -> None:
         """A few keystrokes through termpair and terminado, where installed."""
@@ -181,6 +182,7 @@ class CapacityTests(BenchTestCase):
         # Redis's memory moves by more than a few sessions' worth on its own: measured only.
         self.assertTrue(math.isfinite(held.median("16 sessions", "redis")))
         self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle ops")
+        self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle cpu")
 
     test_capacity_on_two_relays.timeout = 300  # type: ignore[attr-defined]
 
