@@ -22,14 +22,18 @@ divided by the number of nodes), open files of the busiest process, and Redis's
 memory per session (C{INFO memory} C{used_memory} growth over the sessions held);
 then once more 65 s later, when the pairings' rate windows have expired (an idle
 session), with the Redis commands a second the idle deployment sends and the relays'
-CPU meanwhile (heartbeats: every connection is pinged every 15 s).
+CPU meanwhile (heartbeats: every connection is pinged every 15 s).  Last, 2,000 of the
+sessions close both connections and open them again (as after a laptop sleeps): relay
+CPU, Redis CPU and Redis commands per reconnection.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 from bench import harness as h
@@ -40,6 +44,8 @@ from bench.stats import Metric, Table, percentile
 #: Seconds after the last step before the idle figures: the pairings' rate windows
 #: (60 s) have expired by then.
 IDLE_WAIT = 65.0
+#: Sessions closed and opened again at the end (all of them at tiny sizes).
+RECONNECT = 2000
 
 
 def per_node_capacity(nodes: int) -> int:
@@ -125,14 +131,30 @@ async def run(options: Any) -> list[Table]:
             f"times {relays} (per session of its share)"
         ],
     )
+    reconnect = Table(
+        f"Reconnections: idle sessions' two connections closed and opened again, "
+        f"{relays} relay processes",
+        [
+            Metric("rate", "reconnections/s observed", "", False, digits=0),
+            Metric("cpu", "relay CPU per reconnection, all nodes", "ms", digits=2),
+            Metric("redis", "Redis CPU per reconnection", "ms", digits=3),
+            Metric("ops", "Redis commands per reconnection", "", digits=1),
+            Metric("p50", "reconnection p50", "ms", digits=0),
+            Metric("p99", "reconnection p99", "ms", digits=0),
+        ],
+        "",
+        notes=["the sessions closed and opened again after the idle row, a few at a time"],
+    )
     rounds = max(1, options.rounds)
     for index in range(rounds):
         await _deployment(one, 1, targets[:1], pairing, held, options)
         await _deployment(sticky, relays, targets[:1], pairing, held, options, by_source=True)
         last = index == rounds - 1
-        await _deployment(many, relays, targets if last else targets[:1], pairing, held, options)
+        await _deployment(
+            many, relays, targets if last else targets[:1], pairing, held, options, reconnect
+        )
     pairing.notes.append(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    return [pairing, held]
+    return [pairing, held, reconnect]
 
 
 def _names(count: int) -> list[str]:
@@ -146,6 +168,7 @@ async def _deployment(
     pairing: Table,
     held: Table,
     options: Any,
+    reconnect: Table | None = None,
     *,
     by_source: bool = False,
 ) -> None:
@@ -210,6 +233,9 @@ async def _deployment(
             await _held_row(row, mesh, step.held - base_held, base_rss, base_redis, base_keys)
             stats = await mesh.redis.command_stats()
             top = sorted(stats.items(), key=lambda kv: -kv[1])[:6]
+            if reconnect is not None:
+                count = step.held if options.quick else min(step.held, RECONNECT)
+                await _reconnect(reconnect, mesh, workers, count, relay_pids)
             held.notes.append(
                 "Redis commands over the whole run (INFO commandstats): "
                 + ", ".join(f"{name} {calls}" for name, calls in top)
@@ -221,6 +247,46 @@ async def _deployment(
         for worker in workers:
             await worker.stop(grace=30)
         await mesh.stop()
+
+
+async def _reconnect(
+    table: Table, mesh: Mesh, workers: list[h.Process], count: int, relays: list[int]
+) -> None:
+    """Close and open again the connections of C{count} sessions held; the row."""
+    redis = mesh.redis.process.pid
+    before = {pid: h.cpu_seconds(pid) for pid in [*relays, redis]}
+    calls = sum((await mesh.redis.command_stats()).values())
+    start = time.perf_counter()
+    share = [
+        count // len(workers) + (1 if i < count % len(workers) else 0) for i in range(len(workers))
+    ]
+    for worker, n in zip(workers, share, strict=True):
+        worker.write(f"reconnect {n}\n".encode())
+    latencies: list[float] = []
+    done = failed = 0
+    for worker in workers:
+        match = await worker.wait_for(r"reconnected (\{.*\})\n", timeout=600)
+        report = json.loads(match.group(1))
+        del worker.output[: match.end()]
+        latencies += report["latencies"]
+        done += report["reconnected"]
+        failed += report["failed"]
+        if report["failures"]:
+            table.notes.append(f"reconnection failures, e.g. {report['failures'][:2]}")
+    seconds = time.perf_counter() - start
+    calls = sum((await mesh.redis.command_stats()).values()) - calls
+    cpu = {pid: h.cpu_seconds(pid) - before[pid] for pid in before}
+    if not done:
+        return
+    row = table.row(f"{done} sessions")
+    row.add("rate", done / seconds)
+    row.add("cpu", sum(cpu[pid] for pid in relays) / done * 1000)
+    row.add("redis", cpu[redis] / done * 1000)
+    row.add("ops", calls / done)
+    row.add("p50", percentile(latencies, 50) * 1000)
+    row.add("p99", percentile(latencies, 99) * 1000)
+    if failed:
+        table.notes.append(f"{failed} reconnections failed")
 
 
 def _pairing_row(row: Any, step: Step, relays: list[int], redis: int, calls: int) -> None:

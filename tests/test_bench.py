@@ -167,13 +167,16 @@ class CapacityTests(BenchTestCase):
 
     async def test_capacity_on_two_relays(self) -> None:
         """
-        One relay process against two on a Redis of the run's own: both pairing
+        One relay process against two on a Redis of the run's own: the pairing
         rows filled; then sessions held across the two, with Redis's memory and
-        its idle commands (the idle wait shortened).
+        its idle commands (the idle wait shortened); then every session's
+        connections closed and opened again.
         """
         self.needs_redis()
         self.patch(capacity_mesh, "IDLE_WAIT", 2.0)
-        pairing, held = await capacity.run(options(relays=2, store="redis", sessions=[8, 16]))
+        pairing, held, reconnect = await capacity.run(
+            options(relays=2, store="redis", sessions=[8, 16])
+        )
         self.assertEqual(len(pairing.rows), 3)  # one; two at random; two by source address
         for metric in ("rate", "cpu", "cap", "redis", "ops", "client"):
             self.assertFilled(pairing, [r.name for r in pairing.rows], metric)
@@ -183,6 +186,9 @@ class CapacityTests(BenchTestCase):
         self.assertTrue(math.isfinite(held.median("16 sessions", "redis")))
         self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle ops")
         self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle cpu")
+        [row] = reconnect.rows
+        for metric in ("rate", "cpu", "ops", "p50"):
+            self.assertFilled(reconnect, [row.name], metric)
 
     test_capacity_on_two_relays.timeout = 300  # type: ignore[attr-defined]
 
