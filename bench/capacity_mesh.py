@@ -69,10 +69,14 @@ def open_files(pid: int) -> int:
 
 
 async def run(options: Any) -> list[Table]:
+    relays = options.relays or 2
+    if relays < 2:
+        raise SystemExit(
+            "capacity --store redis compares several relay processes with one: --relays 2"
+        )
     missing = redis_missing()
     if missing:
         raise SystemExit(f"capacity --store redis needs Redis: {missing}")
-    relays = options.relays or 2
     targets = options.sessions or ([200, 1000] if options.quick else [1000, 10000])
     limit = per_node_capacity(relays)
     notes = [

@@ -192,6 +192,12 @@ class CapacityTests(BenchTestCase):
 
     test_capacity_on_two_relays.timeout = 300  # type: ignore[attr-defined]
 
+    async def test_redis_needs_several_relays(self) -> None:
+        """One relay process on Redis alone is refused, saying what to ask for."""
+        with self.assertRaises(SystemExit) as raised:
+            await capacity.run(options(relays=1, store="redis", sessions=[8]))
+        self.assertIn("--relays 2", str(raised.exception))
+
     async def test_several_relays_need_redis(self) -> None:
         """Several relay processes in memory are refused, saying what to add."""
         with self.assertRaises(SystemExit) as raised:
