@@ -2,6 +2,8 @@
 Run the benchmarks by hand:
 
     python -m bench keystroke|bulk|forward|capacity|startup|all [--quick] [--rounds N]
+    python -m bench capacity --relays 2 --store redis
+    python -m bench keystroke|bulk --systems coder1-node,coder1-cross
 
 Each prints a Markdown table: per system the median over the rounds with the minimum
 and maximum, and the ratio to the baseline measured in the same invocation.
@@ -33,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
         "--systems",
         type=lambda s: s.split(","),
         help="keystroke, bulk: comma-separated subset of "
-        "coder1,coder1-command,naive,naive-pty,termpair,terminado",
+        "coder1,coder1-command,naive,naive-pty,termpair,terminado, and on two relay "
+        "processes and a Redis: coder1-cross (tab and bridge on different nodes), "
+        "coder1-node (on the same node)",
     )
     p.add_argument("--count", type=int, help="keystroke: keystrokes per round")
     p.add_argument("--size", help="bulk: bytes of zeros before base64 (e.g. 200M)")
@@ -42,6 +46,17 @@ def parser() -> argparse.ArgumentParser:
         "--sessions",
         type=lambda s: [int(n) for n in s.split(",")],
         help="capacity: session counts to measure at (default 1000,10000)",
+    )
+    p.add_argument(
+        "--relays",
+        type=int,
+        help="capacity: relay processes, compared with one in the same run (needs --store redis)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["memory", "redis"],
+        default="memory",
+        help="capacity: the relays' store: in memory (default) or a Redis the run starts",
     )
     p.add_argument("--json", help="also append each table as one JSON line to this file")
     p.add_argument("--profile", help="write a cProfile of the relay (forward) to this file")
@@ -68,8 +83,9 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
         if json_out is not None:
             json_out.write(json.dumps({"machine": h.machine()}) + "\n")
         for name in chosen:
-            table = await modules[name].run(options)
-            emit(table, sys.stdout, json_out)
+            result = await modules[name].run(options)
+            for table in result if isinstance(result, list) else [result]:
+                emit(table, sys.stdout, json_out)
     finally:
         await h.stop_all()
         if json_out is not None:

@@ -88,7 +88,7 @@ async def run(options: Any) -> Table:
             Metric("cpu", "system CPU", "ms/MB", digits=2),
             Metric("peak", "peak RSS of the system's processes", "MiB", digits=0),
         ],
-        BASELINE,
+        terminals.baseline(systems, BASELINE),
         notes=[
             "TLS 1.3 on every WebSocket; coder1 and termpair also encrypt end to end",
             *skipped,

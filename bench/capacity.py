@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from bench import harness as h
 from bench.stats import Metric, Table, percentile
 from coder1_relay.context import FD_RESERVE
@@ -45,7 +47,13 @@ def fd_capacity() -> int:
     return (hard - SPARE_FDS) // 2
 
 
-async def run(options: Any) -> Table:
+async def run(options: Any) -> list[Table]:
+    if getattr(options, "store", "memory") == "redis":
+        from bench import capacity_mesh
+
+        return await capacity_mesh.run(options)
+    if (getattr(options, "relays", None) or 1) > 1:
+        raise SystemExit("several relay processes share their state through Redis: --store redis")
     targets = options.sessions or ([200, 1000] if options.quick else [1000, 10000])
     limit = fd_capacity()
     notes = []
@@ -73,7 +81,7 @@ async def run(options: Any) -> Table:
     )
     for _ in range(options.rounds if options.rounds <= 1 or options.quick else 1):
         await _round(table, capped, options)
-    return table
+    return [table]
 
 
 async def _round(table: Table, targets: list[int], options: Any) -> None:
@@ -109,7 +117,53 @@ async def _round(table: Table, targets: list[int], options: Any) -> None:
         await relay.process.stop(grace=30)
 
 
-_grown: dict[int, int] = {}
+@attrs.define
+class Step:
+    """What one growth step measured: sessions held after it, pairings made, CPU spent."""
+
+    held: int
+    paired: int
+    seconds: float
+    #: CPU seconds of each watched process during the step (by pid).
+    cpu: dict[int, float]
+    latencies: list[float]
+    last30: int
+    failed: int
+    failures: list[str]
+
+
+async def _grow_step(
+    workers: list[h.Process], share: list[int], watched: list[int], seconds_limit: float
+) -> Step:
+    """Grow each worker to its share, watching the CPU time of the processes C{watched}."""
+    before = {pid: h.cpu_seconds(pid) for pid in watched}
+    start = time.perf_counter()
+    marks = []
+    for worker, target in zip(workers, share, strict=True):
+        if target == 0:
+            continue
+        marks.append(worker)
+        worker.write(f"grow {target} {seconds_limit}\n".encode())
+    step = Step(0, 0, 0.0, {}, [], 0, 0, [])
+    for worker in marks:
+        match = await worker.wait_for(r"held (\d+) (\{.*\})\n", timeout=seconds_limit + 180.0)
+        report = json.loads(match.group(2))
+        del worker.output[: match.end()]  # each report is read once
+        step.latencies += report["latencies"]
+        step.paired += report["paired"]
+        step.last30 += report["last30"]
+        step.failed += report["failed"]
+        step.failures += report["failures"]
+    step.seconds = time.perf_counter() - start
+    step.cpu = {pid: h.cpu_seconds(pid) - before[pid] for pid in watched}
+    # Sessions held: every worker's (not only those that grew).
+    for worker in workers:
+        worker.write(b"held\n")
+    for worker in workers:
+        match = await worker.wait_for(r"holding (\d+)\n", timeout=60)
+        step.held += int(match.group(1))
+        del worker.output[: match.end()]  # after reading it: the match reads the buffer
+    return step
 
 
 async def _grow(
@@ -121,39 +175,16 @@ async def _grow(
     base: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """Grow each worker to its share; record the row.  Returns (sessions, RSS) after."""
-    cpu = h.cpu_seconds(relay.process.pid)
-    start = time.perf_counter()
-    marks = []
-    for worker, target in zip(workers, share, strict=True):
-        if target == 0:
-            continue
-        marks.append(worker)
-        worker.write(f"grow {target} {STEP_SECONDS}\n".encode())
-    latencies: list[float] = []
-    report_held: list[int] = []
-    paired = failed = last30 = 0
-    failures: list[str] = []
-    for worker in marks:
-        deadline = STEP_SECONDS + 180.0
-        match = await worker.wait_for(r"held (\d+) (\{.*\})\n", timeout=deadline)
-        report_held.append(int(match.group(1)))
-        report = json.loads(match.group(2))
-        del worker.output[: match.end()]  # each report is read once
-        latencies += report["latencies"]
-        paired += report["paired"]
-        last30 += report["last30"]
-        failed += report["failed"]
-        failures += report["failures"]
-    seconds = time.perf_counter() - start
-    cpu = h.cpu_seconds(relay.process.pid) - cpu
+    pid = relay.process.pid
+    step = await _grow_step(workers, share, [pid], STEP_SECONDS)
     await h.sleep(3.0)
-    rss = h.memory(relay.process.pid)["rss"]
-    held = sum(report_held)
+    rss = h.memory(pid)["rss"]
+    held, paired, seconds, cpu = step.held, step.paired, step.seconds, step.cpu[pid]
     if base is not None and held < sum(share):
         name = f"{held} sessions (of {sum(share)} in {STEP_SECONDS:.0f} s)"
         table.notes.append(
             f"{name}: the step stopped at its time limit; pairing slows as sessions grow "
-            f"({last30 / 30:.0f} pairings/s in its last 30 s)"
+            f"({step.last30 / 30:.0f} pairings/s in its last 30 s)"
         )
     row = table.row(name)
     row.add("rss", rss / 2**20)
@@ -163,10 +194,10 @@ async def _grow(
         row.add("rate", paired / seconds)
         row.add("cpu", cpu / paired * 1000)
         row.add("cap", paired / cpu if cpu else float("nan"))
-        row.add("p50", percentile(latencies, 50) * 1000)
-        row.add("p99", percentile(latencies, 99) * 1000)
+        row.add("p50", percentile(step.latencies, 50) * 1000)
+        row.add("p99", percentile(step.latencies, 99) * 1000)
         if seconds > 60:
-            row.add("end", last30 / 30)
-    if failed:
-        table.notes.append(f"{name}: {failed} pairings failed, e.g. {failures[:2]}")
+            row.add("end", step.last30 / 30)
+    if step.failed:
+        table.notes.append(f"{name}: {step.failed} pairings failed, e.g. {step.failures[:2]}")
     return held, rss

@@ -9,14 +9,24 @@ page and the bridge do.  Reads commands on stdin:
 
     grow N S    pair until this worker holds N sessions, or for at most S seconds, then
                 print ``held N {json}``
+    held        print ``holding N``: the sessions this worker holds
+    reconnect N close both connections of N sessions held and open them again (a few
+                at a time), then print ``reconnected {json}``
     quit        close everything and exit
 
-    python -m bench.capacity_worker PORT CERT_PEM FIRST_INDEX CONCURRENCY
+    python -m bench.capacity_worker PORT CERT_PEM FIRST_INDEX CONCURRENCY [NODE_PORTS]
+
+With NODE_PORTS (comma-separated), PORT is a deployment's public port, named in
+every URL, and each connection goes to one of NODE_PORTS picked at random, as
+through a round-robin TCP balancer in front of several relay processes
+(L{bench.mesh.Nodes}); with NODE_PORTS written C{source:P1,P2}, picked by its
+source address (every connection of a session to one node).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from typing import Any
@@ -49,6 +59,8 @@ class Worker(LineReceiver):
         self.lanes = concurrency
         self.browser, self.bridge = Identity.generate(), Identity.generate()
         self.links: list[h.RelayLink] = []
+        #: Per session held (links 2i and 2i + 1): its pairing and source address.
+        self.sessions: list[tuple[h.Pairing, str]] = []
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self.finished_at: list[float] = []
@@ -60,6 +72,11 @@ class Worker(LineReceiver):
             target, _, seconds = arg.partition(" ")
             grown = self.grow(int(target), float(seconds or "inf"))
             Deferred.fromCoroutine(grown).addErrback(self._failed)
+        elif command == "reconnect":
+            reconnected = self.reconnect(int(arg))
+            Deferred.fromCoroutine(reconnected).addErrback(self._failed)
+        elif command == "held":
+            self.sendLine(f"holding {len(self.links) // 2}".encode())
         elif command == "quit":
             self.finished.callback(None)
 
@@ -111,6 +128,43 @@ class Worker(LineReceiver):
         self.latencies.append(time.perf_counter() - start)
         self.finished_at.append(time.perf_counter())
         self.links += [bridge, ide]
+        self.sessions.append((pairing, source))
+
+    async def again(self, index: int) -> None:
+        """Close session C{index}'s two connections and open them again, as after a sleep."""
+        pairing, source = self.sessions[index]
+        for link in self.links[2 * index : 2 * index + 2]:
+            await h.with_timeout(link.close(), 30, "closing a connection")
+        start = time.perf_counter()
+        try:
+            bridge = await h.open_bridge_link(
+                self.relay, pairing.token, source=source, creator=self.creator
+            )
+            ide = await h.open_ide_link(
+                self.relay, pairing.cookie, source=source, creator=self.creator
+            )
+        except Exception as e:
+            self.failures.append(repr(e)[:200])
+            return
+        self.latencies.append(time.perf_counter() - start)
+        self.links[2 * index : 2 * index + 2] = [bridge, ide]
+
+    async def reconnect(self, count: int) -> None:
+        self.latencies, self.failures = [], []
+        todo = list(range(min(count, len(self.sessions))))
+
+        async def lane() -> None:
+            while todo:
+                await self.again(todo.pop())
+
+        await h.gatherResults([Deferred.fromCoroutine(lane()) for _ in range(self.lanes)])
+        report = {
+            "reconnected": len(self.latencies),
+            "latencies": self.latencies,
+            "failures": self.failures[:5],
+            "failed": len(self.failures),
+        }
+        self.sendLine(f"reconnected {json.dumps(report)}".encode())
 
     async def grow(self, target: int, seconds: float) -> None:
         self.latencies, self.failures, self.finished_at = [], [], []
@@ -141,7 +195,14 @@ class Worker(LineReceiver):
 async def _run(reactor: Any, argv: list[str]) -> None:
     port, cert, first, concurrency = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
     with open(cert, "rb") as f:
-        relay = h.Relay(None, port, True, f.read(), "")  # type: ignore[arg-type]
+        pem = f.read()
+    relay = h.Relay(None, port, True, pem, "")  # type: ignore[arg-type]
+    if len(argv) > 5:
+        from bench.mesh import Nodes
+
+        by_source = argv[5].startswith("source:")
+        ports = [int(p) for p in argv[5].removeprefix("source:").split(",")]
+        relay = Nodes(None, port, True, pem, "", ports, random.Random(first), by_source)  # type: ignore[arg-type]
     worker = Worker(relay, first, concurrency)
     stdio.StandardIO(worker)
     worker.sendLine(b"worker ready")

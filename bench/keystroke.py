@@ -8,7 +8,9 @@ is line-buffered.  The naive echo peer has no terminal: it is the bare Autobahn
 baseline.  One keystroke is in flight at a time; each round opens a fresh terminal,
 types C{warmup} characters (not counted), then C{count} characters, and keeps their
 p50 and p99.  Systems take turns within a round, so a slow moment of the machine
-hits them alike.
+hits them alike.  Relay CPU per keystroke is that of the processes named relay (all
+the relay nodes a keystroke and its echo pass through; not the bridge, not the peers'
+servers), over the counted keystrokes.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ async def run(options: Any) -> Table:
             Metric("p50", "p50", "us", digits=0),
             Metric("p99", "p99", "us", digits=0),
             Metric("mean", "mean", "us", digits=0),
+            Metric("cpu", "relay CPU per keystroke", "us", digits=0),
         ],
-        BASELINE,
+        terminals.baseline(systems, BASELINE),
         notes=[
             f"{count} keystrokes per round after {warmup} not counted; "
             "TLS 1.3 on every WebSocket; coder1 and termpair also encrypt end to end",
@@ -68,12 +71,17 @@ async def run(options: Any) -> Table:
                 await system.open()
                 await h.sleep(0.2)
                 await keystrokes(system, warmup)
+                relays = [p for n, p in system.pids().items() if n.startswith("relay")]
+                cpu = sum(h.cpu_seconds(p) for p in relays)
                 samples = await keystrokes(system, count)
+                cpu = sum(h.cpu_seconds(p) for p in relays) - cpu
                 await system.close()
                 row = table.row(system.name)
                 row.add("p50", percentile(samples, 50) * 1e6)
                 row.add("p99", percentile(samples, 99) * 1e6)
                 row.add("mean", sum(samples) / len(samples) * 1e6)
+                if relays:
+                    row.add("cpu", cpu / count * 1e6)
     finally:
         for system in systems:
             try:

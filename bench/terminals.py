@@ -111,7 +111,7 @@ class Coder1(System):
 
     async def setup(self, command: str) -> None:
         self.command = command
-        self.system = await h.full_system()
+        self.system = await self.start()
         self.system.ide.on_frame = self._frame
         self.system.ide.link.closed().addCallback(
             lambda close: self.output.lost(f"the relay closed the IDE connection: {close}")
@@ -119,6 +119,10 @@ class Coder1(System):
         self.stream = 0
         self._opened: Deferred[None] | None = None
         self._exited: Deferred[None] | None = None
+
+    async def start(self) -> h.FullSystem:
+        """Start the relay and a bridge, pair them, connect the IDE."""
+        return await h.full_system()
 
     def _frame(self, envelope: Envelope) -> None:
         if envelope.stream != self.stream:
@@ -158,6 +162,36 @@ class Coder1(System):
 
     def pids(self) -> dict[str, int]:
         return {"relay": self.system.relay.process.pid, "bridge": self.system.bridge.pid}
+
+
+class Coder1Mesh(Coder1):
+    """
+    The product as two relay processes on one Redis (bench.mesh): the bridge on
+    node B, the IDE tab on node A (C{across}: every frame also crosses a node
+    link) or on node B too.
+    """
+
+    def __init__(self, *, across: bool) -> None:
+        super().__init__()
+        self.across = across
+        self.name = "coder1 across nodes" if across else "coder1 same node of two"
+
+    async def start(self) -> h.FullSystem:
+        from bench.mesh import mesh_system
+
+        self.mesh = await mesh_system(across=self.across)
+        return self.mesh.system
+
+    async def teardown(self) -> None:
+        await self.system.bridge.stop()
+        await self.mesh.mesh.stop()
+
+    def pids(self) -> dict[str, int]:
+        pids = self.mesh.mesh.pids()
+        pids.pop("redis")  # it has nothing to do with frames (docs/scaling.md)
+        if not self.across:
+            pids.pop("relay A")  # idle: the tab and the bridge are on B
+        return {**pids, "bridge": self.system.bridge.pid}
 
 
 # --------------------------------------------------------------------------- naive
@@ -370,6 +404,8 @@ class Terminado(System):
 class Choice:
     make: Any
     needs: str | None = None
+    #: Whether it runs relay processes on a Redis of its own (bench.mesh).
+    mesh: bool = False
 
 
 def available(names: list[str]) -> tuple[list[System], list[str]]:
@@ -378,6 +414,8 @@ def available(names: list[str]) -> tuple[list[System], list[str]]:
     skipped: list[str] = []
     table = {
         "coder1": Choice(Coder1),
+        "coder1-cross": Choice(lambda: Coder1Mesh(across=True), mesh=True),
+        "coder1-node": Choice(lambda: Coder1Mesh(across=False), mesh=True),
         "naive": Choice(lambda: Naive(pty=False)),
         "naive-pty": Choice(lambda: Naive(pty=True)),
         "termpair": Choice(TermPair, "termpair"),
@@ -388,8 +426,37 @@ def available(names: list[str]) -> tuple[list[System], list[str]]:
         if choice.needs and not h.peer_available(choice.needs):
             skipped.append(f"{name}: not installed in {h.peer_python()} (skipped)")
             continue
+        if choice.mesh:
+            from bench.mesh import redis_missing
+
+            missing = redis_missing()
+            if missing:
+                skipped.append(f"{name}: {missing} (skipped)")
+                continue
         systems.append(choice.make())
     return systems, skipped
 
 
-SYSTEM_NAMES = ["coder1", "naive", "naive-pty", "termpair", "terminado"]
+def baseline(systems: list[System], preferred: str) -> str:
+    """
+    The row ratios divide by: C{preferred} (the naive relay) when it runs; else the
+    product with the tab and the bridge on one node, of two (C{coder1-node}) or of one
+    (C{coder1}): so C{coder1-node,coder1-cross} compares across nodes with the same
+    node, measured in the same run.
+    """
+    names = [s.name for s in systems]
+    for name in (preferred, "coder1 same node of two", "coder1"):
+        if name in names:
+            return name
+    return preferred
+
+
+SYSTEM_NAMES = [
+    "coder1",
+    "coder1-cross",
+    "coder1-node",
+    "naive",
+    "naive-pty",
+    "termpair",
+    "terminado",
+]

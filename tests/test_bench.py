@@ -17,7 +17,17 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, TestCase
 
-from bench import bulk, capacity, forward, harness, keystroke, startup, terminals
+from bench import (
+    bulk,
+    capacity,
+    capacity_mesh,
+    forward,
+    harness,
+    keystroke,
+    mesh,
+    startup,
+    terminals,
+)
 from bench.__main__ import parser
 from bench.stats import Spread, Table, percentile
 
@@ -49,6 +59,13 @@ class BenchTestCase(TestCase):
     def needs(self, module: str) -> None:
         if not harness.peer_available(module):
             raise SkipTest(f"{module} is not installed in {harness.peer_python()}")
+
+    def needs_redis(self) -> None:
+        """Skip, saying why, where redis-server (or its client library) is missing."""
+        missing = mesh.redis_missing()
+        if missing:
+            print(f"skipped: {missing}")
+            raise SkipTest(missing)
 
 
 class StatsTests(TestCase):
@@ -90,6 +107,17 @@ class KeystrokeTests(BenchTestCase):
         await harness.with_timeout(arrived, 30, "the last keystroke's echo")
         self.assertEqual(system.output.total, 1000)
 
+    async def test_across_nodes(self) -> None:
+        """
+        A few keystrokes with the tab and the bridge on different relay processes
+        of one Redis, and on the same one: the ratios are against the same node.
+        """
+        self.needs_redis()
+        table = await keystroke.run(options(count=5, systems=["coder1-node", "coder1-cross"]))
+        self.assertEqual(table.baseline, "coder1 same node of two")
+        for metric in ("p50", "cpu"):
+            self.assertFilled(table, ["coder1 same node of two", "coder1 across nodes"], metric)
+
     async def test_peers(self) -> None:
         """A few keystrokes through termpair and terminado, where installed."""
         self.needs("termpair")
@@ -105,6 +133,13 @@ class BulkTests(BenchTestCase):
             options(size="64K", systems=["naive-pty", "coder1", "coder1-command"])
         )
         self.assertFilled(table, [bulk.BASELINE, "coder1", "coder1 command"], "mbps")
+
+    async def test_across_nodes(self) -> None:
+        """A little output to a tab on one relay process from a bridge on another."""
+        self.needs_redis()
+        table = await bulk.run(options(size="64K", systems=["coder1", "coder1-cross"]))
+        self.assertEqual(table.baseline, "coder1")
+        self.assertFilled(table, ["coder1", "coder1 across nodes"], "mbps")
 
     async def test_peers(self) -> None:
         """A little output through termpair and terminado, where installed."""
@@ -126,9 +161,48 @@ class ForwardTests(BenchTestCase):
 class CapacityTests(BenchTestCase):
     async def test_capacity(self) -> None:
         """A few sessions paired and held through client processes; RSS and rates filled."""
-        table = await capacity.run(options(sessions=[16]))
+        [table] = await capacity.run(options(sessions=[16]))
         self.assertFilled(table, ["16 sessions"], "per")
         self.assertFilled(table, ["16 sessions"], "rate")
+
+    async def test_capacity_on_two_relays(self) -> None:
+        """
+        One relay process against two on a Redis of the run's own: the pairing
+        rows filled; then sessions held across the two, with Redis's memory and
+        its idle commands (the idle wait shortened); then every session's
+        connections closed and opened again.
+        """
+        self.needs_redis()
+        self.patch(capacity_mesh, "IDLE_WAIT", 2.0)
+        pairing, held, reconnect = await capacity.run(
+            options(relays=2, store="redis", sessions=[8, 16])
+        )
+        self.assertEqual(len(pairing.rows), 3)  # one; two at random; two by source address
+        for metric in ("rate", "cpu", "cap", "redis", "ops", "client"):
+            self.assertFilled(pairing, [r.name for r in pairing.rows], metric)
+        for metric in ("rss", "files", "keys"):
+            self.assertFilled(held, ["16 sessions", "16 sessions, 2 s later (idle)"], metric)
+        # Redis's memory moves by more than a few sessions' worth on its own: measured only.
+        self.assertTrue(math.isfinite(held.median("16 sessions", "redis")))
+        self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle ops")
+        self.assertFilled(held, ["16 sessions, 2 s later (idle)"], "idle cpu")
+        [row] = reconnect.rows
+        for metric in ("rate", "cpu", "ops", "p50"):
+            self.assertFilled(reconnect, [row.name], metric)
+
+    test_capacity_on_two_relays.timeout = 300  # type: ignore[attr-defined]
+
+    async def test_redis_needs_several_relays(self) -> None:
+        """One relay process on Redis alone is refused, saying what to ask for."""
+        with self.assertRaises(SystemExit) as raised:
+            await capacity.run(options(relays=1, store="redis", sessions=[8]))
+        self.assertIn("--relays 2", str(raised.exception))
+
+    async def test_several_relays_need_redis(self) -> None:
+        """Several relay processes in memory are refused, saying what to add."""
+        with self.assertRaises(SystemExit) as raised:
+            await capacity.run(options(relays=2, sessions=[8]))
+        self.assertIn("--store redis", str(raised.exception))
 
 
 class StartupTests(BenchTestCase):
