@@ -3,6 +3,7 @@
 // Run by tests/test_page_streams.py: one line per test, non-zero exit if any fails.
 import assert from "node:assert/strict";
 import { pageModule } from "./page.mjs";
+import { run } from "./runner.mjs";
 
 const { Kind, encode } = await pageModule("wire.js");
 const { Acknowledger } = await pageModule("streams.js");
@@ -98,15 +99,4 @@ const tests = {
   },
 };
 
-let failed = 0;
-for (const [name, test] of Object.entries(tests)) {
-  try {
-    await test();
-    console.log(`ok ${name}`);
-  } catch (error) {
-    failed += 1;
-    console.log(`FAIL ${name}\n${error.stack}`);
-  }
-}
-console.log(`${Object.keys(tests).length - failed} passed, ${failed} failed`);
-process.exitCode = failed ? 1 : 0;
+await run(tests);

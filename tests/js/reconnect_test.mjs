@@ -3,6 +3,7 @@
 // usual backoff after any other close. In plain Node; run by tests/test_page_streams.py.
 import assert from "node:assert/strict";
 import { pageModule } from "./page.mjs";
+import { run } from "./runner.mjs";
 
 /** The delays the page sets, in ms, recorded instead of run. */
 const timeouts = [];
@@ -80,15 +81,4 @@ const tests = {
   },
 };
 
-let failed = 0;
-for (const [name, test] of Object.entries(tests)) {
-  try {
-    await test();
-    console.log(`ok ${name}`);
-  } catch (error) {
-    failed += 1;
-    console.log(`FAIL ${name}\n${error.stack}`);
-  }
-}
-console.log(`${Object.keys(tests).length - failed} passed, ${failed} failed`);
-process.exitCode = failed ? 1 : 0;
+await run(tests);

@@ -4,6 +4,7 @@
 // and exits non-zero if any fails.
 import assert from "node:assert/strict";
 import { pageModule } from "./page.mjs";
+import { run } from "./runner.mjs";
 
 const streams = await pageModule("streams.js");
 const { Kind } = await pageModule("wire.js");
@@ -338,15 +339,4 @@ const tests = {
   },
 };
 
-let failed = 0;
-for (const [name, test] of Object.entries(tests)) {
-  try {
-    await test();
-    console.log(`ok ${name}`);
-  } catch (error) {
-    failed += 1;
-    console.log(`FAIL ${name}\n${error.stack}`);
-  }
-}
-console.log(`${Object.keys(tests).length - failed} passed, ${failed} failed`);
-process.exitCode = failed ? 1 : 0;
+await run(tests);
