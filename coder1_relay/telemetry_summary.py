@@ -47,6 +47,8 @@ class Summary:
     oldest: float | None = None
     #: The file's size and cap, for SQLite.
     size: int | None = None
+    #: Crash rows of a relay from before they held known names only (not read).
+    older_crashes: int = 0
 
     def saw(self, when: float) -> None:
         self.oldest = when if self.oldest is None else min(self.oldest, when)
@@ -70,9 +72,15 @@ def from_sqlite(path: str, where: str) -> Summary:
         for role, closed_at in db.execute("SELECT role, closed_at FROM connections"):
             summary.connections[int(closed_at // HOUR) * HOUR, role] += 1
             summary.saw(closed_at)
-        for row in db.execute(
-            "SELECT received_at, type, version, frames, signature FROM crash_reports"
-        ):
+        columns = [row[1] for row in db.execute("PRAGMA table_info(crash_reports)")]
+        query = "SELECT received_at, type, version, frames, signature FROM crash_reports"
+        if "signature" not in columns:
+            # An older relay's rows, which may hold names a bridge chose: not shown;
+            # the relay deletes them when it next starts (telemetry.py).
+            (summary.older_crashes,) = db.execute("SELECT count(*) FROM crash_reports").fetchone()
+            query = "SELECT * FROM crash_reports WHERE 0"
+        rows = db.execute(query)
+        for row in rows:
             received_at, type_, version, frames, signature = row
             summary.crashes.append(
                 {
@@ -146,6 +154,11 @@ def render(summary: Summary, now: float | None = None, hours: int = 24) -> str:
     if throttled:
         lines += ["", "Throttled, by reason: " + _listing(throttled)]
     lines += _crashes(summary.crashes)
+    if summary.older_crashes:
+        lines[-1] = (
+            f"Crash reports: {_n(summary.older_crashes, 'row')} written by an older relay, not "
+            "shown; the relay deletes them when it next starts."
+        )
     dropped = _labelled(summary, "crash_report_dropped")
     refused = sum(_labelled(summary, "crash_report_refused").values())
     rows_dropped = sum(_labelled(summary, "connection_dropped").values())

@@ -6,8 +6,10 @@ L{coder1_relay.cli}): the relay's telemetry as an operator reads it.
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
+from contextlib import closing
 
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
@@ -102,6 +104,33 @@ class RenderTests(SynchronousTestCase):
             )
         )
         self.assertEqual(lines[-1], "Not kept: 1 malformed crash report.")
+
+    def test_older_relay_crash_rows_not_shown(self) -> None:
+        """
+        Crash rows of a relay from before they held known names only (no
+        signature column; they may hold text a bridge chose) are counted, not shown.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        path = directory.child("telemetry.sqlite").path
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE counts (period INTEGER, name TEXT, label TEXT, value INTEGER)")
+            db.execute("CREATE TABLE connections (role TEXT, opened_at REAL, closed_at REAL)")
+            db.execute(
+                "CREATE TABLE crash_reports (id INTEGER PRIMARY KEY, received_at REAL,"
+                " type TEXT, version TEXT, frames TEXT)"
+            )
+            db.execute("INSERT INTO counts VALUES (?, 'command_started', '', 1)", (START,))
+            db.execute(
+                "INSERT INTO crash_reports VALUES (1, ?, 'CANARY_7f3a9', '0.1.0', '[]')", (START,)
+            )
+        text = telemetry_summary.render(telemetry_summary.from_sqlite(path, "here"), now=START)
+        self.assertNotIn("CANARY", text)
+        self.assertIn(
+            "Crash reports: 1 row written by an older relay, not shown; the relay deletes them"
+            " when it next starts.",
+            text,
+        )
 
     def test_empty(self) -> None:
         """A relay that has recorded nothing yet says so."""
