@@ -116,12 +116,7 @@ class Worker(LineReceiver):
             pairing = await h.pair(
                 self.relay, self.browser, self.bridge, source=source, creator=self.creator
             )
-            bridge = await h.open_bridge_link(
-                self.relay, pairing.token, source=source, creator=self.creator
-            )
-            ide = await h.open_ide_link(
-                self.relay, pairing.cookie, source=source, creator=self.creator
-            )
+            bridge, ide = await self.connect(pairing, source)
         except Exception as e:
             self.failures.append(repr(e)[:200])
             return
@@ -130,6 +125,14 @@ class Worker(LineReceiver):
         self.links += [bridge, ide]
         self.sessions.append((pairing, source))
 
+    async def connect(self, pairing: Any, source: str) -> tuple[Any, Any]:
+        """A paired session's two connections, from C{source}: the bridge's, the tab's."""
+        bridge = await h.open_bridge_link(
+            self.relay, pairing.token, source=source, creator=self.creator
+        )
+        ide = await h.open_ide_link(self.relay, pairing.cookie, source=source, creator=self.creator)
+        return bridge, ide
+
     async def again(self, index: int) -> None:
         """Close session C{index}'s two connections and open them again, as after a sleep."""
         pairing, source = self.sessions[index]
@@ -137,12 +140,7 @@ class Worker(LineReceiver):
             await h.with_timeout(link.close(), 30, "closing a connection")
         start = time.perf_counter()
         try:
-            bridge = await h.open_bridge_link(
-                self.relay, pairing.token, source=source, creator=self.creator
-            )
-            ide = await h.open_ide_link(
-                self.relay, pairing.cookie, source=source, creator=self.creator
-            )
+            bridge, ide = await self.connect(pairing, source)
         except Exception as e:
             self.failures.append(repr(e)[:200])
             return

@@ -9,6 +9,7 @@ C{coder1-bridge start} runs, and L{Browser} does what the IDE page does
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -355,8 +356,19 @@ async def pair_bridge(
     browser: Browser, config_dir: FilePath[str], out: Any, label: str = "test-host"
 ) -> BridgeConfig:
     """Do what a user does: get a code in the browser, redeem it with C{coder1-bridge pair}."""
-    code = await browser.new_code()
-    return await pair(reactor, config_dir, relay_address(browser.relay), code, label, out, {})
+    return await redeem(browser.relay, await browser.new_code(), config_dir, out, label)
+
+
+async def redeem(
+    relay: Any,
+    code: str,
+    config_dir: FilePath[str],
+    out: Any = None,
+    label: str = "test-host",
+) -> BridgeConfig:
+    """Redeem C{code} at C{relay} as C{coder1-bridge pair} does, into C{config_dir}."""
+    out = io.StringIO() if out is None else out
+    return await pair(reactor, config_dir, relay_address(relay), code, label, out, {})
 
 
 async def start_bridge(config: BridgeConfig, **kwargs: Any) -> BridgeService:

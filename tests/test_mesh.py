@@ -10,7 +10,6 @@ on a real Redis.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -22,7 +21,6 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from coder1_bridge.pairing import pair
 from coder1_relay import nodelink
 from coder1_relay.certs import DEV_CERT_NAME, DEV_KEY_NAME, SIGNING_KEY_NAME
 from coder1_relay.mesh import RELEASE_DELAY, MemoryDirectory, Mesh, Owner, SharedMemory
@@ -41,7 +39,7 @@ from .loopback import (
     _Port,
     crash_relay,
     reactor,
-    relay_address,
+    redeem,
     settle,
     start_bridge,
     start_relay,
@@ -127,15 +125,7 @@ class MeshTestCase(TestCase):
         self.route_to(self.nodes[code_on])
         code = await browser.new_code()
         self.route_to(self.nodes[redeem_on])
-        config = await pair(
-            reactor,
-            FilePath(self.mktemp()),
-            relay_address(self.deployment),
-            code,
-            "test-host",
-            io.StringIO(),
-            {},
-        )
+        config = await redeem(self.deployment, code, FilePath(self.mktemp()))
         bridge = await start_bridge(config, label="test-host")
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
         return bridge

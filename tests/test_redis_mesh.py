@@ -10,7 +10,6 @@ and the IDE client are real and resume as the page does.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import tempfile
@@ -26,7 +25,6 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
 
-from coder1_bridge.pairing import pair
 from coder1_relay.certs import DEV_CERT_NAME
 from coder1_wire import __version__
 from coder1_wire.e2e import b64u
@@ -45,7 +43,7 @@ from .loopback import (
     memory,
     process_name,
     reactor,
-    relay_address,
+    redeem,
     settle,
     start_bridge,
     start_child_relay,
@@ -128,15 +126,7 @@ class RedisMeshTestCase(TestCase):
         self.route_to(code_on)
         code = await self.browser.new_code()
         self.route_to(redeem_on)
-        config = await pair(
-            reactor,
-            FilePath(self.mktemp()),
-            relay_address(self.deployment),
-            code,
-            "test-host",
-            io.StringIO(),
-            {},
-        )
+        config = await redeem(self.deployment, code, FilePath(self.mktemp()))
         service = await start_bridge(config, label="test-host", **bridge)
         self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(service)))
         return service
