@@ -75,7 +75,7 @@ from zope.interface import implementer
 from coder1_relay.store import BridgeRecord, IRelayStore, Presence, StoreUnavailable
 from coder1_relay.telemetry import Telemetry
 from coder1_wire import closecodes
-from coder1_wire.crash import MAX_REPORT_BYTES, sanitize_crash_report
+from coder1_wire.crash import MAX_REPORT_BYTES
 from coder1_wire.envelope import (
     FIRST_END_TO_END,
     HEADER_SIZE,
@@ -612,10 +612,6 @@ class Hub:
             report: Any = envelope.json()
         except EnvelopeError:
             report = None
-        if sanitize_crash_report(report) is None:
-            self.telemetry.crash_report_refused()
-            self.log.info("refused a malformed crash report from a bridge")
-            return
         self.telemetry.crash_report(report, source.session, source.peer)
 
     def _send_presence(self, session: str, to: list[Endpoint] | None = None) -> None:

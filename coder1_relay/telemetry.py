@@ -293,6 +293,7 @@ class Telemetry(Service):
         clean = sanitize_crash_report(report)
         if clean is None:
             self.crash_report_refused()
+            log.info("refused a malformed crash report from a bridge")
             return False
         if not self._budget.take(session, peer):
             self._count(Count.CRASH_REPORT_DROPPED, "budget")
