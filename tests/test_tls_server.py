@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
 
 from coder1_relay.certs import load_or_create, server_ssl_context
 from coder1_relay.reload import ServerTLS
@@ -378,8 +378,15 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(c.transport.producerState, "producing")
 
     def test_producer_and_addresses_pass_through(self) -> None:
-        """A producer registered on the layer is TCP's; C{getPeer}/C{getHost} are TCP's."""
+        """
+        The layer provides what its transport does (twisted.web pauses it as
+        an L{IPushProducer}); a producer registered on it is TCP's;
+        C{getPeer}/C{getHost} are TCP's.
+        """
         c = _Connection()
+        for interface in providedBy(c.transport):
+            self.assertTrue(interface.providedBy(c.server), interface)
+        self.assertTrue(IPushProducer.providedBy(c.server))
         producer = _Producer()
         c.server.registerProducer(producer, True)
         self.assertIs(c.transport.producer, producer)
