@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
+import tempfile
 from collections.abc import Sequence
 
 import attrs
@@ -22,13 +24,6 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet.interfaces import (
-    IOpenSSLServerConnectionCreator,
-)
-from twisted.internet.ssl import (
-    CertificateOptions,
-    TLSVersion,
-)
 from twisted.python.filepath import FilePath
 
 from coder1_wire.secretfile import check_private, read_secret, write_secret
@@ -146,27 +141,36 @@ def fingerprint(cert_pem: bytes) -> str:
     return leaf.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
-def server_tls_options(keys: RelayKeys) -> IOpenSSLServerConnectionCreator:
+def server_ssl_context(keys: RelayKeys) -> ssl.SSLContext:
     """
-    Server TLS settings: TLS 1.3 only, the whole chain sent, no session
-    resumption (no ticket key, no session cache; OpenSSL still sends its two
-    stateful TLS 1.3 tickets, which name nothing: docs/security.md, section
-    9).  The result is a L{CertificateOptions}, so it also provides
-    L{IOpenSSLContextFactory} for C{listenSSL}.
+    Server TLS settings, for L{coder1_relay.tls_server}: TLS 1.3 only, the
+    whole chain sent, no session resumption (no session tickets at all, so
+    nothing is kept to resume from: docs/security.md, section 9).
+
+    @raise ssl.SSLError: if OpenSSL refuses the pair.
     """
-    leaf, *intermediates = _parse_certs(keys.tls_cert_pem, "chain data")
-    # CertificateOptions hands these straight to pyOpenSSL, which deprecates
-    # its own X509/PKey wrappers in favour of cryptography objects; Twisted's
-    # annotations still name the wrappers.
-    options = CertificateOptions(
-        privateKey=_load_tls_key(keys.tls_key_pem, "TLS key"),  # type: ignore[arg-type]
-        certificate=leaf,  # type: ignore[arg-type]
-        extraCertChain=intermediates,  # type: ignore[arg-type]
-        raiseMinimumTo=TLSVersion.TLSv1_3,
-        enableSessionTickets=False,
-    )
-    # Adapting checks the claim at runtime; mypy cannot see @implementer.
-    return IOpenSSLServerConnectionCreator(options)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.num_tickets = 0
+    _load_pair(context, keys.tls_cert_pem + keys.tls_key_pem)
+    return context
+
+
+def _load_pair(context: ssl.SSLContext, pem: bytes) -> None:
+    """
+    Load the chain and key in C{pem} into C{context}, which reads them only
+    from a file: one in memory (Linux), else an unnamed temporary file.
+    """
+    with (
+        os.fdopen(os.memfd_create("coder1-relay-tls", os.MFD_CLOEXEC), "w+b")
+        if hasattr(os, "memfd_create")
+        else tempfile.TemporaryFile()
+    ) as held:
+        held.write(pem)
+        held.flush()
+        held.seek(0)  # where /dev/fd shares the offset (macOS)
+        context.load_cert_chain(f"/dev/fd/{held.fileno()}")
 
 
 def _parse_certs(pem: bytes, what: str) -> list[x509.Certificate]:

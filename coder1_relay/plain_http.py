@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from coder1_relay.tls_server import TLSServerProtocol
 
 #: The first byte of a TLS handshake record (ClientHello).
 TLS_HANDSHAKE = 0x16
@@ -61,7 +61,7 @@ def answer(head: bytes, https_url: str) -> bytes:
     return headers if method == b"HEAD" else headers + encoded
 
 
-class PlainHTTPAnsweringTLS(TLSMemoryBIOProtocol):
+class PlainHTTPAnsweringTLS(TLSServerProtocol):
     """
     TLS, unless the client opens with plain HTTP: then, once the request's
     head is in (or L{MAX_HEAD} of it), the answer of L{answer} and the

@@ -4,7 +4,7 @@ certificate").
 
 On C{SIGHUP}, and when a check every few minutes finds the files changed,
 L{CertificateReloader} reads the certificate and key again.  A good pair
-replaces the OpenSSL context that new connections get (L{ServerTLS}); open
+replaces the TLS context that new connections get (L{ServerTLS}); open
 connections keep the one they were made with, so nobody is dropped.  A bad
 pair (unreadable, not PEM, a key that does not match, expired) is refused
 with one log line and the current pair stays.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -27,10 +28,7 @@ from twisted.application.service import Service
 
 # Twisted's trust roots implement this interface; twisted.internet.ssl does not re-export it.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
-    IOpenSSLServerConnectionCreator,
-)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
     TLSVersion,
@@ -49,19 +47,19 @@ from coder1_wire.tls import client_tls_options
 CHECK_INTERVAL = 300.0
 
 
-@implementer(IOpenSSLServerConnectionCreator)
 @attrs.define
 class ServerTLS:
     """
-    The TLS settings a listener gives each new connection: whichever settings
-    are C{current} when it arrives.  Replacing them is one assignment, made
-    on the reactor thread; a connection keeps the OpenSSL context it got.
+    The TLS settings a listener gives each new connection: whichever context
+    is C{current} when it arrives (calling it returns that one).  Replacing
+    it is one assignment, made on the reactor thread; a connection keeps the
+    context it got.
     """
 
-    current: IOpenSSLServerConnectionCreator
+    current: ssl.SSLContext
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return self.current.serverConnectionForTLS(tlsProtocol)
+    def __call__(self) -> ssl.SSLContext:
+        return self.current
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -202,7 +200,7 @@ class CertificateReloader(Service):
         self.clock = clock
         self.files = files
         self.keys = keys
-        self.tls = ServerTLS(certs.server_tls_options(keys))
+        self.tls = ServerTLS(certs.server_ssl_context(keys))
         self._reloaded = reloaded
         self._seen = files.signature()
         self._loop = LoopingCall(self.check)
@@ -229,12 +227,11 @@ class CertificateReloader(Service):
         try:
             cert_pem, key_pem = read_pair(self.files, self.clock.seconds())
             keys = attrs.evolve(self.keys, tls_cert_pem=cert_pem, tls_key_pem=key_pem)
-            options: Any = certs.server_tls_options(keys)
-            options.getContext()  # OpenSSL's own checks, now rather than at the next connection
+            context = certs.server_ssl_context(keys)  # OpenSSL's own checks, too
         except RefusedPair as e:
             self._refused(str(e))
             return False
-        except (ValueError, SSL.Error):
+        except (ValueError, ssl.SSLError):
             self._refused(f"OpenSSL refused {self.files.cert_name} or {self.files.key_name}")
             return False
         if cert_pem == self.keys.tls_cert_pem and key_pem == self.keys.tls_key_pem:
@@ -242,7 +239,7 @@ class CertificateReloader(Service):
                 "TLS certificate unchanged (SHA-256 {fingerprint})", fingerprint=_fp(keys)
             )
             return True
-        self.tls.current = options
+        self.tls.current = context
         self.keys = keys
         self._reloaded(keys)
         leaf = x509.load_pem_x509_certificates(cert_pem)[0]

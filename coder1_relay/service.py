@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import resource
+import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -16,12 +18,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
-    IOpenSSLServerConnectionCreator,
     IProtocol,
     IProtocolFactory,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
@@ -46,6 +46,7 @@ from coder1_relay.routing import Hub, HubSettings
 from coder1_relay.startup_errors import listen_failure
 from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable, write_in_thread
 from coder1_relay.telemetry import RETENTION, Telemetry, TelemetrySettings
+from coder1_relay.tls_server import TLSServerFactory
 from coder1_relay.tokens import TokenAuthority, issuer_for
 from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire.twistd_errors import CannotStart
@@ -93,7 +94,7 @@ class RelaySettings:
     certificate_check_interval: float = CHECK_INTERVAL
 
 
-class GuardedTLSFactory(TLSMemoryBIOFactory):
+class GuardedTLSFactory(TLSServerFactory):
     """
     TLS on top of the Site, behind a count of the relay's TCP connections
     (C{cap}, from C{Limits.max_connections} and the open-file limit) and of
@@ -111,11 +112,11 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
     def __init__(
         self,
         context: RelayContext,
-        tls: IOpenSSLServerConnectionCreator,
+        tls: Callable[[], ssl.SSLContext],
         wrapped: IProtocolFactory,
         cap: int = 0,
     ) -> None:
-        super().__init__(tls, False, wrapped)
+        super().__init__(tls, wrapped)
         self.context = context
         self.cap = cap
         self.addresses = PerAddress(context.limits, context.clock)
@@ -440,9 +441,7 @@ class RelayService(MultiService):
 
     async def _join(self, mesh: Mesh) -> None:
         """Listen for other nodes' links, and join the deployment."""
-        node_factory = TLSMemoryBIOFactory(
-            self.certificates.tls, False, make_node_site(self.context)
-        )
+        node_factory = TLSServerFactory(self.certificates.tls, make_node_site(self.context))
         self.node_port = await self._listen_on(
             self.settings.node_listen, "--node-listen", node_factory
         )

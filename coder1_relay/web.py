@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
@@ -32,6 +31,7 @@ from coder1_relay.context import SESSION_COOKIE, RelayContext
 from coder1_relay.metrics import PAIRING_ERRORS, PairingOutcome
 from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
 from coder1_relay.store import BridgeRecord, StoreUnavailable
+from coder1_relay.tls_server import TLSServerProtocol
 from coder1_relay.tokens import BridgeClaims, TokenError
 from coder1_relay.websocket import (
     BridgeProtocol,
@@ -465,7 +465,7 @@ class RelayHTTPChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if isinstance(self.transport, TLSMemoryBIOProtocol):
+        if isinstance(self.transport, TLSServerProtocol):
             self._until(self.site.context.limits.tls_handshake_timeout)
 
     def handshakeCompleted(self) -> None:

@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import ssl
 import stat
 from collections.abc import Sequence
 
@@ -28,7 +29,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -43,8 +44,9 @@ from coder1_relay.certs import (
     default_state_dir,
     fingerprint,
     load_or_create,
-    server_tls_options,
+    server_ssl_context,
 )
+from coder1_relay.tls_server import TLSServerFactory, TLSServerProtocol
 from coder1_wire.secretfile import InsecureFileError, check_private, read_secret, write_secret
 from coder1_wire.tls import client_tls_options
 
@@ -565,6 +567,12 @@ def _tls_transport(protocol: Protocol) -> TLSMemoryBIOProtocol:
     return transport
 
 
+def _server_transport(protocol: Protocol) -> TLSServerProtocol:
+    transport = protocol.transport
+    assert isinstance(transport, TLSServerProtocol)
+    return transport
+
+
 class _Echo(Protocol):
     """
     Echoes what it receives; C{lost} fires once the connection is gone.
@@ -574,7 +582,7 @@ class _Echo(Protocol):
         self.lost: Deferred[None] = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
-        _tls_transport(self).write(data)
+        _server_transport(self).write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost.callback(None)
@@ -617,7 +625,7 @@ class _Client(Protocol):
 
 class TLSTests(TestCase):
     """
-    Real TLS between L{server_tls_options} and L{client_tls_options} over
+    Real TLS between L{server_ssl_context} and L{client_tls_options} over
     loopback TCP.
     """
 
@@ -632,9 +640,8 @@ class TLSTests(TestCase):
         """
         factory = _EchoFactory()
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        port = await endpoint.listen(
-            TLSMemoryBIOFactory(server_tls_options(keys), False, IProtocolFactory(factory))
-        )
+        context = server_ssl_context(keys)
+        port = await endpoint.listen(TLSServerFactory(lambda: context, IProtocolFactory(factory)))
         self.addCleanup(self._close_server_connections, factory)
         self.addCleanup(port.stopListening)
         number: int = port.getHost().port
@@ -643,7 +650,7 @@ class TLSTests(TestCase):
     def _close_server_connections(self, factory: _EchoFactory) -> Deferred[list[None]]:
         for each in factory.connections:
             if not each.lost.called:
-                _tls_transport(each).abortConnection()
+                _server_transport(each).abortConnection()
         return gatherResults([each.lost for each in factory.connections])
 
     async def _connect(self, port: int, creator: IOpenSSLClientConnectionCreator) -> str:
@@ -732,15 +739,14 @@ class TLSTests(TestCase):
 
     def test_noSessionTickets(self) -> None:
         """
-        The server neither issues session tickets nor caches sessions: a
+        The server neither issues session tickets nor resumes sessions: a
         ticket key kept in memory would let whoever steals it decrypt recorded
         traffic, defeating forward secrecy.
         """
-        options = server_tls_options(self.keys)
-        assert isinstance(options, CertificateOptions)
-        context = options.getContext()
-        self.assertTrue(context.set_options(0) & SSL.OP_NO_TICKET)  # 0: just read them
-        self.assertEqual(context.get_session_cache_mode(), SSL.SESS_CACHE_OFF)
+        context = server_ssl_context(self.keys)
+        self.assertTrue(context.options & ssl.OP_NO_TICKET)
+        self.assertEqual(context.num_tickets, 0)
+        self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_3)
 
     def test_caDataWithoutCertificate(self) -> None:
         """

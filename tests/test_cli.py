@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -38,8 +38,9 @@ from coder1_bridge.config import (
     refuse_root,
 )
 from coder1_bridge.service import BridgeService
-from coder1_relay.certs import server_tls_options
+from coder1_relay.certs import server_ssl_context
 from coder1_relay.service import home_relative
+from coder1_relay.tls_server import TLSServerFactory
 from coder1_wire.e2e import Identity, b64u, sas, unb64u
 from coder1_wire.envelope import Kind, control
 
@@ -227,10 +228,9 @@ class CLITests(RelayAndPage):
     async def fake_relay(self, answers: dict[str, bytes]) -> tuple[_Answers, list[str]]:
         """A relay on the real one's certificate that answers C{answers}; its CLI arguments."""
         resource = _Answers(answers)
-        endpoint = SSL4ServerEndpoint(
-            reactor, 0, server_tls_options(self.relay.keys), interface="127.0.0.1"
-        )
-        port = await endpoint.listen(Site(resource))
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        context = server_ssl_context(self.relay.keys)
+        port = await endpoint.listen(TLSServerFactory(lambda: context, Site(resource)))
         self.addCleanup(port.stopListening)
         url = f"https://localhost:{port.getHost().port}"
         return resource, ["--relay", url, "--ca-cert", self.ca.path]
