@@ -135,10 +135,20 @@ class Stages:
                 self.stamp("sealed")
 
         def sock_out(*args: Any) -> None:
+            # Within sendMessage when the bridge writes at once, on a later turn if not.
             record = self.current
-            if record is not None and "sent" in record:
+            if record is not None and "send" in record and "sock_out" not in record:
                 self.stamp("sock_out")
                 record["turns"] = self.turns
+                finish()
+
+        def sent(*args: Any) -> None:
+            self.stamp("sent")
+            finish()
+
+        def finish() -> None:
+            record = self.current
+            if record is not None and "sent" in record and "sock_out" in record:
                 self.records.append(record)
                 self.current = None
 
@@ -153,13 +163,14 @@ class Stages:
         self._wrap(connection, "decode", after=decoded)
         self._wrap(e2e.SecureChannel, "open", after=lambda *a: self.stamp("opened"))
         self._wrap(PTYProcess, "write", before=lambda *a: self.stamp("pty_write"))
+        self._wrap(terminals, "write_now", before=lambda *a: self.stamp("pty_write"))
         self._wrap(PTYProcess, "writeSomeData", before=pty_written)
         # Whichever the tree has: Twisted's read of the terminal, or a read of its own.
         self._wrap(terminals._TerminalProtocol, "childDataReceived", before=pty_read)
         self._wrap(terminals._TerminalProtocol, "outReceived", before=pty_read)
         self._wrap(e2e.SecureChannel, "seal", after=sealed)
         self._wrap(connection.BridgeClientProtocol, "send", before=lambda *a: self.stamp("send"))
-        self._wrap(connection.BridgeClientProtocol, "send", after=lambda *a: self.stamp("sent"))
+        self._wrap(connection.BridgeClientProtocol, "send", after=sent)
         self._wrap(tcp.Connection, "writeSomeData", before=sock_out)
         self._wrap(terminals.TerminalManager, "handle", after=handled)
         iterate = reactor.doIteration

@@ -35,6 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coder1_bridge.writes import read_more
 from coder1_wire.envelope import Envelope, Kind, control
 
 
@@ -466,6 +467,15 @@ class ChildProtocol(ProcessProtocol, Generic[_Process]):
         self._manager = manager
         #: Set as soon as spawnProcess returns, which is before any output.
         self.child: _Process | None = None
+        #: Per child descriptor, the one to read more from (None: not readable here).
+        self._fds: dict[int, int | None] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # What else the process wrote by now goes in the same frame (writes.read_more).
+        fd = self._fds.get(childFD, -1)
+        if fd == -1:
+            fd = self._fds[childFD] = _readable_fd(self.transport, childFD)
+        super().childDataReceived(childFD, read_more(fd, data))
 
     def outReceived(self, data: bytes) -> None:
         assert self.child is not None
@@ -474,3 +484,22 @@ class ChildProtocol(ProcessProtocol, Generic[_Process]):
     def processEnded(self, reason: Failure) -> None:
         assert self.child is not None
         self._manager._ended(self.child, reason)
+
+
+def _readable_fd(transport: object, child_fd: int) -> int | None:
+    """
+    The descriptor Twisted reads C{child_fd} of a process from: a pipe's, or the
+    terminal's for a process on one; None if there is none, or it blocks.
+    """
+    pipes = getattr(transport, "pipes", None)
+    reader = pipes.get(child_fd) if isinstance(pipes, dict) else transport
+    fileno = getattr(reader, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        fd = fileno()
+        if not isinstance(fd, int) or os.get_blocking(fd):
+            return None
+    except (OSError, ValueError):
+        return None
+    return fd

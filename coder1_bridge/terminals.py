@@ -36,6 +36,7 @@ import attrs
 from twisted.python.failure import Failure
 
 from coder1_bridge import processes
+from coder1_bridge.writes import write_now
 from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control
 
 #: The smallest and largest number of columns or rows a terminal may have.
@@ -242,7 +243,7 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
         if terminal.exited or not data:
             return
         terminal.input_bytes += len(data)
-        terminal.process.write(data)
+        write_now(terminal.process, data)
 
     def _resize(self, terminal: _Terminal, request: Envelope) -> None:
         try:
