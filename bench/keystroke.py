@@ -10,7 +10,8 @@ types C{warmup} characters (not counted), then C{count} characters, and keeps th
 p50 and p99.  Systems take turns within a round, so a slow moment of the machine
 hits them alike.  Relay CPU per keystroke is that of the processes named relay (all
 the relay nodes a keystroke and its echo pass through; not the bridge, not the peers'
-servers), over the counted keystrokes.
+servers), over the counted keystrokes; the bridge's (or the naive peer's, its
+counterpart) likewise.
 
 With C{--stages}, a separate pass after the timed rounds (on a relay and bridge of its
 own, so the stamps cost the timed rounds nothing) says where a coder1 keystroke's time
@@ -68,6 +69,7 @@ async def run(options: Any) -> Table:
             Metric("p99", "p99", "us", digits=0),
             Metric("mean", "mean", "us", digits=0),
             Metric("cpu", "relay CPU per keystroke", "us", digits=0),
+            Metric("far", "bridge (or peer) CPU per keystroke", "us", digits=0),
         ],
         terminals.baseline(systems, BASELINE),
         notes=[
@@ -87,9 +89,12 @@ async def run(options: Any) -> Table:
                 await h.sleep(0.2)
                 await keystrokes(system, warmup)
                 relays = [p for n, p in system.pids().items() if n.startswith("relay")]
+                far = [p for n, p in system.pids().items() if n in ("bridge", "peer")]
                 cpu = sum(h.cpu_seconds(p) for p in relays)
+                far_cpu = sum(h.cpu_seconds(p) for p in far)
                 samples = await keystrokes(system, count)
                 cpu = sum(h.cpu_seconds(p) for p in relays) - cpu
+                far_cpu = sum(h.cpu_seconds(p) for p in far) - far_cpu
                 await system.close()
                 row = table.row(system.name)
                 row.add("p50", percentile(samples, 50) * 1e6)
@@ -97,6 +102,8 @@ async def run(options: Any) -> Table:
                 row.add("mean", sum(samples) / len(samples) * 1e6)
                 if relays:
                     row.add("cpu", cpu / count * 1e6)
+                if far:
+                    row.add("far", far_cpu / count * 1e6)
     finally:
         for system in systems:
             try:

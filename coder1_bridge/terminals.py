@@ -36,7 +36,6 @@ import attrs
 from twisted.python.failure import Failure
 
 from coder1_bridge import processes
-from coder1_bridge.writes import write_now
 from coder1_wire.envelope import Envelope, EnvelopeError, Kind, control
 
 #: The smallest and largest number of columns or rows a terminal may have.
@@ -243,7 +242,10 @@ class TerminalManager(processes.ProcessManager[TerminalHandle, TerminalSettings,
         if terminal.exited or not data:
             return
         terminal.input_bytes += len(data)
-        write_now(terminal.process, data)
+        # Queued for the end of the reactor's turn, not written at once: on a busy
+        # machine the program then runs once the bridge is done with the frame,
+        # rather than waiting for it mid-way (measured: bench keystroke --stages).
+        terminal.process.write(data)
 
     def _resize(self, terminal: _Terminal, request: Envelope) -> None:
         try:
