@@ -265,13 +265,13 @@ class BridgeSession:
             self.link.send(envelope.encode())
             return
         for channel in self.channels.values():
-            self.link.send(channel.seal(envelope).encode())
+            self.link.send(channel.seal_frame(envelope))
 
     def _deliver(self, number: int, envelope: Envelope) -> None:
         """Send C{envelope} on channel C{number} only, sealed, if it is there."""
         channel = self.channels.get(number)
         if self.link is not None and channel is not None:
-            self.link.send(channel.seal(envelope).encode())
+            self.link.send(channel.seal_frame(envelope))
 
     def _drop_channel(self, number: int) -> None:
         self.channels.pop(number, None)

@@ -266,6 +266,14 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
         self._kill = kill
         self._processes: dict[int, _Process] = {}
         self._output_paused = False
+        #: L{_actions} and L{_stream_actions}, made at the first frame (not per frame).
+        self._action_table: (
+            tuple[
+                Mapping[int, Callable[[Envelope], None]],
+                Mapping[int, Callable[[_Process, Envelope], None]],
+            ]
+            | None
+        ) = None
 
     @property
     def running(self) -> int:
@@ -316,11 +324,14 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
 
     def handle(self, envelope: Envelope) -> None:
         """Act on a frame from the browser; one of a kind not taken here is logged."""
-        act = self._actions().get(envelope.kind)
+        if self._action_table is None:
+            self._action_table = (self._actions(), self._stream_actions())
+        actions, stream_actions = self._action_table
+        act = actions.get(envelope.kind)
         if act is not None:
             act(envelope)
             return
-        act_on = self._stream_actions().get(envelope.kind)
+        act_on = stream_actions.get(envelope.kind)
         if act_on is None:
             self.log.warn("ignored a frame of kind {kind}", kind=envelope.kind)
             return
