@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -63,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
         default="memory",
         help="capacity: the relays' store: in memory (default) or a Redis the run starts",
     )
+    p.add_argument(
+        "--before",
+        metavar="DIR",
+        help="keystroke, bulk, forward, capacity: also run the relay and bridge of the source "
+        "tree DIR (e.g. git archive of the commit before a change, unpacked), as rows "
+        "suffixed '(before)' in the same tables",
+    )
     p.add_argument("--json", help="also append each table as one JSON line to this file")
     p.add_argument("--profile", help="write a cProfile of the relay (forward) to this file")
     return p
@@ -101,6 +109,11 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     options = parser().parse_args(argv)
+    if options.before:
+        before = Path(options.before).resolve()
+        if not (before / "coder1_relay").is_dir():
+            raise SystemExit(f"--before {options.before}: not a coder1-bridge source tree")
+        h.BEFORE = before
     try:
         react(lambda reactor: Deferred.fromCoroutine(_main(reactor, options)))
     finally:

@@ -71,10 +71,11 @@ def _systems(names: list[str]) -> tuple[list[terminals.System], list[str]]:
     plain = [n for n in names if n != "coder1-command"]
     systems, skipped = terminals.available(plain)
     if "coder1-command" in names:
-        systems.insert(
-            next((i + 1 for i, s in enumerate(systems) if s.name == "coder1"), len(systems)),
-            Coder1Command(),
-        )
+        commands = [Coder1Command()]
+        if h.BEFORE is not None:
+            commands.append(Coder1Command(tree=h.BEFORE))
+        at = next((i + 1 for i, s in enumerate(systems) if s.name == "coder1"), len(systems))
+        systems[at:at] = commands
     return systems, skipped
 
 

@@ -79,15 +79,20 @@ async def run(options: Any) -> list[Table]:
         "",
         notes=notes,
     )
+    trees: list[Path | None] = [None] if h.BEFORE is None else [h.BEFORE, None]
     for _ in range(options.rounds if options.rounds <= 1 or options.quick else 1):
-        await _round(table, capped, options)
+        for tree in trees:
+            await _round(table, capped, options, tree)
     return [table]
 
 
-async def _round(table: Table, targets: list[int], options: Any) -> None:
+async def _round(table: Table, targets: list[int], options: Any, tree: Path | None) -> None:
+    """One relay (from C{tree}, else L{h.TREE}) grown to each target in turn."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
-    relay = await h.start_relay()
+    with h.running_from(tree):
+        relay = await h.start_relay()
+    suffix = h.BEFORE_SUFFIX if tree is not None else ""
     workers: list[h.Process] = []
     count = 4 if max(targets) > 2000 else 2
     concurrency = 4
@@ -100,13 +105,14 @@ async def _round(table: Table, targets: list[int], options: Any) -> None:
             worker = h.Process(f"worker{i}", argv, cwd=str(h.ROOT))
             await worker.wait_for("worker ready", timeout=60)
             workers.append(worker)
-        base = await _grow(relay, workers, [WARMUP] + [0] * (count - 1), table, "warm-up")
+        warmup = [WARMUP] + [0] * (count - 1)
+        base = await _grow(relay, workers, warmup, table, f"warm-up{suffix}")
         for target in targets:
             share = [target // count + (1 if i < target % count else 0) for i in range(count)]
             try:
-                await _grow(relay, workers, share, table, f"{target} sessions", base)
+                await _grow(relay, workers, share, table, f"{target} sessions{suffix}", base)
             except h.Timeout as e:
-                table.notes.append(f"{target} sessions: gave up: {e}")
+                table.notes.append(f"{target} sessions{suffix}: gave up: {e}")
                 break
     finally:
         for worker in workers:

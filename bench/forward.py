@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -53,10 +54,13 @@ class Pipe:
     stop: Callable[[], Any] = attrs.field(default=lambda: None)
 
 
-async def coder1_pipe(tls: bool) -> Pipe:
-    relay = await h.start_relay(tls=tls)
-    pairing = await h.pair(relay, Identity.generate(), Identity.generate())
-    pipe = Pipe(f"coder1 relay ({'wss' if tls else 'ws'})", relay.process.pid)
+async def coder1_pipe(tls: bool, tree: Path | None = None) -> Pipe:
+    """Our relay (from C{tree}, else L{h.TREE}) with a paired sender and receiver."""
+    with h.running_from(tree):
+        relay = await h.start_relay(tls=tls)
+        pairing = await h.pair(relay, Identity.generate(), Identity.generate())
+    suffix = h.BEFORE_SUFFIX if tree is not None else ""
+    pipe = Pipe(f"coder1 relay{suffix} ({'wss' if tls else 'ws'})", relay.process.pid)
     bridge = await h.open_bridge_link(relay, pairing.token, on_frame=lambda f: pipe.on_data())
     ide = await h.open_ide_link(relay, pairing.cookie)
     ide.on_frame = lambda f: pipe.on_ack() if f[1] == Kind.PTY_OUTPUT else None
@@ -148,6 +152,8 @@ async def run(options: Any) -> Table:
             )
             tables[tls] = table
             pair = [await naive_pipe(tls, cert), await coder1_pipe(tls)]
+            if h.BEFORE is not None:
+                pair.append(await coder1_pipe(tls, h.BEFORE))
             pipes += pair
             for _ in range(options.rounds):
                 for size in SIZES:

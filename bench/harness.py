@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.cookies import SimpleCookie
 from io import BytesIO
 from pathlib import Path
@@ -54,6 +54,27 @@ ROOT = Path(__file__).resolve().parent.parent
 #: of it (C{CODER1_BENCH_TREE}, e.g. C{git archive HEAD} unpacked) so that a run
 #: measures one known commit while the work tree changes.
 TREE = Path(os.environ.get("CODER1_BENCH_TREE") or ROOT).resolve()
+#: Another source tree (C{--before DIR}) whose relay and bridge get rows of their own,
+#: named with L{BEFORE_SUFFIX}, in the same invocation: a change's before and after
+#: measured side by side, the systems taking turns within each round.
+BEFORE: Path | None = None
+BEFORE_SUFFIX = " (before)"
+
+
+@contextlib.contextmanager
+def running_from(tree: Path | None) -> Iterator[None]:
+    """Processes started inside run from C{tree} (L{TREE} when None)."""
+    global TREE
+    if tree is None:
+        yield
+        return
+    saved, TREE = TREE, tree
+    try:
+        yield
+    finally:
+        TREE = saved
+
+
 #: Where a bench run keeps its temporary state (state dirs, configs, certificates).
 TMP_PREFIX = "coder1-bench-"
 
@@ -115,6 +136,7 @@ class Process:
     ) -> None:
         self.name = name
         self.argv = argv
+        self.cwd = cwd
         self.output = bytearray()
         self.on_output = on_output
         self._waiters: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -109,9 +110,17 @@ class Coder1(System):
 
     name = "coder1"
 
+    def __init__(self, tree: Path | None = None) -> None:
+        super().__init__()
+        #: The source tree of its relay and bridge: None for L{h.TREE}, or L{h.BEFORE}.
+        self.tree = tree
+        if tree is not None:
+            self.name += h.BEFORE_SUFFIX
+
     async def setup(self, command: str) -> None:
         self.command = command
-        self.system = await self.start()
+        with h.running_from(self.tree):
+            self.system = await self.start()
         self.system.ide.on_frame = self._frame
         self.system.ide.link.closed().addCallback(
             lambda close: self.output.lost(f"the relay closed the IDE connection: {close}")
@@ -434,6 +443,8 @@ def available(names: list[str]) -> tuple[list[System], list[str]]:
                 skipped.append(f"{name}: {missing} (skipped)")
                 continue
         systems.append(choice.make())
+        if name == "coder1" and h.BEFORE is not None:
+            systems.append(Coder1(tree=h.BEFORE))
     return systems, skipped
 
 

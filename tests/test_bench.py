@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -168,6 +169,58 @@ class ForwardTests(BenchTestCase):
         rows = [f"{r} relay ({s})" for s in ("ws", "wss") for r in ("naive", "coder1")]
         self.assertFilled(table, rows, "cpu 100")
         self.assertFilled(table, rows, "rate 65536")
+
+
+class BeforeTests(BenchTestCase):
+    def before_tree(self) -> Path:
+        """Another source tree: this one's packages, linked from a directory of its own."""
+        tree = Path(self.mktemp())
+        tree.mkdir()
+        for name in ("bench", "coder1_bridge", "coder1_relay", "coder1_wire", "twisted"):
+            (tree / name).symlink_to(harness.ROOT / name)
+        self.patch(harness, "BEFORE", tree)
+        return tree
+
+    def record_processes(self) -> list[harness.Process]:
+        """Every process the benchmark starts from now on."""
+        started: list[harness.Process] = []
+
+        class Recorded(harness.Process):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                started.append(self)
+
+        self.patch(harness, "Process", Recorded)
+        return started
+
+    async def test_keystroke_rows_from_both_trees(self) -> None:
+        """
+        With --before DIR, the keystroke table has a row for this tree and one for
+        DIR, and that row's relay and bridge ran from DIR.
+        """
+        tree = self.before_tree()
+        started = self.record_processes()
+        table = await keystroke.run(options(count=5, systems=["coder1"]))
+        self.assertFilled(table, ["coder1", "coder1 (before)"], "p50")
+        cwds = {(p.name, p.cwd) for p in started}
+        self.assertIn(("relay", str(tree)), cwds)
+        self.assertIn(("bridge", str(tree)), cwds)
+        self.assertIn(("relay", str(harness.TREE)), cwds)
+
+    async def test_forward_rows_from_both_trees(self) -> None:
+        """With --before DIR, the forwarding table has our relay from both trees, ws and wss."""
+        self.before_tree()
+        table = await forward.run(options(messages=16))
+        rows = [f"coder1 relay{t} ({s})" for s in ("ws", "wss") for t in ("", " (before)")]
+        self.assertFilled(table, rows, "cpu 100")
+
+    def test_before_must_be_a_source_tree(self) -> None:
+        """--before with a directory that holds no relay is refused in one line."""
+        from bench.__main__ import main
+
+        with self.assertRaises(SystemExit) as raised:
+            main(["forward", "--before", self.mktemp()])
+        self.assertIn("not a coder1-bridge source tree", str(raised.exception))
 
 
 class CapacityTests(BenchTestCase):
