@@ -169,6 +169,7 @@ class Stages:
         self._wrap(terminals._TerminalProtocol, "childDataReceived", before=pty_read)
         self._wrap(terminals._TerminalProtocol, "outReceived", before=pty_read)
         self._wrap(e2e.SecureChannel, "seal", after=sealed)
+        self._wrap(e2e.SecureChannel, "seal_frame", after=sealed)
         self._wrap(connection.BridgeClientProtocol, "send", before=lambda *a: self.stamp("send"))
         self._wrap(connection.BridgeClientProtocol, "send", after=sent)
         self._wrap(tcp.Connection, "writeSomeData", before=sock_out)
