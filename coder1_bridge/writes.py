@@ -11,7 +11,8 @@ handling stay Twisted's.
 
 Reading: L{read_more} takes what else is waiting on a descriptor after Twisted's
 read, so that output that is flowing goes out in one frame per turn, up to
-L{MAX_READ}, while a lone read (a keystroke's echo) goes out as it is.
+L{MAX_READ}, while a short read (a keystroke's echo) goes out as it is, with no
+further system call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 #: The most bytes of a process's output taken in one turn and sent as one frame.
 MAX_READ = 64 * 1024
+#: A read shorter than this is taken for all there was (a keystroke's echo, a
+#: prompt): reading again would find nothing and cost a system call.
+MIN_READ_MORE = 512
 
 
 def _queued(transport: Any) -> bool | None:
@@ -78,10 +82,11 @@ def send_at_once(transport: Any) -> None:
 def read_more(fd: int | None, first: bytes, limit: int = MAX_READ) -> bytes:
     """
     C{first} (just read from C{fd}) and what else is waiting on C{fd} now, up to
-    C{limit} bytes in all.  Stops at the first read that would block; an end of
-    file or an error is left for Twisted's next read of C{fd} to find.
+    C{limit} bytes in all; C{first} alone if it is shorter than L{MIN_READ_MORE}.
+    Stops at the first read that would block; an end of file or an error is left
+    for Twisted's next read of C{fd} to find.
     """
-    if fd is None or len(first) >= limit:
+    if fd is None or not MIN_READ_MORE <= len(first) < limit:
         return first
     chunks = [first]
     size = len(first)

@@ -17,7 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from coder1_bridge import processes
-from coder1_bridge.writes import MAX_READ, read_more, send_at_once, write_now
+from coder1_bridge.writes import MAX_READ, MIN_READ_MORE, read_more, send_at_once, write_now
 from coder1_wire.envelope import Kind
 from coder1_wire.tls import client_tls_options
 
@@ -144,17 +144,26 @@ class ReadMoreTests(SynchronousTestCase):
     def test_burst_read_whole_and_in_order(self) -> None:
         """What waits after the first read comes with it, in order, in one piece."""
         os.write(self.w, b"bc" * 1000)
-        self.assertEqual(read_more(self.r, b"a"), b"a" + b"bc" * 1000)
+        first = b"a" * MIN_READ_MORE
+        self.assertEqual(read_more(self.r, first), first + b"bc" * 1000)
 
     def test_lone_read_as_it_is(self) -> None:
         """With nothing more waiting, the first read is returned as it is, at once."""
-        self.assertEqual(read_more(self.r, b"x"), b"x")
+        self.assertEqual(read_more(self.r, b"x" * 600), b"x" * 600)
+
+    def test_short_read_not_read_again(self) -> None:
+        """A read shorter than MIN_READ_MORE (an echo) is taken for all there was."""
+        os.write(self.w, b"later")
+        self.assertEqual(read_more(self.r, b"e"), b"e")
+        self.assertEqual(os.read(self.r, 10), b"later")
 
     def test_at_most_the_limit(self) -> None:
         """At most the limit in all (MAX_READ unless given); the rest stays for later."""
         os.write(self.w, b"y" * 110)
-        self.assertEqual(read_more(self.r, b"x", limit=100), b"x" + b"y" * 99)
-        self.assertEqual(os.read(self.r, 100), b"y" * 11)
+        first = b"x" * MIN_READ_MORE
+        limit = MIN_READ_MORE + 100
+        self.assertEqual(read_more(self.r, first, limit=limit), first + b"y" * 100)
+        self.assertEqual(os.read(self.r, 100), b"y" * 10)
         self.assertEqual(MAX_READ, 64 * 1024)
 
     def test_end_of_file_left_for_twisted(self) -> None:
@@ -162,7 +171,7 @@ class ReadMoreTests(SynchronousTestCase):
         os.write(self.w, b"last")
         os.close(self.w)
         self.w = -1
-        self.assertEqual(read_more(self.r, b""), b"last")
+        self.assertEqual(read_more(self.r, b"x" * MIN_READ_MORE), b"x" * MIN_READ_MORE + b"last")
         self.assertEqual(os.read(self.r, 10), b"")
 
 
