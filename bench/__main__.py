@@ -41,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
         "coder1-node (on the same node)",
     )
     p.add_argument("--count", type=int, help="keystroke: keystrokes per round")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="keystroke: also a pass that times each stage of a coder1 keystroke",
+    )
     p.add_argument("--size", help="bulk: bytes of zeros before base64 (e.g. 200M)")
     p.add_argument("--messages", type=int, help="forward: messages per round and size")
     p.add_argument(
@@ -94,6 +99,8 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
             result = await modules[name].run(options)
             for table in result if isinstance(result, list) else [result]:
                 emit(table, sys.stdout, json_out)
+            if name == "keystroke" and options.stages:
+                emit(await keystroke.stages(options), sys.stdout, json_out)
     finally:
         await h.stop_all()
         if json_out is not None:

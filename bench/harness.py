@@ -825,7 +825,8 @@ class IDE:
 
     def send(self, envelope: Envelope) -> None:
         if self.channel is not None and is_end_to_end(envelope.kind):
-            envelope = self.channel.seal(envelope)
+            self.link.send(self.channel.seal_frame(envelope))
+            return
         self.link.send(envelope.encode())
 
 

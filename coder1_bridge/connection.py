@@ -13,10 +13,13 @@ kernel.  Meanwhile the session leaves every process's output unread
 pipe or terminal is full, and nothing is dropped.  The relay stops reading a
 bridge whose browser tabs do not read (C{coder1_relay.routing}), so a slow tab
 pauses the processes, all the way back.  What the bridge holds past the mark
-is bounded: the TLS layer's batch of small writes (at most 64,000 bytes) and
-what was read in the same turn of the reactor, one read (8 KiB) per process,
-sealed once per channel.  A connection that is lost resumes the output (sent
-nowhere, as before: the session has no channel then).
+is bounded: what was read in the same turn of the reactor, at most
+C{writes.MAX_READ} (64 KiB) per process, sealed once per channel.  A connection
+that is lost resumes the output (sent nowhere, as before: the session has no
+channel then).
+
+Latency: what the bridge sends goes to the socket within the call when nothing
+is queued before it (L{writes.send_at_once}), not on the reactor's next turn.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from coder1_bridge.replay import (
     positions_body,
 )
 from coder1_bridge.terminals import TerminalManager
+from coder1_bridge.writes import send_at_once
 from coder1_wire import closecodes
 from coder1_wire.crash import build_crash_report
 from coder1_wire.e2e import (
@@ -261,13 +265,13 @@ class BridgeSession:
             self.link.send(envelope.encode())
             return
         for channel in self.channels.values():
-            self.link.send(channel.seal(envelope).encode())
+            self.link.send(channel.seal_frame(envelope))
 
     def _deliver(self, number: int, envelope: Envelope) -> None:
         """Send C{envelope} on channel C{number} only, sealed, if it is there."""
         channel = self.channels.get(number)
         if self.link is not None and channel is not None:
-            self.link.send(channel.seal(envelope).encode())
+            self.link.send(channel.seal_frame(envelope))
 
     def _drop_channel(self, number: int) -> None:
         self.channels.pop(number, None)
@@ -598,6 +602,7 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         tcp: Any = getattr(self.transport, "transport", self.transport)
         if hasattr(tcp, "setTcpNoDelay"):
             tcp.setTcpNoDelay(True)
+        send_at_once(self.transport)
 
     def onOpen(self) -> None:
         # Unregistered by Autobahn as it drops the connection, and by the service

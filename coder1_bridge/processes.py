@@ -35,6 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coder1_bridge.writes import read_more
 from coder1_wire.envelope import Envelope, Kind, control
 
 
@@ -265,6 +266,14 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
         self._kill = kill
         self._processes: dict[int, _Process] = {}
         self._output_paused = False
+        #: L{_actions} and L{_stream_actions}, made at the first frame (not per frame).
+        self._action_table: (
+            tuple[
+                Mapping[int, Callable[[Envelope], None]],
+                Mapping[int, Callable[[_Process, Envelope], None]],
+            ]
+            | None
+        ) = None
 
     @property
     def running(self) -> int:
@@ -315,11 +324,14 @@ class ProcessManager(Generic[_Handle, _Settings, _Process]):
 
     def handle(self, envelope: Envelope) -> None:
         """Act on a frame from the browser; one of a kind not taken here is logged."""
-        act = self._actions().get(envelope.kind)
+        if self._action_table is None:
+            self._action_table = (self._actions(), self._stream_actions())
+        actions, stream_actions = self._action_table
+        act = actions.get(envelope.kind)
         if act is not None:
             act(envelope)
             return
-        act_on = self._stream_actions().get(envelope.kind)
+        act_on = stream_actions.get(envelope.kind)
         if act_on is None:
             self.log.warn("ignored a frame of kind {kind}", kind=envelope.kind)
             return
@@ -466,6 +478,15 @@ class ChildProtocol(ProcessProtocol, Generic[_Process]):
         self._manager = manager
         #: Set as soon as spawnProcess returns, which is before any output.
         self.child: _Process | None = None
+        #: Per child descriptor, the one to read more from (None: not readable here).
+        self._fds: dict[int, int | None] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # What else the process wrote by now goes in the same frame (writes.read_more).
+        fd = self._fds.get(childFD, -1)
+        if fd == -1:
+            fd = self._fds[childFD] = _readable_fd(self.transport, childFD)
+        super().childDataReceived(childFD, read_more(fd, data))
 
     def outReceived(self, data: bytes) -> None:
         assert self.child is not None
@@ -474,3 +495,22 @@ class ChildProtocol(ProcessProtocol, Generic[_Process]):
     def processEnded(self, reason: Failure) -> None:
         assert self.child is not None
         self._manager._ended(self.child, reason)
+
+
+def _readable_fd(transport: object, child_fd: int) -> int | None:
+    """
+    The descriptor Twisted reads C{child_fd} of a process from: a pipe's, or the
+    terminal's for a process on one; None if there is none, or it blocks.
+    """
+    pipes = getattr(transport, "pipes", None)
+    reader = pipes.get(child_fd) if isinstance(pipes, dict) else transport
+    fileno = getattr(reader, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        fd = fileno()
+        if not isinstance(fd, int) or os.get_blocking(fd):
+            return None
+    except (OSError, ValueError):
+        return None
+    return fd

@@ -444,13 +444,21 @@ class SecureChannel:
 
     def seal(self, envelope: Envelope) -> Envelope:
         """The same frame with its payload sealed: u32(C) || u64(n) || ciphertext and tag."""
+        header = _header(envelope)
+        payload = self._seal(header, envelope.payload)
+        return Envelope(envelope.kind, envelope.stream, envelope.seq, envelope.peer, payload)
+
+    def seal_frame(self, envelope: Envelope) -> bytes:
+        """C{seal(envelope).encode()}, with the header packed once."""
+        header = _header(envelope)
+        return header + self._seal(header, envelope.payload)
+
+    def _seal(self, header: bytes, payload: bytes) -> bytes:
         n = self._sent
         prefix = _PREFIX.pack(self.channel, n)  # struct refuses n >= 2**64: no IV is reused
-        sealed = self._send.encrypt(
-            _IV.pack(self._send_direction, n), envelope.payload, _header(envelope) + prefix
-        )
+        sealed = self._send.encrypt(_IV.pack(self._send_direction, n), payload, header + prefix)
         self._sent = n + 1
-        return attrs.evolve(envelope, payload=prefix + sealed)
+        return prefix + sealed
 
     def open(self, envelope: Envelope) -> Envelope:
         """
@@ -482,7 +490,7 @@ class SecureChannel:
                 "dropped", f"{missing} frame{'s' if missing > 1 else ''} missing or reordered"
             )
         self._expected = n + 1
-        return attrs.evolve(envelope, payload=plaintext)
+        return Envelope(envelope.kind, envelope.stream, envelope.seq, envelope.peer, plaintext)
 
 
 def channel_of(envelope: Envelope) -> int | None:

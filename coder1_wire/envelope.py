@@ -145,7 +145,7 @@ def decode(frame: bytes) -> Envelope:
         raise EnvelopeError("reserved flags set")
     if not (is_end_to_end(kind) or kind in _CONTROL_KINDS):
         raise EnvelopeError("unknown kind")
-    return Envelope(kind=kind, stream=stream, seq=seq, peer=peer, payload=frame[HEADER_SIZE:])
+    return Envelope(kind, stream, seq, peer, frame[HEADER_SIZE:])
 
 
 _CONTROL_KINDS = frozenset(k.value for k in Kind if not is_end_to_end(k.value))

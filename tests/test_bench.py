@@ -90,6 +90,18 @@ class KeystrokeTests(BenchTestCase):
         table = await keystroke.run(options(count=5, systems=["naive", "coder1"]))
         self.assertFilled(table, [keystroke.BASELINE, "coder1"], "p99")
 
+    async def test_stages(self) -> None:
+        """
+        The --stages pass stamps every keystroke in the bridge and on the browser's
+        side, and fills each stage's row: the hops through the relay, the bridge's
+        steps, the reactor turns counted.
+        """
+        table = await keystroke.stages(options(count=20))
+        stages = [name for name, _, _ in keystroke.STAGES]
+        self.assertFilled(table, stages, "p50")
+        self.assertIn("20 of 20 keystrokes matched", "\n".join(table.notes))
+        self.assertIn("bridge: reactor turns, read to socket write (a count)", table.render())
+
     async def test_faster_than_a_person(self) -> None:
         """
         A thousand keystrokes sent back to back, more than the relay's default
