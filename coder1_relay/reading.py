@@ -20,43 +20,67 @@ class Reader(Protocol):
     def pause_reading(self) -> None:
         """Stop reading the socket, and handling what was read of it already."""
 
-    def resume_reading(self) -> None:
-        """Read it again."""
+    def resume_reading(self, later: bool = True) -> None:
+        """Read it again (see L{ReadGate.resume})."""
+
+    def handle_held(self) -> None:
+        """Handle what was read while it was held (see L{ReadGate.handle_held})."""
 
 
 @attrs.define
 class ReadGate:
     """
     Stops and starts the reading of one Autobahn connection: a held connection
-    is not read (its transport stops reading the socket), and the frames
-    already read wait in Autobahn's buffer (its C{processData} asks L{closed})
-    until it is released.
+    is not read, and the frames already read wait in Autobahn's buffer (its
+    C{processData} asks L{closed}) until it is released.
+
+    The socket is stopped lazily: a hold only closes the gate, and the
+    transport stops reading once more data arrives while it is closed
+    (L{arrived}).  A hold that ends before the next read (a send buffer
+    that one write drained, as with every 64 KiB message) then costs no
+    C{epoll_ctl} either way; one that lasts has let in one read more.
     """
 
     protocol: Any  # an Autobahn WebSocket protocol
     clock: IReactorTime
     #: Between L{pause} and L{resume}: frames already read wait.
     closed: bool = False
+    #: Whether the transport was told to stop reading (L{arrived}).
+    _stopped: bool = False
     #: Handles the frames held while the connection was not read, once released.
     _read_held: IDelayedCall | None = None
 
     def pause(self) -> None:
         self.closed = True
-        transport = self.protocol.transport  # TLS, which tells TCP
-        if transport is not None:
-            transport.pauseProducing()
 
-    def resume(self) -> None:
+    def arrived(self) -> None:
+        """Data arrived while closed: stop reading the socket until L{resume}."""
+        if not self._stopped:
+            self._stopped = True
+            transport = self.protocol.transport  # TLS, which tells TCP
+            if transport is not None:
+                transport.pauseProducing()
+
+    def resume(self, later: bool = True) -> None:
         """
-        Read the socket again, and the frames held in Autobahn's buffer in a
-        moment: not from inside the hub, which is releasing holds.
+        Read the socket again.  The frames held in Autobahn's buffer are
+        handled in a moment (not from inside the hub, which is releasing
+        holds), or, with C{later} false, when the caller calls L{handle_held}.
         """
         self.closed = False
         if not self._readable():
             return
-        self.protocol.transport.resumeProducing()
-        if self._read_held is None:
+        if self._stopped:
+            self._stopped = False
+            self.protocol.transport.resumeProducing()
+        if later and self._read_held is None and self.protocol.data:
             self._read_held = self.clock.callLater(0, self._handle_held)
+
+    def handle_held(self) -> None:
+        """Handle the frames read while closed, now (if it is open)."""
+        held = not self.closed and self._read_held is None and self.protocol.data
+        if held and self._readable():
+            self.protocol.consumeData()
 
     def _readable(self) -> bool:
         state = self.protocol.state
@@ -107,8 +131,16 @@ class GatedReading:
     def pause_reading(self) -> None:
         self._gate.pause()
 
-    def resume_reading(self) -> None:
-        self._gate.resume()
+    def resume_reading(self, later: bool = True) -> None:
+        self._gate.resume(later)
+
+    def handle_held(self) -> None:
+        self._gate.handle_held()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._gate.closed:
+            self._gate.arrived()
+        super().dataReceived(data)  # type: ignore[misc]
 
     def processData(self) -> bool:
         # Autobahn handles the frames it has buffered one per call, until this says no.

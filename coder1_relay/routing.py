@@ -122,8 +122,14 @@ class Reader(Protocol):
     def pause_reading(self) -> None:
         """Stop reading the socket, and handling what was read of it already."""
 
-    def resume_reading(self) -> None:
-        """Read it again."""
+    def resume_reading(self, later: bool = True) -> None:
+        """
+        Read it again; what was read while it was held is handled in a
+        moment, or, with C{later} false, at L{handle_held}.
+        """
+
+    def handle_held(self) -> None:
+        """Handle what was read while it was held, now."""
 
 
 @attrs.frozen
@@ -195,16 +201,21 @@ class Endpoint:
             self.reader.pause_reading()
         self.holds.add(reason)
 
-    def release(self, reason: object) -> None:
-        """C{reason} no longer holds it; with no other, its connection is read again."""
+    def release(self, reason: object, later: bool = True) -> bool:
+        """
+        C{reason} no longer holds it; with no other, its connection is read
+        again (L{Reader.resume_reading}): whether it is.
+        """
         if reason not in self.holds:
-            return
+            return False
         self.holds.discard(reason)
-        if not self.holds:
-            # Unheard only because unread: its silence starts now.
-            self.heard = self.hub.clock.seconds()
-            if self.reader is not None:
-                self.reader.resume_reading()
+        if self.holds:
+            return False
+        # Unheard only because unread: its silence starts now.
+        self.heard = self.hub.clock.seconds()
+        if self.reader is not None:
+            self.reader.resume_reading(later)
+        return True
 
     # IPushProducer, for its transport.
 
@@ -212,7 +223,7 @@ class Endpoint:
         self.hub.congested(self)
 
     def resumeProducing(self) -> None:
-        self.hub.drained(self)
+        self.hub.drained(self, now=True)
 
     def stopProducing(self) -> None:
         self.hub.drained(self)
@@ -389,14 +400,26 @@ class Hub:
         for other in self._facing(endpoint):
             other.hold(endpoint)
 
-    def drained(self, endpoint: Endpoint) -> None:
-        """What waited to go out to C{endpoint} has gone (or it has): release its holds."""
+    def drained(self, endpoint: Endpoint, *, now: bool = False) -> None:
+        """
+        What waited to go out to C{endpoint} has gone (or it has): release its
+        holds.  With C{now} (its transport drained), what the connections it
+        releases read while held is handled at once, once every hold is
+        released (so what that sends finds the holds as they are); else in a
+        moment.
+        """
         if not endpoint.congested:
             return
         endpoint.congested = False
-        endpoint.release(endpoint)
+        released = [endpoint] if endpoint.release(endpoint, not now) else []
         for other in self._facing(endpoint):
-            other.release(endpoint)
+            if other.release(endpoint, not now):
+                released.append(other)
+        if now:
+            for other in released:
+                # Held again by what an earlier one sent: handled when released again.
+                if not other.holds and other.reader is not None:
+                    other.reader.handle_held()
 
     def _facing(self, endpoint: Endpoint) -> list[Endpoint]:
         """The other side of its session: its bridges for a tab, its tabs for a bridge."""

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
@@ -82,6 +83,12 @@ class FakeConnection:
     closed: tuple[int, str] | None = None
     reading: bool = True
     pauses: int = 0
+    #: The C{later} of each resume_reading.
+    resumed_later: list[bool] = attrs.field(factory=list)
+    #: How many times handle_held was called.
+    handled: int = 0
+    #: Called by handle_held, as handling the held frames would.
+    on_handle: Callable[[], object] | None = None
 
     def send(self, frame: bytes) -> None:
         self.sent.append(frame)
@@ -97,9 +104,16 @@ class FakeConnection:
         self.reading = False
         self.pauses += 1
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, later: bool = True) -> None:
         assert not self.reading, "resumed twice"
         self.reading = True
+        self.resumed_later.append(later)
+
+    def handle_held(self) -> None:
+        assert self.reading, "handled while held"
+        self.handled += 1
+        if self.on_handle is not None:
+            self.on_handle()
 
 
 class HubFlowTests(SynchronousTestCase):
@@ -152,6 +166,42 @@ class HubFlowTests(SynchronousTestCase):
         self.assertEqual([c.reading for c in (tab1, tab2, bridge_conn)], [False] * 3)
         bridge.resumeProducing()
         self.assertEqual([c.reading for c in (tab1, tab2, bridge_conn)], [True] * 3)
+
+    def test_drained_handles_held_frames_once_every_hold_is_released(self) -> None:
+        """
+        A tab that drains releases its bridge and itself with their held frames
+        handled at once, after the last release (no reactor turn later); a
+        detached tab releases them with the frames handled later.
+        """
+        tab, tab_conn = self.tab()
+        _, bridge = self.bridge()
+        handled_while_holding: list[bool] = []
+        bridge.on_handle = lambda: handled_while_holding.append(
+            tab.congested or not tab_conn.reading
+        )
+        tab.pauseProducing()
+        tab.resumeProducing()
+        self.assertEqual((tab_conn.resumed_later, bridge.resumed_later), ([False], [False]))
+        self.assertEqual((tab_conn.handled, bridge.handled), (1, 1))
+        self.assertEqual(handled_while_holding, [False])
+        tab.pauseProducing()
+        self.hub.detach(tab)
+        self.assertEqual(bridge.resumed_later, [False, True])
+        self.assertEqual(bridge.handled, 1)
+
+    def test_held_again_by_a_handled_frame_waits(self) -> None:
+        """
+        When the frames one released connection had read congest the tab again,
+        the others it releases are not handled until it drains once more.
+        """
+        tab, tab_conn = self.tab()
+        _, first = self.bridge(1)
+        _, second = self.bridge(2)
+        tab.pauseProducing()
+        first.on_handle = tab.pauseProducing
+        tab.resumeProducing()
+        self.assertEqual(second.handled, 0)
+        self.assertEqual([c.reading for c in (tab_conn, first, second)], [False] * 3)
 
     def test_bridge_held_while_any_tab_is_congested(self) -> None:
         """With two tabs, the bridge is read again only once both have drained."""
@@ -419,9 +469,10 @@ class RelayProtocolTests(SynchronousTestCase):
 
     def test_slow_tab_holds_bridge_frames(self) -> None:
         """
-        While the tab's transport has paused its producer, the bridge's socket
-        is not read and frames already read from it wait; when it resumes, they
-        go on, in order, and nothing is lost.
+        While the tab's transport has paused its producer, frames read from
+        the bridge wait, and its socket is not read once more arrives (not
+        before: a hold that ends first costs no system call); when the tab's
+        transport resumes, they go on at once, in order, and nothing is lost.
         """
         _, tab = self.open(_AdmittedTab)
         from_bridge, bridge = self.open(_AdmittedBridge)
@@ -430,25 +481,27 @@ class RelayProtocolTests(SynchronousTestCase):
         self.assertIn(frames[0], tab.value())
         tab.clear()
         producer(tab).pauseProducing()  # as TCP does past the mark
-        self.assertEqual((bridge.producerState, tab.producerState), ("paused", "paused"))
-        from_bridge.dataReceived(ws_frame(0x2, frames[1]))  # the rest of a read
+        self.assertEqual((held(from_bridge), bridge.producerState), (True, "producing"))
+        from_bridge.dataReceived(ws_frame(0x2, frames[1]))  # read while held
+        self.assertEqual((bridge.producerState, tab.producerState), ("paused", "producing"))
         self.assertEqual(tab.value(), b"")
         producer(tab).resumeProducing()  # as TCP does once it has sent everything
         self.assertEqual((bridge.producerState, tab.producerState), ("producing", "producing"))
-        self.clock.advance(0)
-        self.assertIn(frames[1], tab.value())
+        self.assertIn(frames[1], tab.value())  # in the same turn
+        now = self.clock.seconds()
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.getTime() <= now], [])
 
     def test_bridge_that_does_not_read_holds_tabs(self) -> None:
         """The other way: a congested bridge holds the tabs' keystrokes until it drains."""
         from_tab, tab = self.open(_AdmittedTab)
         _, bridge = self.open(_AdmittedBridge)
         producer(bridge).pauseProducing()
-        self.assertEqual(tab.producerState, "paused")
+        self.assertTrue(held(from_tab))
         keystroke = Envelope(Kind.PTY_INPUT, 2, 5, 1, b"\x03").encode()
         from_tab.dataReceived(ws_frame(0x2, keystroke))
+        self.assertEqual(tab.producerState, "paused")
         self.assertNotIn(keystroke, bridge.value())
         producer(bridge).resumeProducing()
-        self.clock.advance(0)
         self.assertEqual(tab.producerState, "producing")
         self.assertIn(keystroke, bridge.value())
 
@@ -464,26 +517,32 @@ class RelayProtocolTests(SynchronousTestCase):
             ws_frame(0x2, Envelope(Kind.CMD_STDOUT, 1, seq, 1, b"x").encode()) for seq in range(4)
         )
         from_bridge.dataReceived(frames)  # the burst is 2: the third is past the rate
-        self.assertEqual(bridge.producerState, "paused")
+        self.assertTrue(held(from_bridge))
         producer(tab).pauseProducing()
         self.clock.advance(1.0)  # the debt is paid
-        self.assertEqual(bridge.producerState, "paused")
+        self.assertTrue(held(from_bridge))
         producer(tab).resumeProducing()
-        self.assertEqual(bridge.producerState, "producing")
+        self.assertFalse(held(from_bridge))
 
         producer(tab).pauseProducing()
         from_bridge.dataReceived(frames)  # held: read, not handled
-        producer(tab).resumeProducing()
-        self.clock.advance(0)  # handled: past the rate again
         self.assertEqual(bridge.producerState, "paused")
+        producer(tab).resumeProducing()  # handled: past the rate again
+        self.assertTrue(held(from_bridge))
+        self.assertEqual(bridge.producerState, "producing")  # nothing more read yet
         producer(tab).pauseProducing()
         producer(tab).resumeProducing()
-        self.assertEqual(bridge.producerState, "paused")
+        self.assertTrue(held(from_bridge))
         self.clock.advance(1.0)
-        self.assertEqual(bridge.producerState, "producing")
+        self.assertFalse(held(from_bridge))
         self.clock.advance(0)
         outputs = [e for e in _server_frames(tab.value()) if e.kind == Kind.CMD_STDOUT]
         self.assertEqual(len(outputs), 8)
+
+
+def held(protocol: Any) -> bool:
+    """Whether the relay handles what C{protocol} reads no more (it stops reading at more)."""
+    return bool(protocol._gate.closed)
 
 
 def producer(transport: StringTransport) -> Any:
