@@ -186,10 +186,7 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
 
     # Counted per frame, not per message: a message cut in a thousand frames
     # costs the relay a thousand frames' work.  Pings and pongs count too.
-    def onMessageFrameBegin(self, length: int) -> None:
-        if self._bucket is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
-            self._spend()
-        WebSocketServerProtocol.onMessageFrameBegin(self, length)
+    # Each endpoint's onMessageFrameBegin spends as its _spend does, inlined.
 
     def onPing(self, payload: bytes) -> None:
         self._frame_arrived()
@@ -244,8 +241,21 @@ class IDEProtocol(_RelayProtocol):
         """
         assert self._bucket is not None
         if not self._bucket.allow():
-            self.factory.context.telemetry.throttled("rate")
-            self.sendClose(closecodes.RATE_LIMITED, "too many messages")
+            self._refuse()
+
+    def _refuse(self) -> None:
+        self.factory.context.telemetry.throttled("rate")
+        self.sendClose(closecodes.RATE_LIMITED, "too many messages")
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        bucket = self._bucket
+        if (
+            bucket is not None
+            and self.state == WebSocketServerProtocol.STATE_OPEN
+            and not bucket.allow()
+        ):
+            self._refuse()
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         context = self.factory.context
@@ -311,11 +321,23 @@ class BridgeProtocol(_RelayProtocol):
         """
         assert self._bucket is not None
         wait = self._bucket.borrow(headroom=self._bucket.rate / 10)
-        if wait > 0 and self._paid is None and self.endpoint is not None:
+        if wait > 0:
+            self._slow_down(wait)
+
+    def _slow_down(self, wait: float) -> None:
+        if self._paid is None and self.endpoint is not None:
             context = self.factory.context
             context.telemetry.throttled("rate")
             self.endpoint.hold(RATE)
             self._paid = context.clock.callLater(wait, self._rate_paid)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        bucket = self._bucket
+        if bucket is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
+            wait = bucket.borrow(headroom=bucket.rate / 10)
+            if wait > 0:
+                self._slow_down(wait)
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
     def _rate_paid(self) -> None:
         self._paid = None
