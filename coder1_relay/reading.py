@@ -32,7 +32,7 @@ class ReadGate:
     """
     Stops and starts the reading of one Autobahn connection: a held connection
     is not read, and the frames already read wait in Autobahn's buffer (its
-    C{processData} asks L{closed}) until it is released.
+    C{processData} is shadowed by one that says no) until it is released.
 
     The socket is stopped lazily: a hold only closes the gate, and the
     transport stops reading once more data arrives while it is closed
@@ -52,6 +52,10 @@ class ReadGate:
 
     def pause(self) -> None:
         self.closed = True
+        # Autobahn handles its buffered frames one per processData call, until
+        # one says no: this one, on the instance while closed, so that an open
+        # connection's frames pay no call layer for the check.
+        self.protocol.processData = _no_more
 
     def arrived(self) -> None:
         """Data arrived while closed: stop reading the socket until L{resume}."""
@@ -68,6 +72,7 @@ class ReadGate:
         holds), or, with C{later} false, when the caller calls L{handle_held}.
         """
         self.closed = False
+        self.protocol.__dict__.pop("processData", None)
         if not self._readable():
             return
         if self._stopped:
@@ -142,8 +147,7 @@ class GatedReading:
             self._gate.arrived()
         super().dataReceived(data)  # type: ignore[misc]
 
-    def processData(self) -> bool:
-        # Autobahn handles the frames it has buffered one per call, until this says no.
-        if self._gate.closed:
-            return False
-        return bool(super().processData())  # type: ignore[misc]
+
+def _no_more() -> bool:
+    """A closed gate's C{processData}: handle no more frames now."""
+    return False
