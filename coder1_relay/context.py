@@ -181,6 +181,28 @@ class TokenBucket:
             return 0.0
         return (min(float(self.burst), headroom) - self._tokens) / self.rate
 
+    def refill(self) -> None:
+        """
+        Add what came in since the last look, for L{take} and L{owe}: a caller
+        that handles many frames in one instant (one socket read) reads the
+        clock once for all of them.
+        """
+        self._refill()
+
+    def take(self) -> bool:
+        """L{allow} without reading the clock (see L{refill})."""
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def owe(self, headroom: float = 0.0) -> float:
+        """L{borrow} without reading the clock (see L{refill})."""
+        self._tokens -= 1.0
+        if self._tokens >= 0.0:
+            return 0.0
+        return (min(float(self.burst), headroom) - self._tokens) / self.rate
+
     @property
     def full(self) -> bool:
         """Whether the bucket is full: a bucket that is can be forgotten and made anew."""

@@ -11,7 +11,10 @@ Flow control: a reader that stops reading holds up what feeds it, all the
 way back, and nothing is dropped.  Each connection's L{Endpoint} is the
 push producer registered on its transport (TLS over TCP), which calls
 C{pauseProducing} when more than C{HubSettings.send_buffer} bytes wait to go
-out to it and C{resumeProducing} once they have all gone into the kernel.
+out to it and C{resumeProducing} once they have all gone into the kernel
+(its low-water mark is empty: a hold lasts until the buffer has drained, and
+what the released connections read meanwhile is handled in that same turn,
+once every hold it ends is released).
 While an endpoint is I{congested} the hub stops reading (L{Endpoint.hold})
 the connections whose frames go to it -- every bridge of its session for a
 browser tab, every tab of its session for a bridge -- and the congested
@@ -31,15 +34,17 @@ C{Limits.bridges_per_session} bridges),
     writes (at most 64,000 bytes) and the message being forwarded (at most
     C{Limits.max_message_size}, 1 MiB; a bridge's output frames are about
     8 KiB), as everything that feeds the connection is held at once;
-  - on the way in, what was read before the connection was held: one socket
-    read (Twisted reads C{send_buffer} at a time) and the message being
-    assembled (at most C{Limits.max_message_size}), in Autobahn's buffer;
+  - on the way in, what was read before the connection was held and one
+    read more (its socket is stopped when data arrives while it is held, so
+    a hold that ends before then costs no system call): two socket reads
+    (Twisted reads C{send_buffer} at a time) and the message being assembled
+    (at most C{Limits.max_message_size}), in Autobahn's buffer;
   - and the relay's own small frames (a ping every C{heartbeat_interval},
     presence when a bridge comes or goes), which are never held.
 
 With one tab and one bridge sending output that is 64 + 62.5 + 8 (out to the
-tab) + 64 + 8 (in from the bridge), about 210 KiB; at worst, 16 tabs and 16
-bridges sending 1 MiB messages, about 70 MiB.  The kernel's socket buffers
+tab) + 128 + 8 (in from the bridge), about 270 KiB; at worst, 16 tabs and 16
+bridges sending 1 MiB messages, about 72 MiB.  The kernel's socket buffers
 behind it (a few MiB each, autotuned) are not the relay's memory.
 tests/test_flow.py measures it: a tab that stops reading a 200 MB output
 grows the relay by a few hundred KiB.

@@ -8,9 +8,9 @@ happen in the opening handshake with an HTTP status and a short reason.
 Flow control (C{coder1_relay.routing} says why and how much): once open, a
 connection's L{Endpoint} replaces twisted.web's HTTP channel as the producer
 registered on its transport, and the transport's high-water mark becomes
-C{HubSettings.send_buffer}.  A held connection is not read: its transport
-stops reading the socket, and the frames already read wait in Autobahn's
-buffer (L{_RelayProtocol.processData} says no) until it is released.
+C{HubSettings.send_buffer}.  A held connection is not read: the frames
+already read wait in Autobahn's buffer, and its transport stops reading the
+socket when more arrives, until it is released (C{coder1_relay.reading}).
 """
 
 from __future__ import annotations
@@ -186,7 +186,12 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
 
     # Counted per frame, not per message: a message cut in a thousand frames
     # costs the relay a thousand frames' work.  Pings and pongs count too.
-    # Each endpoint's onMessageFrameBegin spends as its _spend does, inlined.
+    # Each endpoint's onMessageFrameBegin spends as its _spend does, inlined,
+    # with the bucket refilled once for all the frames one read brought.
+    def consumeData(self) -> None:
+        if self._bucket is not None:
+            self._bucket.refill()
+        super().consumeData()
 
     def onPing(self, payload: bytes) -> None:
         self._frame_arrived()
@@ -252,7 +257,7 @@ class IDEProtocol(_RelayProtocol):
         if (
             bucket is not None
             and self.state == WebSocketServerProtocol.STATE_OPEN
-            and not bucket.allow()
+            and not bucket.take()
         ):
             self._refuse()
         WebSocketServerProtocol.onMessageFrameBegin(self, length)
@@ -334,7 +339,7 @@ class BridgeProtocol(_RelayProtocol):
     def onMessageFrameBegin(self, length: int) -> None:
         bucket = self._bucket
         if bucket is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
-            wait = bucket.borrow(headroom=bucket.rate / 10)
+            wait = bucket.owe(bucket.rate / 10)
             if wait > 0:
                 self._slow_down(wait)
         WebSocketServerProtocol.onMessageFrameBegin(self, length)

@@ -586,6 +586,26 @@ class TokenBucketTests(SynchronousTestCase):
         clock.advance(0.05)
         self.assertEqual(bucket.borrow(), 0.0)
 
+    def test_take_and_owe_count_time_at_refill_only(self) -> None:
+        """
+        C{take} and C{owe} are C{allow} and C{borrow} on the tokens counted at
+        the last C{refill} (the frames of one read): time passed since then
+        gives no tokens until the next C{refill}.
+        """
+        clock = Clock()
+        bucket = TokenBucket(clock, rate=10.0, burst=2)
+        self.assertEqual([bucket.take(), bucket.take(), bucket.take()], [True, True, False])
+        clock.advance(0.1)
+        self.assertFalse(bucket.take())
+        bucket.refill()
+        self.assertEqual([bucket.take(), bucket.take()], [True, False])
+        self.assertAlmostEqual(bucket.owe(), 0.1)
+        self.assertAlmostEqual(bucket.owe(headroom=1), 0.3)
+        clock.advance(0.4)
+        self.assertAlmostEqual(bucket.owe(), 0.3)
+        bucket.refill()  # the 0.4 s since the last: 4 tokens, and one goes
+        self.assertEqual(bucket.owe(), 0.0)
+
     def test_clock_going_backwards(self) -> None:
         """A clock that steps back gives no tokens and takes none away."""
         clock = Clock()
