@@ -219,10 +219,18 @@ class ReplayLog:
         """
         while self.weight > budget and self._head < len(self._chunks):
             chunk = self._chunks[self._head]
-            if chunk.end > floor:
-                cut = min(self.weight - budget, floor - chunk.position)
-                if chunk.kind in _OUTPUT and len(chunk.data) > budget > 0 and cut > 0:
+            over = self.weight - budget
+            if (
+                chunk.kind in _OUTPUT
+                and 0 < budget < len(chunk.data)
+                and over < len(chunk.data) + CHUNK_OVERHEAD
+            ):
+                # Larger than the log's size, and the rest is within it: keep its end.
+                cut = min(over, floor - chunk.position)
+                if cut > 0:
                     self._cut(chunk, cut)
+                break
+            if chunk.end > floor:
                 break
             self._head += 1
             self.weight -= len(chunk.data) + CHUNK_OVERHEAD
