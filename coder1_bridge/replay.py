@@ -143,6 +143,10 @@ class _Chunk:
         return self.position + len(self.data)
 
 
+#: What stands for a dropped chunk in a log's list until the list is compacted.
+_GONE = _Chunk(0, 0, b"")
+
+
 @attrs.define
 class ReplayLog:
     """
@@ -232,6 +236,8 @@ class ReplayLog:
                 break
             if chunk.end > floor:
                 break
+            # Its bytes go now, not when the list is next compacted (below).
+            self._chunks[self._head] = _GONE
             self._head += 1
             self.weight -= len(chunk.data) + CHUNK_OVERHEAD
             self.start = chunk.end

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import attrs
 import hypothesis
 from hypothesis import strategies as st
@@ -252,6 +254,22 @@ class StorageTests(SynchronousTestCase):
         box.resume(2, "tab", [(TERMINAL, 0)])  # a page that comes back gets the same bytes
         box.flush(2)
         self.assertIs(self.h.to(2)[0].payload, data)
+
+    def test_dropped_frames_let_go(self) -> None:
+        """
+        A frame that leaves a terminal's scrollback is no longer referenced by
+        the log at once, so that the log holds only its size, not up to twice it.
+        """
+        box = self.h.make(capacity=64 * 1024)
+        box.open(TERMINAL, 1)
+        first = bytes(range(256)) * 128  # 32 KiB
+        alone = sys.getrefcount(first)
+        box.publish(output(TERMINAL, first))
+        self.assertGreater(sys.getrefcount(first), alone)
+        for _ in range(3):
+            box.publish(output(TERMINAL, b"-" * 32 * 1024))
+        self.assertGreater(box.logs[TERMINAL].start, 0)
+        self.assertEqual(sys.getrefcount(first), alone)
 
     def test_small_frames_joined(self) -> None:
         """Small output frames are joined in the log: one chunk's overhead, one frame on replay."""
