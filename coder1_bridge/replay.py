@@ -54,8 +54,11 @@ INPUT_TYPES: dict[int, str] = {
 }
 STARTS = frozenset({Kind.CMD_START, Kind.PTY_OPEN})
 
-#: Output chunks are joined up to this size in the log, and sent in frames of at most this.
+#: Frames sent from the logs carry at most this many bytes of output.
 MAX_CHUNK = 64 * 1024
+#: Output frames shorter than this are joined in the log (a copy, of small frames
+#: only), up to L{MAX_CHUNK}; longer ones are kept as the bytes they came in.
+JOIN_BELOW = 4 * 1024
 #: Bytes each kept chunk is counted for beyond its payload, so that a flood of
 #: tiny frames cannot hold more memory than the log's size says.
 CHUNK_OVERHEAD = 64
@@ -125,13 +128,23 @@ def positions_body(positions: Iterable[tuple[Key, int]]) -> list[dict[str, objec
 
 @attrs.define(slots=True)
 class _Chunk:
+    """
+    Kept bytes: a frame's own payload (never copied), or small output frames
+    joined in a C{bytearray} (then C{joined}).
+    """
+
     kind: int
     position: int
-    data: bytearray
+    data: bytes | bytearray
+    joined: bool = False
 
     @property
     def end(self) -> int:
         return self.position + len(self.data)
+
+
+#: What stands for a dropped chunk in a log's list until the list is compacted.
+_GONE = _Chunk(0, 0, b"")
 
 
 @attrs.define
@@ -139,6 +152,10 @@ class ReplayLog:
     """
     The sequenced frames of one stream still kept, from position C{start} to
     C{end}, with what any channel has acknowledged (C{acked}).
+
+    The frames are kept as they came (no copy, whatever their size), small
+    output frames joined; the oldest go as whole chunks, but for a chunk larger
+    than the log's size, whose start only is cut off.
     """
 
     key: Key
@@ -158,19 +175,24 @@ class ReplayLog:
     weight: int = 0
 
     def append(self, kind: int, payload: bytes) -> None:
-        """Keep a frame at the end; output joins the last chunk while it is small."""
+        """Keep a frame at the end: as it is, or joined to the last chunk if both are small."""
         if not payload:
             return
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a view would keep what it views alive, or change
+        small = kind in _OUTPUT and len(payload) < JOIN_BELOW
         last = self._chunks[-1] if len(self._chunks) > self._head else None
         if (
-            last is not None
-            and kind in _OUTPUT
+            small
+            and last is not None
+            and last.joined
             and last.kind == kind
             and len(last.data) + len(payload) <= MAX_CHUNK
         ):
             last.data += payload
         else:
-            self._chunks.append(_Chunk(kind, self.end, bytearray(payload)))
+            data: bytes | bytearray = bytearray(payload) if small else payload
+            self._chunks.append(_Chunk(kind, self.end, data, small))
             self._positions.append(self.end)
             self.weight += CHUNK_OVERHEAD
         self.end += len(payload)
@@ -183,25 +205,55 @@ class ReplayLog:
         at = bisect.bisect_right(self._positions, position, lo=self._head) - 1
         chunk = self._chunks[at]
         offset = position - chunk.position
-        if chunk.kind in _OUTPUT:
-            # One copy, through a view that is gone before the chunk can grow again.
-            data = bytes(memoryview(chunk.data)[offset : offset + max(1, most)])
+        kept = chunk.data
+        if type(kept) is bytes and (
+            chunk.kind not in _OUTPUT or (not offset and len(kept) <= most)
+        ):
+            data = kept  # the frame as it came: no copy
         else:
-            data = bytes(chunk.data)  # JSON is never cut
+            # A copy of a part only, or of a joined chunk, which may grow again.
+            with memoryview(kept) as view:
+                data = bytes(view[offset : offset + max(1, most)])
         return Envelope(chunk.kind, self.key[1], chunk.position + offset, self.peer, data)
 
     def drop_before(self, floor: int, budget: int) -> None:
-        """Drop whole chunks from the start while over C{budget} and they end by C{floor}."""
+        """
+        Drop whole chunks from the start while over C{budget} and they end by
+        C{floor}; of an output chunk larger than C{budget}, drop what is over it.
+        """
         while self.weight > budget and self._head < len(self._chunks):
             chunk = self._chunks[self._head]
+            over = self.weight - budget
+            if (
+                chunk.kind in _OUTPUT
+                and 0 < budget < len(chunk.data)
+                and over < len(chunk.data) + CHUNK_OVERHEAD
+            ):
+                # Larger than the log's size, and the rest is within it: keep its end.
+                cut = min(over, floor - chunk.position)
+                if cut > 0:
+                    self._cut(chunk, cut)
+                break
             if chunk.end > floor:
                 break
+            # Its bytes go now, not when the list is next compacted (below).
+            self._chunks[self._head] = _GONE
             self._head += 1
             self.weight -= len(chunk.data) + CHUNK_OVERHEAD
             self.start = chunk.end
         if self._head > 64 and self._head * 2 > len(self._chunks):
             del self._chunks[: self._head], self._positions[: self._head]
             self._head = 0
+
+    def _cut(self, chunk: _Chunk, cut: int) -> None:
+        """Drop the first C{cut} bytes of the oldest chunk (one copy of what stays)."""
+        with memoryview(chunk.data) as view:
+            rest = bytes(view[cut:])
+        chunk.data = bytearray(rest) if chunk.joined else rest
+        chunk.position += cut
+        self._positions[self._head] = chunk.position
+        self.weight -= cut
+        self.start = chunk.position
 
 
 @attrs.define

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import attrs
 import hypothesis
 from hypothesis import strategies as st
@@ -233,6 +235,129 @@ class OutboxTests(SynchronousTestCase):
         box.close()
         self.assertEqual(self.h.clock.getDelayedCalls(), [])
         self.assertEqual(box.logs, {})
+
+
+class StorageTests(SynchronousTestCase):
+    """How a log keeps what a process printed: as it came, trimmed by whole chunks."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_frames_kept_and_sent_without_copy(self) -> None:
+        """A large output frame is kept and sent as the very bytes it came in."""
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        data = bytes(range(256)) * 256  # 64 KiB
+        box.publish(output(TERMINAL, data))
+        self.assertIs(self.h.to(1)[0].payload, data)
+        box.resume(2, "tab", [(TERMINAL, 0)])  # a page that comes back gets the same bytes
+        box.flush(2)
+        self.assertIs(self.h.to(2)[0].payload, data)
+
+    def test_dropped_frames_let_go(self) -> None:
+        """
+        A frame that leaves a terminal's scrollback is no longer referenced by
+        the log at once, so that the log holds only its size, not up to twice it.
+        """
+        box = self.h.make(capacity=64 * 1024)
+        box.open(TERMINAL, 1)
+        first = bytes(range(256)) * 128  # 32 KiB
+        alone = sys.getrefcount(first)
+        box.publish(output(TERMINAL, first))
+        self.assertGreater(sys.getrefcount(first), alone)
+        for _ in range(3):
+            box.publish(output(TERMINAL, b"-" * 32 * 1024))
+        self.assertGreater(box.logs[TERMINAL].start, 0)
+        self.assertEqual(sys.getrefcount(first), alone)
+
+    def test_small_frames_joined(self) -> None:
+        """Small output frames are joined in the log: one chunk's overhead, one frame on replay."""
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        for piece in (b"a" * 100, b"b" * 100, b"c" * 100):
+            box.publish(output(TERMINAL, piece))
+        self.assertEqual(box.logs[TERMINAL].weight, 300 + CHUNK_OVERHEAD)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.flush(1)
+        self.assertEqual([f.payload for f in self.h.to(1)], [b"a" * 100 + b"b" * 100 + b"c" * 100])
+
+    def test_trim_at_chunk_boundaries(self) -> None:
+        """A terminal's scrollback loses whole frames from its start, never part of one."""
+        box = self.h.make(capacity=64 * 1024)
+        box.open(TERMINAL, 1)
+        sizes = [20_000, 30_000, 10_000, 25_000]
+        for i, size in enumerate(sizes):
+            box.publish(output(TERMINAL, bytes([i]) * size))
+        log = box.logs[TERMINAL]
+        self.assertEqual(log.start, 20_000)  # the first frame went whole; the second stays
+        self.assertEqual(log.weight, 65_000 + 3 * CHUNK_OVERHEAD)
+        box.resume(1, "tab", [(TERMINAL, 20_000)])
+        box.flush(1)
+        self.assertEqual(
+            self.h.bytes_to(1, TERMINAL, start=20_000),
+            b"\1" * 30_000 + b"\2" * 10_000 + b"\3" * 25_000,
+        )
+
+    def test_chunk_larger_than_the_scrollback(self) -> None:
+        """Of a frame larger than a terminal's scrollback, its end is kept, up to the size."""
+        box = self.h.make(capacity=64 * 1024)
+        box.open(TERMINAL, 1)
+        data = bytes(range(256)) * 400  # 100 KiB
+        box.publish(output(TERMINAL, data))
+        log = box.logs[TERMINAL]
+        # Exactly the log's size is kept: the frame's last 64 KiB, less its overhead.
+        self.assertEqual((log.start, log.end, log.weight), (36_928, len(data), 64 * 1024))
+        self.assertEqual(self.h.held, [])
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.flush(1)
+        gap = self.h.to(1)[0]
+        self.assertEqual((gap.kind, gap.json()["bytes"]), (Kind.GAP, log.start))
+        self.assertEqual(self.h.bytes_to(1, TERMINAL, start=log.start), data[log.start :])
+
+    def test_chunk_larger_than_the_scrollback_followed(self) -> None:
+        """A page that follows keeps all of a large frame until it acknowledges it."""
+        box = self.h.make(capacity=64 * 1024, window=1024 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        data = bytes(range(256)) * 400
+        box.publish(output(TERMINAL, data))
+        log = box.logs[TERMINAL]
+        self.assertEqual((log.start, self.h.held), (0, [TERMINAL]))
+        box.ack(1, [(TERMINAL, 20_000)])  # part of it: only that part may go, still held
+        self.assertEqual((log.start, self.h.held), (20_000, [TERMINAL]))
+        box.ack(1, [(TERMINAL, 50_000)])  # past what is over the size: released
+        self.assertEqual((log.start, log.weight, self.h.held), (36_928, 64 * 1024, []))
+        box.resume(2, "tab", [(TERMINAL, log.start + 10)])
+        box.flush(2)
+        self.assertEqual(self.h.bytes_to(2, TERMINAL, start=log.start + 10), data[log.start + 10 :])
+
+    def test_replay_from_inside_a_chunk(self) -> None:
+        """A page resuming from inside a kept frame gets the rest of it, then the next."""
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        first, second = b"x" * 40_000, b"y" * 30_000
+        box.publish(output(TERMINAL, first))
+        box.publish(output(TERMINAL, second))
+        box.resume(1, "tab", [(TERMINAL, 12_345)])
+        box.flush(1)
+        frames = self.h.to(1)
+        self.assertEqual(
+            [(f.seq, len(f.payload)) for f in frames], [(12_345, 27_655), (40_000, 30_000)]
+        )
+        self.assertIs(frames[1].payload, second)
+
+    def test_window_cuts_inside_a_chunk(self) -> None:
+        """A window smaller than a frame sends it in parts, each where the last ended."""
+        box = self.h.make(window=16 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        data = bytes(range(256)) * 160  # 40 KiB
+        box.publish(output(TERMINAL, data))
+        for _ in range(3):
+            box.ack(1, [(TERMINAL, box.follower(1).sent[TERMINAL])])  # type: ignore[union-attr]
+        self.assertEqual([f.seq for f in self.h.to(1)], [0, 16_384, 32_768])
+        self.assertEqual(self.h.bytes_to(1, TERMINAL), data)
 
 
 #: What a page and its process do, one step at a time, in L{ResumeProperties}.
