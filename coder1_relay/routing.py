@@ -58,7 +58,7 @@ silence, and the rest of its session goes on.
 The hot path: an end-to-end frame is routed on its header alone, read in
 place (no L{Envelope}, no copy of the payload), and the very bytes that
 arrived are sent on.  Hearing a frame only notes the time: each connection
-has one timer, which pings every C{heartbeat_interval} and, when it fires,
+has one timer, which pings it after a silence (L{Hub._quiet}) and, when it fires,
 compares the time last heard with C{heartbeat_timeout} (a timer is not moved
 per frame).
 """
@@ -279,7 +279,7 @@ class Hub:
     def _start(self, endpoint: Endpoint) -> None:
         now = self.clock.seconds()
         endpoint.heard = now
-        endpoint.next_ping = now + self.settings.heartbeat_interval
+        endpoint.next_ping = now + self._quiet()
         self._rewatch(endpoint, now)
         for other in self._facing(endpoint):
             if other.congested:
@@ -457,10 +457,23 @@ class Hub:
             endpoint.close(closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
             return
         if now >= endpoint.next_ping:
-            endpoint.next_ping = now + self.settings.heartbeat_interval
-            endpoint.link.send(_PING)
+            if now - endpoint.heard >= self._quiet():
+                endpoint.next_ping = now + self.settings.heartbeat_interval
+                endpoint.link.send(_PING)
+            else:  # it spoke (its own PING): no PING needed until it falls quiet
+                endpoint.next_ping = endpoint.heard + self._quiet()
         if endpoint.watch is not None:  # not detached by what the ping set off
             self._rewatch(endpoint, now)
+
+    def _quiet(self) -> float:
+        """
+        Silence after which it is PINGed: a party that PINGs on its own every
+        C{heartbeat_interval} (the bridge, the page) is only answered, never
+        PINGed; a silent one after two intervals, or one interval before its
+        timeout if that comes sooner (docs/protocol.md, section 7).
+        """
+        interval, timeout = self.settings.heartbeat_interval, self.settings.heartbeat_timeout
+        return min(2 * interval, max(interval, timeout - interval))
 
     def _silent(self, endpoint: Endpoint) -> bool:
         """

@@ -202,7 +202,26 @@ class HubTests(HubCase):
         self.assertEqual(
             self.ide_link.closed, (closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
         )
-        self.assertIn(Kind.PING, self.bridge_link.kinds())
+        self.assertIn(Kind.PING, self.ide_link.kinds())
+
+    def test_talking_party_not_pinged(self) -> None:
+        """A party that PINGs every interval is only answered, never PINGed itself."""
+        for _ in range(8):
+            self.clock.advance(15)
+            self.bridge.receive(Envelope(Kind.PING).encode())
+        self.assertNotIn(Kind.PING, self.bridge_link.kinds())
+        self.assertIsNone(self.bridge_link.closed)
+
+    def test_silent_party_pinged_before_timeout(self) -> None:
+        """A party that only answers PINGs is PINGed in time and stays open."""
+        pongs = 0
+        for _ in range(12):
+            self.clock.advance(5)
+            if self.bridge_link.kinds().count(Kind.PING) > pongs:
+                pongs += 1
+                self.bridge.receive(Envelope(Kind.PONG).encode())
+        self.assertEqual(pongs, 2)
+        self.assertIsNone(self.bridge_link.closed)
 
     def test_replaced_bridge(self) -> None:
         """The same bridge connecting again replaces the old connection, which is closed."""
@@ -310,20 +329,21 @@ class FastPathTests(HubCase):
 
     def test_silence_counts_from_the_last_frame(self) -> None:
         """
-        A tab last heard at 44 s is pinged every 15 s and closed for silence at
-        89 s, no earlier, though its timer had first come due at 45 s.
+        A tab last heard at 44 s is pinged once its silence reaches 30 s (at
+        74 s) and closed for silence at 89 s, no earlier, though its timer had
+        first come due at 45 s.
         """
         self.clock.pump([1.0] * 44)
         self.ide.receive(Envelope(Kind.PONG).encode())
         pings_before = self.ide_link.kinds().count(Kind.PING)
         self.clock.pump([1.0] * 44)  # to 88 s
         self.assertIsNone(self.ide_link.closed)
-        self.assertEqual(self.ide_link.kinds().count(Kind.PING) - pings_before, 3)  # 45, 60, 75
+        self.assertEqual(self.ide_link.kinds().count(Kind.PING) - pings_before, 1)  # 74
         self.clock.advance(1)  # 89 s
         self.assertEqual(
             self.ide_link.closed, (closecodes.HEARTBEAT_TIMEOUT, "no heartbeat from you")
         )
-        self.assertEqual(self.ide_link.kinds().count(Kind.PING) - pings_before, 3)
+        self.assertEqual(self.ide_link.kinds().count(Kind.PING) - pings_before, 1)
 
     def test_subclass_hooks_see_every_frame(self) -> None:
         """A hub that overrides C{_from_ide} (a tampering test relay) still gets every frame."""
