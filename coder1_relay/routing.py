@@ -30,10 +30,11 @@ connections (at most C{Limits.ide_connections_per_session} tabs and
 C{Limits.bridges_per_session} bridges),
 
   - on the way out, C{send_buffer} (64 KiB) in the TCP transport, plus what
-    was under way when that mark was passed: the TLS layer's batch of small
-    writes (at most 64,000 bytes) and the message being forwarded (at most
-    C{Limits.max_message_size}, 1 MiB; a bridge's output frames are about
-    8 KiB), as everything that feeds the connection is held at once;
+    was under way when that mark was passed: the TLS layer's held writes
+    (at most 16 KiB, C{coder1_relay.tls_server}) and the message being
+    forwarded (at most C{Limits.max_message_size}, 1 MiB; a bridge's output
+    frames are at most 64 KiB), as everything that feeds the connection is
+    held at once;
   - on the way in, what was read before the connection was held and one
     read more (its socket is stopped when data arrives while it is held, so
     a hold that ends before then costs no system call): two socket reads
@@ -42,8 +43,8 @@ C{Limits.bridges_per_session} bridges),
   - and the relay's own small frames (a ping every C{heartbeat_interval},
     presence when a bridge comes or goes), which are never held.
 
-With one tab and one bridge sending output that is 64 + 62.5 + 8 (out to the
-tab) + 128 + 8 (in from the bridge), about 270 KiB; at worst, 16 tabs and 16
+With one tab and one bridge sending output that is 64 + 16 + 64 (out to the
+tab) + 128 + 64 (in from the bridge), about 340 KiB; at worst, 16 tabs and 16
 bridges sending 1 MiB messages, about 72 MiB.  The kernel's socket buffers
 behind it (a few MiB each, autotuned) are not the relay's memory.
 tests/test_flow.py measures it: a tab that stops reading a 200 MB output
