@@ -181,13 +181,16 @@ class TokenBucket:
             return 0.0
         return (min(float(self.burst), headroom) - self._tokens) / self.rate
 
-    def refill(self) -> None:
+    def refill(self) -> float:
         """
         Add what came in since the last look, for L{take} and L{owe}: a caller
         that handles many frames in one instant (one socket read) reads the
         clock once for all of them.
+
+        @return: the clock's time it read, for the caller's other uses.
         """
         self._refill()
+        return self._stamp
 
     def take(self) -> bool:
         """L{allow} without reading the clock (see L{refill})."""

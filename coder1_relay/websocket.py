@@ -72,8 +72,11 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
     metrics_role: ClassVar[Role]
     endpoint: Endpoint | None = None
     _bucket: TokenBucket | None = None
-    #: The clock's C{seconds} (read for each message: when it was heard).
+    #: The clock's C{seconds}.
     _seconds: Callable[[], float]
+    #: When the last socket read was handled (L{consumeData}): the time each
+    #: message it brought was heard, with the clock read once per read.
+    _read_at: float = 0.0
     #: Set when this connection's session is held by another node: what it sends
     #: goes there, and what comes from there is sent on it.
     _link: NodeLink | None = None
@@ -188,9 +191,10 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
     # costs the relay a thousand frames' work.  Pings and pongs count too.
     # Each endpoint's onMessageFrameBegin spends as its _spend does, inlined,
     # with the bucket refilled once for all the frames one read brought.
+    # The same clock read is when the read's messages were heard (the heartbeat's).
     def consumeData(self) -> None:
-        if self._bucket is not None:
-            self._bucket.refill()
+        bucket = self._bucket
+        self._read_at = bucket.refill() if bucket is not None else self._seconds()
         super().consumeData()
 
     def onPing(self, payload: bytes) -> None:
@@ -211,8 +215,9 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
             if self._link is not None:
                 self._link.send(payload)
             return
-        # Endpoint.receive, inlined: one call layer less per message.
-        endpoint.heard = self._seconds()
+        # Endpoint.receive, inlined: one call layer less per message, and
+        # heard at the time of the read that brought it (consumeData).
+        endpoint.heard = self._read_at
         try:
             endpoint.hub.route(endpoint, payload)
         except Exception:

@@ -539,6 +539,42 @@ class RelayProtocolTests(SynchronousTestCase):
         outputs = [e for e in _server_frames(tab.value()) if e.kind == Kind.CMD_STDOUT]
         self.assertEqual(len(outputs), 8)
 
+    def test_data_frames_count_as_heard_per_read(self) -> None:
+        """
+        A bridge that only sends data frames (never a PING or a PONG) is heard
+        at each socket read that brings them, every frame of one read at that
+        read's time; it is not closed while it keeps sending, and is closed for
+        its silence once it stops.
+        """
+        bridge, transport = self.open(_AdmittedBridge)
+        endpoint = bridge.endpoint
+        timeout = self.settings.heartbeat_timeout
+        frames = [Envelope(Kind.CMD_STDOUT, 1, seq, 1, b"out").encode() for seq in range(4)]
+        for step, frame in enumerate(frames[:3], 1):
+            self.clock.advance(timeout * 2 / 3)
+            bridge.dataReceived(ws_frame(0x2, frame))
+            self.assertEqual(endpoint.heard, self.clock.seconds())
+            self.assertEqual(bridge.state, WebSocketServerProtocol.STATE_OPEN, step)
+        self.clock.advance(1.0)
+        bridge.dataReceived(ws_frame(0x2, frames[3]) + ws_frame(0x2, frames[0]))  # one read
+        self.assertEqual(endpoint.heard, self.clock.seconds())
+        self.assertGreater(self.clock.seconds(), timeout)  # heard past the timeout from its open
+        self.assertEqual(bridge.state, WebSocketServerProtocol.STATE_OPEN)
+        self.clock.advance(timeout - 1.0)
+        self.assertEqual(bridge.state, WebSocketServerProtocol.STATE_OPEN)
+        self.clock.advance(1.0)
+        self.assertEqual(bridge.state, WebSocketServerProtocol.STATE_CLOSING)
+        self.assertIn(closecodes.HEARTBEAT_TIMEOUT.to_bytes(2, "big"), transport.value())
+
+    def test_silent_connection_still_times_out(self) -> None:
+        """A connection that sends nothing after it opened is closed for its silence."""
+        tab, transport = self.open(_AdmittedTab)
+        self.clock.advance(self.settings.heartbeat_timeout - 0.5)
+        self.assertEqual(tab.state, WebSocketServerProtocol.STATE_OPEN)
+        self.clock.advance(0.5)
+        self.assertEqual(tab.state, WebSocketServerProtocol.STATE_CLOSING)
+        self.assertIn(closecodes.HEARTBEAT_TIMEOUT.to_bytes(2, "big"), transport.value())
+
 
 def held(protocol: Any) -> bool:
     """Whether the relay handles what C{protocol} reads no more (it stops reading at more)."""
