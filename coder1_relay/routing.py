@@ -539,12 +539,22 @@ class Hub:
                 and FIRST_END_TO_END <= kind <= LAST_END_TO_END
             ):
                 # source.peer, not is_bridge: this runs for every frame.
-                if (not kind & TO_BROWSER_BIT) != (not source.peer):
+                source_peer = source.peer
+                if (not kind & TO_BROWSER_BIT) != (not source_peer):
                     source.close(closecodes.PROTOCOL_ERROR, "frame kind travels the other way")
                 elif self._envelope_hooks:
                     self._checked_route(source, frame)
-                elif source.peer:
-                    self._to_browsers(source, kind, peer, stream, frame)
+                elif source_peer:
+                    if peer != source_peer or kind == _CMD_EXIT:
+                        self._to_browsers(source, kind, peer, stream, frame)
+                    else:
+                        # _to_browsers, inlined for what most bridge frames are.
+                        ides = self._ides.get(source.session, _NO_IDES)
+                        for ide in ides:
+                            ide.link.send(frame)
+                        sent = len(ides)
+                        self.frames_to_browser += sent
+                        self.bytes_to_browser += sent * len(frame)
                 else:
                     # _to_bridge, inlined for what most tab frames are.
                     bridge = self._bridges.get(source.session, _NO_BRIDGES).get(peer)
