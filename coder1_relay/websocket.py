@@ -59,6 +59,9 @@ _HANDSHAKE_LEFTOVERS = (
 #: debug messages (dropped by default) include the handshake's token and cookie.
 _log = Logger()
 
+#: Autobahn's open state, looked up once: it is compared for every frame and message.
+_OPEN = WebSocketServerProtocol.STATE_OPEN
+
 
 class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[misc]  # autobahn's bases
     """
@@ -92,7 +95,7 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         raise NotImplementedError
 
     def send(self, frame: bytes) -> None:
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
+        if self.state == _OPEN:
             self.sendMessage(frame, isBinary=True)
 
     def close(self, code: int, reason: str) -> None:
@@ -205,7 +208,7 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         self._frame_arrived()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.state != WebSocketServerProtocol.STATE_OPEN:
+        if self.state != _OPEN:
             return
         if not isBinary:
             self.sendClose(closecodes.PROTOCOL_ERROR, "frames must be binary")
@@ -259,11 +262,7 @@ class IDEProtocol(_RelayProtocol):
 
     def onMessageFrameBegin(self, length: int) -> None:
         bucket = self._bucket
-        if (
-            bucket is not None
-            and self.state == WebSocketServerProtocol.STATE_OPEN
-            and not bucket.take()
-        ):
+        if bucket is not None and self.state == _OPEN and not bucket.take():
             self._refuse()
         WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
@@ -343,7 +342,7 @@ class BridgeProtocol(_RelayProtocol):
 
     def onMessageFrameBegin(self, length: int) -> None:
         bucket = self._bucket
-        if bucket is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
+        if bucket is not None and self.state == _OPEN:
             wait = bucket.owe(bucket.rate / 10)
             if wait > 0:
                 self._slow_down(wait)
