@@ -83,6 +83,12 @@ class TokenAuthority:
     #: Keys signed with before a rotation whose tokens are still accepted, by
     #: their issuer (C{iss}): a key ring, signed with only C{signing_key}.
     accepted: Mapping[str, Ed25519PublicKey] = attrs.field(factory=dict)
+    #: C{signing_key}'s public half, derived once rather than per verification.
+    _public_key: Ed25519PublicKey = attrs.field(init=False)
+
+    @_public_key.default
+    def _derive_public_key(self) -> Ed25519PublicKey:
+        return self.signing_key.public_key()
 
     def _sign(self, claims: dict[str, Any]) -> str:
         return jwt.encode(claims, self.signing_key, algorithm=ALGORITHM)
@@ -151,7 +157,7 @@ class TokenAuthority:
             older = self.accepted.get(issuer) if isinstance(issuer, str) else None
             if older is not None and isinstance(issuer, str):
                 return issuer, older
-        return self.issuer, self.signing_key.public_key()
+        return self.issuer, self._public_key
 
     def _verify(self, token: str, audience: str) -> dict[str, Any]:
         issuer, key = self._key_for(token)

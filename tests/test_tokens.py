@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -252,3 +253,45 @@ class NodeTokenTests(SynchronousTestCase):
             self.assertRaisesRegex(TokenError, "audience", self.authority.verify_node_token, token)
         node = self.authority.issue_node_token("s", "ide", "c1", {})
         self.assertRaises(TokenError, self.authority.verify_bridge_token, node)
+
+
+class _CountingKey(Ed25519PrivateKey):
+    """An Ed25519 key that counts how often its public half is derived."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.derived = 0
+
+    def public_key(self) -> Ed25519PublicKey:
+        self.derived += 1
+        return self.key.public_key()
+
+    def sign(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self.key.sign(data)
+
+    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
+        return self.key.private_bytes(*args, **kwargs)
+
+    def private_bytes_raw(self) -> bytes:
+        return self.key.private_bytes_raw()
+
+    def __copy__(self) -> _CountingKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _CountingKey:
+        return self
+
+
+class PublicKeyTests(SynchronousTestCase):
+    """The signing key's public half is derived once, not per verification."""
+
+    def test_public_key_derived_once(self) -> None:
+        """Verifying many tokens derives the public key once, at construction."""
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        key = _CountingKey()
+        authority = TokenAuthority(key, "coder1-relay:test", clock)
+        token, _ = authority.issue_bridge_token("s", 1)
+        for _ in range(5):
+            self.assertEqual(authority.verify_bridge_token(token).session, "s")
+        self.assertEqual(key.derived, 1)
