@@ -188,10 +188,10 @@ class Doctor:
     async def check_token(self) -> str:
         if not self.reachable:
             raise Skipped("the relay cannot be reached")
-        api = RelayAPI(self.reactor, self.where.relay, self.environ)
         token = self.config.token if self.config else None
         try:
-            self.answer = await api.call(b"GET", "/api/token", token=token)
+            async with RelayAPI(self.reactor, self.where.relay, self.environ) as api:
+                self.answer = await api.call(b"GET", "/api/token", token=token)
         except Problem as e:
             raise Failed(str(e)) from None
         if self.config is None:

@@ -85,37 +85,38 @@ async def pair(
     new one (mode 0600).  C{starting}: C{start} paired, and goes on to run.
     """
     code = check_code(code)
-    api = RelayAPI(reactor, relay, environ)
-    answer = await api.call(b"POST", "/api/pair", body={"code": code, "label": label})
-    if answer.status != 200:
-        retry = answer.headers.getRawHeaders(b"retry-after")
-        raise _refused(answer, retry[0].decode("latin-1") if retry else None)
-    token, peer = answer.body.get("token"), answer.body.get("peer")
-    if not isinstance(token, str) or not token:
-        raise Problem("The relay sent no token; nothing was saved.")
-    if not whole(peer, 1, 2**32):
-        await api.call(b"DELETE", "/api/token", token=token)
-        raise Problem("The relay sent no usable bridge number; nothing was saved.")
-    try:
-        browser_key = str(answer.body.get("browser_key"))
-        check_public_key(unb64u(browser_key))
-    except E2EError:
-        await api.call(b"DELETE", "/api/token", token=token)
-        raise Problem("The relay sent no usable browser key; nothing was saved.") from None
-    await revoke_previous(reactor, directory, out, environ)
-    # Our key goes out only now that we hold the browser's: a relay faking both
-    # sides had to pick the key it gave us before seeing ours (docs/e2e.md).
-    identity = Identity.generate()
-    presented = await api.call(
-        b"POST", "/api/pair/key", body={"bridge_key": b64u(identity.public_raw)}, token=token
-    )
-    if presented.status != 200:
-        # Do not leave a half-paired bridge behind: it would count against the session's
-        # limit and, having no key, never show up in the IDE to be revoked there.
-        await api.call(b"DELETE", "/api/token", token=token)
-        raise Problem(f"The relay refused to pair: {presented.message}.")
-    config = BridgeConfig(relay, token, peer, browser_key, identity, label)
-    config.save(directory)
+    # One connection for both requests; none left open once pairing ends.
+    async with RelayAPI(reactor, relay, environ) as api:
+        answer = await api.call(b"POST", "/api/pair", body={"code": code, "label": label})
+        if answer.status != 200:
+            retry = answer.headers.getRawHeaders(b"retry-after")
+            raise _refused(answer, retry[0].decode("latin-1") if retry else None)
+        token, peer = answer.body.get("token"), answer.body.get("peer")
+        if not isinstance(token, str) or not token:
+            raise Problem("The relay sent no token; nothing was saved.")
+        if not whole(peer, 1, 2**32):
+            await api.call(b"DELETE", "/api/token", token=token)
+            raise Problem("The relay sent no usable bridge number; nothing was saved.")
+        try:
+            browser_key = str(answer.body.get("browser_key"))
+            check_public_key(unb64u(browser_key))
+        except E2EError:
+            await api.call(b"DELETE", "/api/token", token=token)
+            raise Problem("The relay sent no usable browser key; nothing was saved.") from None
+        await revoke_previous(reactor, directory, out, environ)
+        # Our key goes out only now that we hold the browser's: a relay faking both
+        # sides had to pick the key it gave us before seeing ours (docs/e2e.md).
+        identity = Identity.generate()
+        presented = await api.call(
+            b"POST", "/api/pair/key", body={"bridge_key": b64u(identity.public_raw)}, token=token
+        )
+        if presented.status != 200:
+            # Do not leave a half-paired bridge behind: it would count against the session's
+            # limit and, having no key, never show up in the IDE to be revoked there.
+            await api.call(b"DELETE", "/api/token", token=token)
+            raise Problem(f"The relay refused to pair: {presented.message}.")
+        config = BridgeConfig(relay, token, peer, browser_key, identity, label)
+        config.save(directory)
     out.write(
         f"Paired with {relay.url} as bridge #{config.peer} ({label}); the pairing is valid "
         f"until {describe_time(answer.body.get('expires_at'))}.\n\n"
@@ -141,7 +142,8 @@ async def revoke_previous(
         return
     relay, token, peer = saved
     try:
-        answer = await RelayAPI(reactor, relay, environ).call(b"DELETE", "/api/token", token=token)
+        async with RelayAPI(reactor, relay, environ) as api:
+            answer = await api.call(b"DELETE", "/api/token", token=token)
     except Problem as e:
         out.write(
             f"The previous pairing (bridge #{peer} at {relay.url}) could not be revoked: {e} "
@@ -164,7 +166,8 @@ async def unpair(
         return
     relay, token, _ = saved
     try:
-        answer = await RelayAPI(reactor, relay, environ).call(b"DELETE", "/api/token", token=token)
+        async with RelayAPI(reactor, relay, environ) as api:
+            answer = await api.call(b"DELETE", "/api/token", token=token)
         revoked, why = answer.status == 200, answer.message
     except Problem as e:
         revoked, why = False, str(e)

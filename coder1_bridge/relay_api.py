@@ -12,9 +12,10 @@ from io import BytesIO
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -102,6 +103,23 @@ class RelayAPI:
     environ: Mapping[str, str]
     #: What the person can do about the relay's certificate, for the explanations.
     ca_hint: str = "pass the relay's certificate with --ca-cert FILE"
+    #: Keep-alive for requests in a row (a pairing's two): one TLS handshake,
+    #: not one per request.  Whoever makes a C{RelayAPI} calls C{close} when done.
+    pool: HTTPConnectionPool = attrs.field()
+
+    @pool.default
+    def _pool(self) -> HTTPConnectionPool:
+        return HTTPConnectionPool(self.reactor, persistent=True)
+
+    def close(self) -> Deferred[None]:
+        """Close the connection kept for the next request, if any."""
+        return self.pool.closeCachedConnections()
+
+    async def __aenter__(self) -> RelayAPI:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def call(
         self,
@@ -118,7 +136,7 @@ class RelayAPI:
         """
         tls = relay_tls(self.relay)
         endpoint = relay_endpoint(self.reactor, self.relay, tls, self.environ)
-        agent = Agent.usingEndpointFactory(self.reactor, _Endpoints(endpoint))
+        agent = Agent.usingEndpointFactory(self.reactor, _Endpoints(endpoint), pool=self.pool)
         headers = Headers({b"User-Agent": [b"coder1-bridge"]})
         if token is not None:
             headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())

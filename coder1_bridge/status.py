@@ -61,9 +61,8 @@ async def status(
     )
     out.write(describe_running(await status_socket.query(reactor, directory)) + "\n")
     try:
-        answer = await RelayAPI(reactor, config.relay, environ).call(
-            b"GET", "/api/token", token=config.token
-        )
+        async with RelayAPI(reactor, config.relay, environ) as api:
+            answer = await api.call(b"GET", "/api/token", token=config.token)
     except Problem as e:
         out.write(f"Cannot ask the relay about this bridge's token: {e}\n")
         return EXIT_FAILED
