@@ -398,10 +398,13 @@ class Relay:
 def relay_supports(feature: str) -> bool:
     """
     Whether the relay in L{TREE} has C{feature}: C{"/api/pair/key"} (the two-step
-    pairing) or C{"--messages-per-second"} (per-connection limits), from its source.
+    pairing), C{"bridge keep-alive"} (the bridge's pairing requests on one connection)
+    or C{"--messages-per-second"} (per-connection limits), from its source.
     """
     if feature == "/api/pair/key":
         return b"post_pair_key" in (TREE / "coder1_relay" / "web.py").read_bytes()
+    if feature == "bridge keep-alive":
+        return b"persistent=True" in (TREE / "coder1_bridge" / "relay_api.py").read_bytes()
     if feature == "resume":
         return b"RESUME = 0x40" in (TREE / "coder1_wire" / "envelope.py").read_bytes()
     return f'"{feature.lstrip("-")}"'.encode() in (TREE / "coder1_relay" / "tap.py").read_bytes()
@@ -570,25 +573,34 @@ async def pair(
             await with_timeout(
                 Deferred.fromCoroutine(page.close()), 10, "closing the page's connection"
             )
-    # As `coder1-bridge pair` does, one connection per request.  Since 285d644 the bridge
+    # As `coder1-bridge pair` does: one kept-alive connection for its requests where the
+    # tree's bridge has it, else one connection per request.  Since 285d644 the bridge
     # redeems the code first and sends its own key afterwards (POST /api/pair/key);
     # before, the key went with the code.
     two_steps = relay_supports("/api/pair/key")
+    keep_alive = relay_supports("bridge keep-alive")
     redeem = {"code": code, "label": label}
     if not two_steps:
         redeem["bridge_key"] = b64u(bridge.public_raw)
-    reply = await HTTP(relay, source, creator=creator).request(b"POST", "/api/pair", redeem)
-    if reply.status != 200:
-        raise RuntimeError(f"pairing refused: {reply.status} {reply.body}")
-    if two_steps:
-        answer = await HTTP(relay, source, creator=creator).request(
-            b"POST",
-            "/api/pair/key",
-            {"bridge_key": b64u(bridge.public_raw)},
-            {"Authorization": f"Bearer {reply.body['token']}"},
-        )
-        if answer.status != 200:
-            raise RuntimeError(f"bridge key refused: {answer.status} {answer.body}")
+    api = HTTP(relay, source, persistent=keep_alive, creator=creator)
+    try:
+        reply = await api.request(b"POST", "/api/pair", redeem)
+        if reply.status != 200:
+            raise RuntimeError(f"pairing refused: {reply.status} {reply.body}")
+        if two_steps:
+            answer = await api.request(
+                b"POST",
+                "/api/pair/key",
+                {"bridge_key": b64u(bridge.public_raw)},
+                {"Authorization": f"Bearer {reply.body['token']}"},
+            )
+            if answer.status != 200:
+                raise RuntimeError(f"bridge key refused: {answer.status} {answer.body}")
+    finally:
+        with contextlib.suppress(Timeout):
+            await with_timeout(
+                Deferred.fromCoroutine(api.close()), 10, "closing the bridge's connection"
+            )
     body = reply.body
     return Pairing(cookie, body["token"], int(body["peer"]), body["browser_key"], bridge)
 
