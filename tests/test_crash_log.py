@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,8 +24,8 @@ from coder1_wire.crash import sanitize_crash_report
 from coder1_wire.e2e import Identity, Initiator, b64u
 from coder1_wire.envelope import Envelope, Kind
 
+from .logs import capture_logs
 from .test_connection import FakeLink
-from .test_end_to_end import _Capture
 
 
 class CrashLogTests(SynchronousTestCase):
@@ -146,9 +146,7 @@ class CrashLogTests(SynchronousTestCase):
         reactor: Any = MemoryReactorClock()
         blocked = FilePath(self.mktemp())
         blocked.setContent(b"a file where the directory should be")
-        capture = _Capture()
-        globalLogPublisher.addObserver(capture)
-        self.addCleanup(globalLogPublisher.removeObserver, capture)
+        events = capture_logs(self)
         CrashLog(blocked, reactor).record(b'{"type":"KeyError","frames":[],"version":"0.1.0"}')
-        said = [formatEvent(e) for e in capture.events]
+        said = [formatEvent(e) for e in events]
         self.assertTrue(any("could not keep a copy" in line for line in said), said)

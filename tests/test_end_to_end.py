@@ -10,15 +10,14 @@ import secrets
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from coder1_wire import closecodes
 from coder1_wire.envelope import Envelope, Kind, control
 from coder1_wire.log_format import event_as_json
 
+from .logs import capture_logs
 from .loopback import (
     Browser,
     IDEConnection,
@@ -241,15 +240,6 @@ class ReconnectTests(LoopbackTestCase):
         self.assertEqual(body["bridges"], [])
 
 
-@implementer(ILogObserver)
-class _Capture:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
 class CanaryTests(LoopbackTestCase):
     """The relay keeps no trace of what it forwards."""
 
@@ -258,9 +248,7 @@ class CanaryTests(LoopbackTestCase):
         A marker printed by a command is nowhere in logs (as text or JSON lines),
         telemetry or the state dir; neither the bridge token nor the session cookie is in the logs.
         """
-        capture = _Capture()
-        globalLogPublisher.addObserver(capture)
-        self.addCleanup(globalLogPublisher.removeObserver, capture)
+        events = capture_logs(self)
         await self.start()
         marker = "CANARY-" + secrets.token_hex(8)
         result = await self.ide.run(
@@ -276,7 +264,7 @@ class CanaryTests(LoopbackTestCase):
         from twisted.logger import formatEvent
 
         # Both log formats: the text one and --log-format json.
-        logged = "\n".join(formatEvent(e) + repr(e) + event_as_json(e) for e in capture.events)
+        logged = "\n".join(formatEvent(e) + repr(e) + event_as_json(e) for e in events)
         self.assertNotIn(marker, logged)
         # Credentials are no content, but they must not reach the logs either.
         self.assertNotIn(self.config.token, logged)
@@ -286,7 +274,7 @@ class CanaryTests(LoopbackTestCase):
         for path in self.state.walk():
             if path.isfile():
                 self.assertNotIn(marker.encode(), path.getContent(), path.path)
-        self.assertGreater(len(capture.events), 0)
+        self.assertGreater(len(events), 0)
 
 
 class TelemetryOptOutTests(LoopbackTestCase):

@@ -40,7 +40,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -77,6 +77,7 @@ from coder1_wire.envelope import (
 )
 from coder1_wire.tls import client_tls_options
 
+from .logs import capture_logs
 from .loopback import (
     Browser,
     ConnectionRefusedByRelay,
@@ -850,14 +851,7 @@ class ConnectionLimitTests(RelayUnderAttack):
         traceback; a closed connection frees a place, and the connections it
         holds (the bystander's too) carry on.
         """
-        events: list[dict[str, Any]] = []
-
-        @implementer(ILogObserver)
-        def observe(event: dict[str, Any]) -> None:
-            events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        events = capture_logs(self)
         await self.start(Limits(max_connections=12))
         port: Any = self.relay.port
         guard = port.factory

@@ -15,11 +15,11 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, Logger
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.scripts._twistd_unix import ServerOptions
@@ -47,7 +47,6 @@ from .loopback import (
     stop_all,
 )
 from .test_cli import TWISTD, _read, _stop_daemon
-from .test_end_to_end import _Capture
 
 #: The keys every JSON line has.
 REQUIRED = {"time", "level", "namespace", "system", "text"}
@@ -55,9 +54,9 @@ REQUIRED = {"time", "level", "namespace", "system", "text"}
 
 def logged(emit: Any) -> LogEvent:
     """The event C{emit(log)} logs through a L{Logger}."""
-    capture = _Capture()
-    emit(Logger(namespace="coder1_relay.test", observer=capture))
-    [event] = capture.events
+    events: list[LogEvent] = []
+    emit(Logger(namespace="coder1_relay.test", observer=cast(ILogObserver, events.append)))
+    [event] = events
     return event
 
 

@@ -15,11 +15,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from coder1_relay.context import Connections
@@ -42,6 +41,7 @@ from coder1_relay.telemetry import THROTTLE_REASONS
 from coder1_wire import closecodes
 from coder1_wire.envelope import Envelope, Kind
 
+from .logs import capture_logs
 from .loopback import (
     Browser,
     pair_bridge,
@@ -415,14 +415,7 @@ class OptionTests(TestCase):
         A metrics endpoint that cannot listen (its port is taken) is said in one
         error line naming it; the relay itself serves on.
         """
-        events: list[dict[str, Any]] = []
-
-        @implementer(ILogObserver)
-        def observe(event: dict[str, Any]) -> None:
-            events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        events = capture_logs(self)
         taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
         self.addCleanup(taken.stopListening)
         address: Any = taken.getHost()

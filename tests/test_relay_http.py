@@ -47,6 +47,7 @@ from coder1_relay.service import RelayService, RelaySettings, home_relative
 from coder1_wire.e2e import Identity, b64u
 from coder1_wire.tls import client_tls_options
 
+from .logs import capture_logs
 from .loopback import Browser, RelayTrust, reactor, settle, start_relay, stop_all
 
 #: The public keys the ends exchange at pairing are opaque to the relay.
@@ -771,14 +772,7 @@ class HostilePathTests(RelayTestCase):
         traceback, no failure and nothing at error level or above.
         """
         await self.start(open_page=False)
-        events: list[dict[str, Any]] = []
-
-        @implementer(ILogObserver)
-        def observe(event: dict[str, Any]) -> None:
-            events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        events = capture_logs(self)
         paths = [
             "/app.js%00.html",
             "/index.html%00",

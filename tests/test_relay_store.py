@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -24,6 +24,7 @@ from coder1_relay.store import IRelayStore, MemoryStore, StoreUnavailable
 from coder1_relay.tap import Options
 from coder1_wire.secretfile import write_secret
 
+from .logs import capture_logs
 from .loopback import (
     Browser,
     reactor,
@@ -220,14 +221,6 @@ class UnavailableTests(RelayTestCase):
 
 
 @implementer(ILogObserver)
-class Collected:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
 class RedisRelayTests(RelayTestCase):
     """An in-process relay on a real Redis."""
 
@@ -235,9 +228,7 @@ class RedisRelayTests(RelayTestCase):
 
     async def start_on_redis(self, *redis_options: str) -> None:
         self.server = await start_redis(self, *redis_options)
-        self.log = Collected()
-        globalLogPublisher.addObserver(self.log)
-        self.addCleanup(globalLogPublisher.removeObserver, self.log)
+        self.log = capture_logs(self)
         self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
         settings = RelaySettings(
             state_dir=FilePath(self.mktemp()),
@@ -252,7 +243,7 @@ class RedisRelayTests(RelayTestCase):
         await self.browser.open_page()
 
     def logged(self, level: LogLevel) -> list[str]:
-        return [formatEvent(e) for e in self.log.events if e.get("log_level") == level]
+        return [formatEvent(e) for e in self.log if e.get("log_level") == level]
 
     async def test_persistence_warning(self) -> None:
         """A relay on a Redis without an append-only file warns at start what a crash loses."""
