@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
@@ -67,14 +68,36 @@ def _listening_socket() -> socket.socket:
     return taken
 
 
-def _stop_strays(marker: str) -> None:
-    """TERM every process of ours whose command line holds C{marker} (a daemon left running)."""
+def _ours(marker: str) -> list[int]:
+    """The processes, other than this one, whose command line holds C{marker}."""
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
             if marker.encode() in f.read():
-                os.kill(int(pid), signal.SIGTERM)
+                found.append(int(pid))
+    return found
+
+
+def _stop_strays(marker: str) -> None:
+    """TERM every process of ours whose command line holds C{marker} (a daemon left running)."""
+    for pid in _ours(marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
+async def _gone(marker: str, within: float = 20.0) -> bool:
+    """
+    Whether every process whose command line holds C{marker} has ended
+    within C{within} seconds.  A daemon's parent exits as soon as the
+    daemon reports its failure, before the daemon writes it to its log.
+    """
+    for _ in range(int(within / 0.05)):
+        if not _ours(marker):
+            return True
+        await deferLater(reactor, 0.05)
+    return not _ours(marker)
 
 
 class StartFailureTests(TestCase):
@@ -164,6 +187,7 @@ class StartFailureTests(TestCase):
         self.assert_one_line(output, said)
         output = await self.relay(*argv, daemon=True)
         self.assertEqual(output.ended.result, 1, output.err)
+        self.assertTrue(await _gone(self.state.path), "the daemon is still running")
         self.assertIn(said, self.log.getContent().decode())
         self.assertNotIn(b"Traceback", self.log.getContent())
         self.assertFalse(self.home.child("relay.pid").exists())
