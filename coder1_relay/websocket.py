@@ -11,6 +11,11 @@ registered on its transport, and the transport's high-water mark becomes
 C{HubSettings.send_buffer}.  A held connection is not read: the frames
 already read wait in Autobahn's buffer, and its transport stops reading the
 socket when more arrives, until it is released (C{coder1_relay.reading}).
+
+The hot path: a whole binary message in one frame (what every party sends)
+is read and written by the relay itself (C{coder1_relay.frames}), with the
+checks Autobahn makes and without its per-frame layers; every other frame
+goes through Autobahn.
 """
 
 from __future__ import annotations
@@ -156,8 +161,13 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         self._in_limit = min(limits, default=math.inf)
 
     def _frame_begins(self) -> None:
-        """A data frame begins: take a token for it (the endpoint's rate)."""
+        """A data frame begins: take a token for it, and act if there was none."""
         raise NotImplementedError
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        if self._bucket is not None and self.state == _OPEN:
+            self._frame_begins()
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
     def processData(self) -> bool:
         """
@@ -165,7 +175,10 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         frame is: a whole binary message in one masked frame, all read,
         within the limits (L{_whole_messages}).  Autobahn parses the rest as
         always: control frames, text, fragments, a frame not all read yet, a
-        frame past a limit, and every protocol error.
+        frame past a limit, and every protocol error.  (Not while anything
+        listens for Autobahn's C{message} event, which that path does not
+        fire; nor does it count Autobahn's traffic statistics, which the
+        relay does not read: its own counts are the hub's.)
         """
         if (
             self._frames_in
@@ -216,8 +229,10 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
             end = start + length
             if end > size or length > self._in_limit:
                 break
+            # A tab past its rate is closed, and the frame goes unheard; a
+            # bridge is held, and the frame that went into debt goes on.
             self._frame_begins()
-            if self.state != _OPEN:  # refused for its rate: the frame goes unheard
+            if self.state != _OPEN:
                 at = end
                 break
             payload = unmask(data[start:end], data[start - 4 : start])
@@ -407,11 +422,6 @@ class IDEProtocol(_RelayProtocol):
         if not bucket.take():
             self._refuse()
 
-    def onMessageFrameBegin(self, length: int) -> None:
-        if self._bucket is not None and self.state == _OPEN:
-            self._frame_begins()
-        WebSocketServerProtocol.onMessageFrameBegin(self, length)
-
     def onConnect(self, request: ConnectionRequest) -> Any:
         context = self.factory.context
         if request.origin not in context.allowed_origins:
@@ -492,11 +502,6 @@ class BridgeProtocol(_RelayProtocol):
         wait = bucket.owe(bucket.rate / 10)
         if wait > 0:
             self._slow_down(wait)
-
-    def onMessageFrameBegin(self, length: int) -> None:
-        if self._bucket is not None and self.state == _OPEN:
-            self._frame_begins()
-        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
     def _rate_paid(self) -> None:
         self._paid = None
