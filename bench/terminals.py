@@ -141,10 +141,13 @@ class Coder1(System):
         elif envelope.kind == Kind.PTY_OPENED and self._opened is not None:
             self._opened.callback(None)
         elif envelope.kind in (Kind.PTY_EXIT, Kind.PTY_ERROR) and self._exited is not None:
-            if not self._exited.called:
-                self._exited.callback(None)
-            if self._opened is not None and not self._opened.called:
-                self._opened.errback(RuntimeError(envelope.payload.decode()))
+            # Taken first: firing C{exited} may run the next round's open() at once, which
+            # sets new ones that this frame must not touch.
+            opened, exited = self._opened, self._exited
+            if opened is not None and not opened.called:
+                opened.errback(RuntimeError(envelope.payload.decode()))
+            if not exited.called:
+                exited.callback(None)
 
     async def open(self) -> None:
         self.output = Output()
