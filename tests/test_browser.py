@@ -504,6 +504,17 @@ class BrowserTests(TestCase):
         )
         await self.assert_encrypted(page, canary)
 
+        # Closing the ended terminal's tab says so to the bridge (PTY_CLOSE), which then
+        # forgets that terminal's output (docs/protocol.md 5.7).
+        await page.js(
+            "const link = window.coder1.links.values().next().value;"
+            " const send = link.send.bind(link); window.sentKinds = [];"
+            " link.send = (kind, ...rest) => {"
+            " window.sentKinds.push(kind); return send(kind, ...rest); };"
+        )
+        await page.click('.tab[aria-selected="true"] .close')
+        self.assertIn(Kind.PTY_CLOSE, await page.js("return window.sentKinds"))
+
         await page.click(".bridge .revoke")
         await page.click(".bridge .revoke")
         match = await self.bridge.matched
