@@ -251,6 +251,69 @@ class WholeMessageTests(RelayProtocolCase):
         return _Filling(FileDescriptor()) if self.filling else super().transport()
 
 
+#: Frames a bridge might send, right and wrong (C{SameAsAutobahnTests}: messages up to 512 B).
+_frames = st.one_of(
+    st.builds(
+        lambda seq, size: ws_frame(0x2, output(seq, size)), st.integers(0, 9), st.integers(20, 300)
+    ),
+    st.builds(lambda size: ws_frame(0x2, output(0, size)), st.sampled_from([512, 513, 700])),
+    st.builds(
+        lambda seq, size, cut: (
+            ws_frame(0x2, output(seq, size)[:cut], fin=False)
+            + ws_frame(0x0, output(seq, size)[cut:])
+        ),
+        st.integers(0, 9),
+        st.integers(30, 200),
+        st.integers(1, 29),
+    ),
+    st.just(ws_frame(0x9, b"ping")),
+    st.just(ws_frame(0xA, b"pong")),
+    st.just(ws_frame(0x1, b"{}")),
+    st.just(ws_frame(0x2, output(0), mask=None)),
+    st.just(ws_frame(0x2, output(0), rsv=4)),
+    st.just(ws_frame(0x2, output(0), length="16")),
+    st.just(ws_frame(0x2, output(0, 200), length="64")),
+    st.just(ws_frame(0x0, output(0))),
+    st.just(ws_frame(0x2, b"\x01\x02")),
+    st.just(ws_frame(0x2, keystroke(0))),  # the hub closes a bridge that sends it
+)
+
+
+class SameAsAutobahnTests(RelayProtocolCase):
+    """Whatever a bridge sends, the relay's path ends as Autobahn's alone would."""
+
+    limits = Limits(max_message_size=512, bridge_message_burst=100)
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(st.lists(_frames, min_size=1, max_size=6), st.lists(st.integers(1, 2000), max_size=3))
+    @example([ws_frame(0x2, output(0, 700))], [])
+    @example([ws_frame(0x2, output(0, 40)), ws_frame(0x2, output(1, 513))], [50])
+    @example([ws_frame(0x2, output(0, 200), length="64"), ws_frame(0x2, output(1))], [])
+    @example([ws_frame(0x2, output(0, 40), length="16")], [3])
+    @example([ws_frame(0x2, keystroke(0)), ws_frame(0x2, output(1))], [])
+    def test_any_frames_any_reads(self, frames: list[bytes], cuts: list[int]) -> None:
+        """
+        Any frames, cut into reads anywhere: the tab gets the same messages,
+        the bridge the same answers (pongs, close code), with the relay's
+        whole-message path as with Autobahn's parser alone.
+        """
+        wire = b"".join(frames)
+        points = sorted({min(cut, len(wire)) for cut in cuts})
+        reads = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+        outcomes = []
+        for own_path in (True, False):
+            self.setUp()
+            _, tab = self.open(_AdmittedTab)
+            bridge, to_bridge = self.open(_AdmittedBridge)
+            tab.clear()
+            bridge._frames_in = own_path
+            for data in reads:
+                if data:
+                    bridge.dataReceived(data)
+            outcomes.append((tab.value(), to_bridge.value(), bridge.state))
+        self.assertEqual(outcomes[0], outcomes[1])
+
+
 class _Filling(_TLS):
     """Pauses its producer, as TCP past its high-water mark, at each write of 1,000 B or more."""
 
