@@ -17,10 +17,12 @@ client without TLS 1.3) sends OpenSSL's alert and closes the connection; the
 wrapped protocol's C{connectionLost} gets the error, nothing is logged.
 
 Writes made while a connection's received data is handled (any connection
-of these listeners: a frame forwarded from one party to the other) are held
-until it has been, then encrypted together: one record and one transport
-write for what one read brought, with no reactor turn added.  Writes made
-elsewhere (timers) go out at once.
+of these listeners: a frame forwarded from one party to the other), or while
+a producer registered on one is resumed (its TCP transport drained: the
+relay then handles what it held, C{coder1_relay.routing}), are held until
+it has been, then encrypted together: one record and one transport write
+for what one read or one resume brought, with no reactor turn added.  Writes
+made elsewhere (timers) go out at once.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 #: The most plaintext one record holds (TLS 1.3): C{SSLObject.read} returns at most one.
 RECORD = 16384
@@ -78,6 +81,28 @@ class WriteBatch:
 #: The batch every listener's connections share: a frame read on one is
 #: forwarded to another, and both are the relay's.
 SHARED_BATCH = WriteBatch()
+
+
+@implementer(IPushProducer)
+class _ResumedInBatch:
+    """A streaming producer whose C{resumeProducing} runs inside a write batch."""
+
+    def __init__(self, producer: IPushProducer, batch: WriteBatch) -> None:
+        self.producer = producer
+        self.batch = batch
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.batch.open()
+        try:
+            self.producer.resumeProducing()
+        finally:
+            self.batch.close()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
 
 
 class TLSServerProtocol(ProtocolWrapper):
@@ -204,6 +229,15 @@ class TLSServerProtocol(ProtocolWrapper):
 
     def writeSequence(self, data: Any) -> None:
         self.write(b"".join(data))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Register C{producer} on TCP; a streaming one is resumed inside the
+        write batch, so what it writes then goes out as what a read brings.
+        """
+        if streaming:
+            producer = _ResumedInBatch(producer, self.factory.batch)
+        super().registerProducer(producer, streaming)
 
     def send_held(self) -> None:
         """Encrypt and send what was held, if the handshake is done."""
