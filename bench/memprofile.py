@@ -27,6 +27,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
+from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.python.filepath import FilePath
 
 from bench import harness as h
@@ -103,7 +104,11 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
 
 
 async def _profile(grow: Any, options: argparse.Namespace) -> None:
-    profile = cProfile.Profile()
+    # As under twistd: the log (the access log's lines, too) goes to a file.
+    log = open(options.profile + ".log", "a")  # noqa: SIM115  (open until the process ends)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+    # CPU time, not wall-clock time: the machine is shared, and waits are not costs.
+    profile = cProfile.Profile(time.process_time)
     cpu = time.process_time()
     profile.enable()
     await grow(options.warm + options.sessions)
