@@ -62,7 +62,7 @@ class Coder1Command(terminals.Coder1):
         body = {"argv": ["sh", "-c", shell]}
         self.system.ide.send(control(Kind.CMD_START, body, stream=self.stream, peer=1))
 
-    async def close(self) -> None:
+    async def close(self, *, exits: bool = False) -> None:
         assert self._exited is not None
         await h.with_timeout(self._exited, 60, "CMD_EXIT")
 
@@ -127,7 +127,7 @@ async def _round(system: terminals.System, table: Table, size: int) -> None:
     received = system.output.total - before
     cpu = sum(h.cpu_seconds(p) for p in pids.values()) - cpu
     peak = sampler.stop()
-    await system.close()
+    await system.close(exits=True)
     row = table.row(system.name)
     megabytes = received / 1e6
     row.add("mbps", megabytes / (end - start))

@@ -91,8 +91,12 @@ class System:
         """Type C{data} into the terminal."""
         raise NotImplementedError
 
-    async def close(self) -> None:
-        """End this round's terminal."""
+    async def close(self, *, exits: bool = False) -> None:
+        """
+        End this round's terminal.  C{exits}: its program ends by itself after what
+        the round waited for, and the terminal is closed once it has (as a user
+        closes a tab that says its program ended); else it is closed while it runs.
+        """
 
     async def teardown(self) -> None:
         """Stop the system's processes."""
@@ -141,10 +145,13 @@ class Coder1(System):
         elif envelope.kind == Kind.PTY_OPENED and self._opened is not None:
             self._opened.callback(None)
         elif envelope.kind in (Kind.PTY_EXIT, Kind.PTY_ERROR) and self._exited is not None:
-            if not self._exited.called:
-                self._exited.callback(None)
-            if self._opened is not None and not self._opened.called:
-                self._opened.errback(RuntimeError(envelope.payload.decode()))
+            # Taken first: firing C{exited} may run the next round's open() at once, which
+            # sets new ones that this frame must not touch.
+            opened, exited = self._opened, self._exited
+            if opened is not None and not opened.called:
+                opened.errback(RuntimeError(envelope.payload.decode()))
+            if not exited.called:
+                exited.callback(None)
 
     async def open(self) -> None:
         self.output = Output()
@@ -159,10 +166,14 @@ class Coder1(System):
         self.seq += 1
         self.system.ide.send(Envelope(Kind.PTY_INPUT, self.stream, self.seq, 1, data))
 
-    async def close(self) -> None:
+    async def close(self, *, exits: bool = False) -> None:
+        # As the IDE page does when its tab is closed: PTY_CLOSE, for a running terminal
+        # and for one whose tab says it ended (so the bridge may forget its scrollback).
+        assert self._exited is not None
+        if exits:
+            await h.with_timeout(self._exited, 30, "PTY_EXIT")
         self.seq += 1
         self.system.ide.send(Envelope(Kind.PTY_CLOSE, self.stream, self.seq, 1))
-        assert self._exited is not None
         await h.with_timeout(self._exited, 30, "PTY_EXIT")
 
     async def teardown(self) -> None:
@@ -243,7 +254,7 @@ class Naive(System):
     def send(self, data: bytes) -> None:
         self.ws.sendMessage(data, isBinary=True)
 
-    async def close(self) -> None:
+    async def close(self, *, exits: bool = False) -> None:
         self.ws.sendClose(1000)
         await self.ws.factory.closed
         if self.peer is not None:
@@ -341,7 +352,7 @@ class TermPair(System):
         sealed = base64.b64encode(iv + self.browser.encrypt(iv, plain, None)).decode()
         self.ws.sendMessage(json.dumps({"event": "command", "payload": sealed}).encode())
 
-    async def close(self) -> None:
+    async def close(self, *, exits: bool = False) -> None:
         self.ws.sendClose(1000)
         await self.ws.factory.closed
         if self.share is not None:
@@ -395,7 +406,7 @@ class Terminado(System):
     def send(self, data: bytes) -> None:
         self.ws.sendMessage(json.dumps(["stdin", data.decode()]).encode())
 
-    async def close(self) -> None:
+    async def close(self, *, exits: bool = False) -> None:
         self.ws.sendClose(1000)
         await self.ws.factory.closed
 

@@ -30,7 +30,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.filepath import FilePath
 
-from coder1_bridge import doctor, foreground, pairing, service_install, status, telemetry_report
+from coder1_bridge import foreground
 from coder1_bridge.config import (
     DEFAULT_RELAY,
     BridgeConfig,
@@ -222,6 +222,8 @@ def prepare(
     C{args.code}.
     """
     if args.command == "pair":
+        from coder1_bridge import pairing
+
         args.code = pairing.check_code(args.code) if args.code is not None else None
         if args.code is None:
             args.code = _code_from(console, out)
@@ -239,6 +241,8 @@ def prepare(
 
 
 def _code_from(console: Console, out: TextIO) -> str:
+    from coder1_bridge import pairing
+
     while True:
         try:
             text = console.ask(CODE_PROMPT)
@@ -259,17 +263,16 @@ async def dispatch(
     args: argparse.Namespace, reactor: Any, out: TextIO, environ: Mapping[str, str]
 ) -> int:
     """Run the command C{args} name (after L{prepare}); its exit status."""
+    # Each command's module is imported for it only: a running bridge (start) does not
+    # keep the others' imports (the relay API's HTTP client among them: about 1 MiB).
     directory = _directory(args, environ)
     command = args.command
-    if command == "pair":
-        label = args.label or default_label()
-        relay = _relay_address(args)
-        await pairing.pair(reactor, directory, relay, args.code, label, out, environ)
-        return EXIT_OK
     if command == "start":
         replay = _replay_settings(args)
         config = _load(directory)
         if config is None:
+            from coder1_bridge import pairing
+
             relay = _relay_address(args)
             label = args.label or default_label()
             config = await pairing.pair(
@@ -277,18 +280,33 @@ async def dispatch(
             )
         label = args.label or config.label or default_label()
         return await foreground.start(reactor, directory, config, label, replay, out, environ)
-    if command == "status":
-        return await status.status(reactor, directory, out, environ)
-    if command == "unpair":
-        await pairing.unpair(reactor, directory, out, environ)
+    if command in ("pair", "unpair"):
+        from coder1_bridge import pairing
+
+        if command == "unpair":
+            await pairing.unpair(reactor, directory, out, environ)
+            return EXIT_OK
+        label = args.label or default_label()
+        relay = _relay_address(args)
+        await pairing.pair(reactor, directory, relay, args.code, label, out, environ)
         return EXIT_OK
+    if command == "status":
+        from coder1_bridge import status
+
+        return await status.status(reactor, directory, out, environ)
     if command == "telemetry":
+        from coder1_bridge import telemetry_report
+
         return await telemetry_report.telemetry(reactor, directory, out, environ)
     if command == "doctor":
+        from coder1_bridge import doctor
+
         checks = doctor.Doctor(reactor, directory, environ, out)
         if args.relay or args.ca_cert:
             checks.relay = _relay_address(args)
         return await checks.run()
+    from coder1_bridge import service_install
+
     where = service_install.platform(environ)
     if args.action == "install":
         return await service_install.install(reactor, directory, out, environ, where)

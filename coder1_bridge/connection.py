@@ -416,6 +416,8 @@ class BridgeSession:
             assert key is not None
             self.outbox.open(key, envelope.peer)
         manager.handle(envelope)
+        if envelope.kind == Kind.PTY_CLOSE and key is not None:
+            self.outbox.closed(number, key)
         if key is None or client is None:
             return
         if starting and manager.is_running(key[1]):

@@ -27,7 +27,8 @@ from zope.interface import implementer
 from coder1_bridge.config import DEFAULT_RELAY, BridgeConfig, RelayAddress, StalePairingError
 from coder1_bridge.output import EXIT_FAILED, EXIT_OK, Problem
 from coder1_bridge.proxy import ProxySetting
-from coder1_bridge.relay_api import RelayAnswer, RelayAPI, relay_endpoint, relay_proxy, relay_tls
+from coder1_bridge.relay_api import RelayAnswer, RelayAPI
+from coder1_bridge.relay_endpoint import relay_endpoint, relay_proxy, relay_tls
 from coder1_bridge.relay_errors import Where, describe_time, explain
 from coder1_wire.secretfile import InsecureFileError
 

@@ -165,6 +165,9 @@ class ReplayLog:
     #: The furthest position any channel has acknowledged.
     acked: int = 0
     ended: bool = False
+    #: The channels that sent PTY_CLOSE for this terminal: a page closed it, so once
+    #: it has ended and been delivered its log is not kept for a page that comes back.
+    closers: set[int] = attrs.field(factory=set)
     #: Whether the process's output is left unread because this log is full.
     held: bool = False
     _chunks: list[_Chunk] = attrs.field(factory=list)
@@ -349,9 +352,38 @@ class Outbox:
                 log.acked = log.end
             elif key in follower.sent:
                 self._pump(follower, log)
+        if self._let_closed_go(log):
+            return
         if log.ended:
             self._keep_ended(key)
         self._trim(log)
+
+    def closed(self, channel: int, key: Key) -> None:
+        """C{channel} sent PTY_CLOSE for the terminal on C{key} (running or ended)."""
+        log = self.logs.get(key)
+        if log is not None and key[0] == PTY:
+            log.closers.add(channel)
+            self._let_closed_go(log)
+
+    def _let_closed_go(self, log: ReplayLog) -> bool:
+        """
+        Forget a terminal's log at once if a page closed it, it has ended, every
+        channel that follows it was sent it to its end, and every one of them
+        but those that closed it has acknowledged that end; whether it did.
+        """
+        if not (log.closers and log.ended):
+            return False
+        key = log.key
+        for follower in self.followers.values():
+            sent = follower.sent.get(key)
+            if follower.client is None or sent is None:
+                continue  # an old page got everything as it came; or not following
+            if sent < log.end:
+                return False
+            if follower.channel not in log.closers and follower.acked[key] < log.end:
+                return False
+        self.forget(key)
+        return True
 
     def _keep_ended(self, key: Key) -> None:
         timer = None
@@ -411,6 +443,7 @@ class Outbox:
             log = self.logs.get(key)
             if log is not None:
                 self._pump(follower, log)
+                self._let_closed_go(log)
 
     def ack(self, channel: int, positions: list[tuple[Key, int]]) -> None:
         """C{channel} has taken in each stream up to its position."""
@@ -429,6 +462,7 @@ class Outbox:
             log.acked = max(log.acked, position)
             self._trim(log)
             self._pump(follower, log)
+            self._let_closed_go(log)
 
     def drop(self, channel: int) -> None:
         """C{channel} is gone."""
@@ -484,7 +518,7 @@ class Outbox:
     def _retrim(self, keys: Iterable[Key]) -> None:
         for key in list(keys):
             log = self.logs.get(key)
-            if log is not None:
+            if log is not None and not self._let_closed_go(log):
                 self._trim(log)
 
     def unblock(self) -> None:

@@ -19,7 +19,7 @@ from coder1_bridge.config import BridgeConfig
 from coder1_bridge.connection import BridgeClientFactory, BridgeClientProtocol, BridgeSession
 from coder1_bridge.crash_log import CrashLog
 from coder1_bridge.reconnect import Reconnect, WatchedEndpoint
-from coder1_bridge.relay_api import relay_endpoint, relay_tls
+from coder1_bridge.relay_endpoint import relay_endpoint, relay_tls
 from coder1_bridge.relay_errors import UpgradeRefused, Where
 from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.terminals import TerminalManager

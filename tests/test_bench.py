@@ -147,6 +147,15 @@ class BulkTests(BenchTestCase):
         )
         self.assertFilled(table, [bulk.BASELINE, "coder1", "coder1 command"], "mbps")
 
+    async def test_coder1_alone_several_rounds(self) -> None:
+        """
+        The product alone, two rounds: the next round's terminal opens as the last one's
+        PTY_EXIT arrives, and that frame does not end the new one.
+        """
+        table = await bulk.run(options(size="64K", systems=["coder1"], rounds=2))
+        self.assertFilled(table, ["coder1"], "mbps")
+        self.assertEqual(len(table.row("coder1").values["mbps"]), 2)
+
     async def test_across_nodes(self) -> None:
         """A little output to a tab on one relay process from a bridge on another."""
         self.needs_redis()

@@ -68,6 +68,22 @@ def spki_pin(cert_pem: bytes) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
+async def _running(cmdline: str, timeout: float = 30.0) -> None:
+    """Wait until a process of this machine has the command line C{cmdline} (NUL-separated)."""
+    wanted = cmdline.encode()
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read() == wanted:
+                        return
+            except OSError:
+                continue
+        await deferLater(reactor, 0.05)
+    raise AssertionError(f"no process {cmdline!r} within {timeout} s")
+
+
 class Page:
     """A Chromium page driven from a thread, so the reactor keeps serving it."""
 
@@ -413,7 +429,10 @@ class BrowserTests(TestCase):
         await page.wait_screen(f"^{canary[::-1]}", "the canary, reversed by the bridge's shell")
         await self.assert_encrypted(page, canary)
 
-        await page.type("sleep 100\n")
+        # Ctrl-C once sleep runs: typed before, it would reach the shell instead.
+        seconds = f"100.{int.from_bytes(os.urandom(4), 'big')}"
+        await page.type(f"sleep {seconds}\n")
+        await _running(f"sleep\0{seconds}\0")
         await page.ctrl("c")
         await page.type("echo after-$((2+2))\n")
         await page.wait_screen(r"^after-4", "Ctrl-C to stop sleep and the shell to answer")
@@ -484,6 +503,17 @@ class BrowserTests(TestCase):
             await page.js("return document.querySelector('#e2e-error').textContent"),
         )
         await self.assert_encrypted(page, canary)
+
+        # Closing the ended terminal's tab says so to the bridge (PTY_CLOSE), which then
+        # forgets that terminal's output (docs/protocol.md 5.7).
+        await page.js(
+            "const link = window.coder1.links.values().next().value;"
+            " const send = link.send.bind(link); window.sentKinds = [];"
+            " link.send = (kind, ...rest) => {"
+            " window.sentKinds.push(kind); return send(kind, ...rest); };"
+        )
+        await page.click('.tab[aria-selected="true"] .close')
+        self.assertIn(Kind.PTY_CLOSE, await page.js("return window.sentKinds"))
 
         await page.click(".bridge .revoke")
         await page.click(".bridge .revoke")

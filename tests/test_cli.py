@@ -819,3 +819,25 @@ async def _end_coroutine(process: Any, collected: Collect) -> None:
 
 def _end(process: Any, collected: Collect) -> Deferred[None]:
     return Deferred.fromCoroutine(_end_coroutine(process, collected))
+
+
+class RunningImportsTests(SynchronousTestCase):
+    def test_start_leaves_the_other_commands_out(self) -> None:
+        """
+        What a running bridge imports (C{coder1-bridge start}'s CLI and the bridge
+        service, or twistd's tap) leaves out the modules of the other commands and
+        the relay API's HTTP client (C{twisted.web}): about 1.5 MiB it would keep.
+        """
+        import subprocess
+
+        others = ("pairing", "status", "doctor", "service_install", "telemetry_report")
+        code = (
+            "import sys, coder1_bridge.cli, coder1_bridge.tap\n"
+            f"names = {['coder1_bridge.relay_api', *(f'coder1_bridge.{m}' for m in others)]!r}\n"
+            "print(' '.join(sorted(m for m in sys.modules"
+            " if m in names or m.startswith('twisted.web'))))\n"
+        )
+        found = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        self.assertEqual(found.stdout.split(), [])

@@ -236,6 +236,90 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(self.h.clock.getDelayedCalls(), [])
         self.assertEqual(box.logs, {})
 
+    def end_terminal(self, box: Outbox) -> None:
+        box.publish(Envelope(Kind.PTY_EXIT, 7, 0, 1, b'{"exit_code":0,"signal":null}'))
+
+    def test_closed_terminal_forgotten_once_delivered(self) -> None:
+        """
+        A terminal a page closed (PTY_CLOSE) has its log forgotten as soon as its
+        end (PTY_EXIT) is sent: not kept for the grace period; a RESUME finds it unknown.
+        """
+        box = self.h.make(grace=600)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.publish(output(TERMINAL, b"x" * 1000))
+        box.closed(1, TERMINAL)
+        self.assertIn(TERMINAL, box.logs)  # still running
+        self.end_terminal(box)
+        self.assertEqual(self.h.to(1)[-1].kind, Kind.PTY_EXIT)
+        self.assertNotIn(TERMINAL, box.logs)
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
+        self.assertEqual(box.resume(2, "other", [(TERMINAL, 0)]), [TERMINAL])
+
+    def test_ended_terminal_kept_unless_closed(self) -> None:
+        """
+        A terminal whose program ended on its own keeps its log for the grace period;
+        a PTY_CLOSE after its end (the page closing the ended tab) lets it go.
+        """
+        box = self.h.make(grace=600)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.publish(output(TERMINAL, b"x" * 1000))
+        self.end_terminal(box)
+        box.ack(1, [(TERMINAL, box.logs[TERMINAL].end)])
+        self.assertIn(TERMINAL, box.logs)
+        box.closed(1, TERMINAL)
+        self.assertNotIn(TERMINAL, box.logs)
+
+    def test_closed_terminal_waits_for_other_pages(self) -> None:
+        """
+        Another channel following the closed terminal keeps its log until it has
+        acknowledged the end; one that goes away without doing so lets it go.
+        """
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        box.resume(1, "closer", [(TERMINAL, 0)])
+        box.resume(2, "other", [(TERMINAL, 0)])
+        box.resume(3, "third", [(TERMINAL, 0)])
+        box.publish(output(TERMINAL, b"x" * 1000))
+        box.closed(1, TERMINAL)
+        self.end_terminal(box)
+        end = box.logs[TERMINAL].end
+        box.ack(2, [(TERMINAL, end - 1)])
+        self.assertIn(TERMINAL, box.logs)
+        box.ack(2, [(TERMINAL, end)])
+        self.assertIn(TERMINAL, box.logs)  # channel 3 has not acknowledged
+        box.drop(3)
+        self.assertNotIn(TERMINAL, box.logs)
+
+    def test_closed_terminal_sent_to_its_end_first(self) -> None:
+        """
+        The channel that closed the terminal is sent its end before the log goes,
+        even when its window is full as the terminal ends.
+        """
+        box = self.h.make(window=4096)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for _ in range(10):
+            box.publish(output(TERMINAL, b"x" * 1000))
+        box.closed(1, TERMINAL)
+        self.end_terminal(box)
+        self.assertIn(TERMINAL, box.logs)
+        box.ack(1, [(TERMINAL, 4096)])
+        self.assertIn(TERMINAL, box.logs)
+        box.ack(1, [(TERMINAL, 8192)])
+        self.assertEqual(self.h.to(1)[-1].kind, Kind.PTY_EXIT)
+        self.assertEqual(len(self.h.bytes_to(1, TERMINAL)), 10_000 + 29)
+        self.assertNotIn(TERMINAL, box.logs)
+
+    def test_closing_a_command_keeps_nothing_new(self) -> None:
+        """Only terminals are closed by PTY_CLOSE: a command's stream is not affected."""
+        box = self.h.make(grace=600)
+        box.open(COMMAND, 1)
+        box.publish(Envelope(Kind.CMD_EXIT, 7, 0, 1, b"{}"))
+        box.closed(1, COMMAND)
+        self.assertIn(COMMAND, box.logs)
+
 
 class StorageTests(SynchronousTestCase):
     """How a log keeps what a process printed: as it came, trimmed by whole chunks."""

@@ -35,6 +35,7 @@ from tests.loopback import (
     settle,
     start_bridge,
     start_child_relay,
+    start_relay,
     stop_all,
 )
 
@@ -422,3 +423,52 @@ class OverflowTests(TestCase):
         self.assertEqual(gap.seq + len(output) + len(rest[-1].payload), log.end)
         self.assertTrue(output.rstrip().endswith(b"END"), output[-40:])
         await second.close()
+
+
+class ClosedTerminalTests(TestCase):
+    timeout = 60
+
+    async def test_closed_terminal_log_forgotten(self) -> None:
+        """
+        Through a real relay and bridge: a terminal the page closes (PTY_CLOSE) has
+        no log left once its PTY_EXIT has come, so a later RESUME lists it as
+        unknown; a terminal whose program ended by itself is still replayed.
+        """
+        self.addCleanup(lambda: Deferred.fromCoroutine(settle()))
+        relay = await start_relay(FilePath(self.mktemp()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(relay)))
+        browser = Browser(relay)
+        await browser.open_page()
+        config = await pair_bridge(browser, FilePath(self.mktemp()), io.StringIO())
+        bridge = await start_bridge(config)
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop_all(bridge)))
+        ide = await browser.connect_ide(handshake=False)
+        self.addCleanup(ide.close)
+        await ide.wait_for(lambda e: e.kind == Kind.PRESENCE and bool(e.json()["bridges"]))
+        await ide.handshake(1)
+        ide.send(control(Kind.RESUME, {"client": "page", "streams": []}, peer=1))
+
+        def ended(stream: int) -> Callable[[Envelope], bool]:
+            return lambda e: e.stream == stream and e.kind == Kind.PTY_EXIT
+
+        running = {"cols": 80, "rows": 24, "argv": ["sh", "-c", "echo hello; exec sleep 60"]}
+        ide.send(control(Kind.PTY_OPEN, running, stream=5, peer=1))
+        await ide.wait_for(lambda e: e.stream == 5 and b"hello" in e.payload)
+        ide.send(Envelope(Kind.PTY_CLOSE, 5, 1, 1))
+        await ide.wait_for(ended(5))
+        self.assertNotIn((PTY, 5), bridge.session.outbox.logs)
+
+        done = {"cols": 80, "rows": 24, "argv": ["sh", "-c", "echo bye"]}
+        ide.send(control(Kind.PTY_OPEN, done, stream=6, peer=1))
+        end = await ide.wait_for(ended(6))
+        position = end.seq + len(end.payload)
+        ack = {"streams": [{"type": PTY, "stream": 6, "next": position}]}
+        ide.send(control(Kind.ACK, ack, peer=1))
+
+        streams = [{"type": PTY, "stream": s, "next": 0} for s in (5, 6)]
+        ide.frames.clear()
+        ide.send(control(Kind.RESUME, {"client": "page", "streams": streams}, peer=1))
+        resumed = await ide.wait_for(lambda e: e.kind == Kind.RESUMED)
+        self.assertEqual(resumed.json()["unknown"], [{"type": PTY, "stream": 5}])
+        replayed = await ide.wait_for(ended(6))
+        self.assertEqual(replayed.seq, end.seq)

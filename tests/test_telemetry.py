@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from coder1_relay import telemetry as telemetry_module
 from coder1_relay.code_names import UNKNOWN, CodeNames
 from coder1_relay.crash_budget import CrashBudget, CrashBudgetPolicy
 from coder1_relay.telemetry import MAX_PENDING_CRASHES, MAX_VERSIONS, Telemetry, TelemetrySettings
@@ -236,6 +237,26 @@ class TelemetryTests(SynchronousTestCase):
         self.assertRegex(signature, "^[0-9a-f]{16}$")
         self.assertEqual(rows[-2]["signature"], signature)
         self.assertNotEqual(rows[0]["signature"], signature)
+
+    def test_vocabulary_read_at_the_first_report(self) -> None:
+        """
+        The relay reads its copy of the bridge's code for the vocabulary when the
+        first crash report comes, not when it starts (reading it costs memory kept
+        for good), and only once.
+        """
+        reads: list[None] = []
+        read = CodeNames.of_packages
+
+        def counted() -> CodeNames:
+            reads.append(None)
+            return read()
+
+        self.patch(telemetry_module.CodeNames, "of_packages", staticmethod(counted))
+        telemetry = self._start()
+        self.assertEqual(reads, [])
+        self.assertTrue(telemetry.crash_report(_report()))
+        self.assertTrue(telemetry.crash_report(_frame(line=13)))
+        self.assertEqual(reads, [None])
 
     def test_names_not_in_the_code_are_not_kept(self) -> None:
         """

@@ -346,12 +346,14 @@ class App {
     link.resumed = true;
     this.acknowledger(link.peer).setWindow(body.window);
     const expected = positions(body.input);
-    // Streams the bridge has no log of: it restarted, or the terminal ended too long ago.
+    // Streams the bridge has no log of: it restarted, the terminal ended too long ago, or
+    // another tab closed it (its log goes once this bridge has no page to keep it for).
     const gone = new Set((Array.isArray(body.unknown) ? body.unknown : [])
       .filter((u) => u && u.type === "pty").map((u) => `pty:${u.stream}`));
     for (const tab of this.tabsOf(link.peer)) {
       if (gone.has(tab.output.key) && tab.state !== "exited") {
-        tab.ended("[this terminal is gone: its machine's bridge restarted, or it ended long ago]");
+        tab.ended("[this terminal is gone: its machine's bridge restarted, it ended long ago,"
+          + " or another tab closed it]");
         continue;
       }
       const next = expected.get(tab.output.key);

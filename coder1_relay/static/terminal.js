@@ -170,6 +170,10 @@ export class TerminalTab {
     if (this.state !== "exited") {
       this.sender.close();
       this.app.closeLater(this);
+    } else {
+      // Its program has ended: the PTY_CLOSE (if it can go now) lets the bridge forget its
+      // output at once rather than keep it for a page that comes back (protocol.md 5.7).
+      this.sender.transmit(Kind.PTY_CLOSE);
     }
     this.dispose();
   }
