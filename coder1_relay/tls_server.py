@@ -17,12 +17,14 @@ client without TLS 1.3) sends OpenSSL's alert and closes the connection; the
 wrapped protocol's C{connectionLost} gets the error, nothing is logged.
 
 Writes made while a connection's received data is handled (any connection
-of these listeners: a frame forwarded from one party to the other) are held
-until it has been, then encrypted together: one record and one transport
-write for what one read brought, with no reactor turn added.  Writes made
-elsewhere (timers) go out at once.  Records of up to 16 KiB go to the socket
-within the call when nothing is queued before them (C{coder1_wire.direct_write}),
-not on the reactor's next turn.
+of these listeners: a frame forwarded from one party to the other), or while
+a producer registered on one is resumed (its TCP transport drained: the
+relay then handles what it held, C{coder1_relay.routing}), are held until
+it has been, then encrypted together: one record and one transport write
+for what one read or one resume brought, with no reactor turn added.  Writes
+made elsewhere (timers) go out at once.  Records of up to 16 KiB go to the
+socket within the call when nothing is queued before them
+(C{coder1_wire.direct_write}), not on the reactor's next turn.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from coder1_wire.direct_write import write_now
 
@@ -82,6 +85,28 @@ class WriteBatch:
 #: The batch every listener's connections share: a frame read on one is
 #: forwarded to another, and both are the relay's.
 SHARED_BATCH = WriteBatch()
+
+
+@implementer(IPushProducer)
+class _ResumedInBatch:
+    """A streaming producer whose C{resumeProducing} runs inside a write batch."""
+
+    def __init__(self, producer: IPushProducer, batch: WriteBatch) -> None:
+        self.producer = producer
+        self.batch = batch
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.batch.open()
+        try:
+            self.producer.resumeProducing()
+        finally:
+            self.batch.close()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
 
 
 class TLSServerProtocol(ProtocolWrapper):
@@ -208,6 +233,15 @@ class TLSServerProtocol(ProtocolWrapper):
 
     def writeSequence(self, data: Any) -> None:
         self.write(b"".join(data))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Register C{producer} on TCP; a streaming one is resumed inside the
+        write batch, so what it writes then goes out as what a read brings.
+        """
+        if streaming:
+            producer = _ResumedInBatch(producer, self.factory.batch)
+        super().registerProducer(producer, streaming)
 
     def send_held(self) -> None:
         """Encrypt and send what was held, if the handshake is done."""

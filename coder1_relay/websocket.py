@@ -11,10 +11,16 @@ registered on its transport, and the transport's high-water mark becomes
 C{HubSettings.send_buffer}.  A held connection is not read: the frames
 already read wait in Autobahn's buffer, and its transport stops reading the
 socket when more arrives, until it is released (C{coder1_relay.reading}).
+
+The hot path: a whole binary message in one frame (what every party sends)
+is read and written by the relay itself (C{coder1_relay.frames}), with the
+checks Autobahn makes and without its per-frame layers; every other frame
+goes through Autobahn.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
+from coder1_relay.frames import MASKED, WHOLE_BINARY, binary_message, unmask
 from coder1_relay.metrics import Role
 from coder1_relay.nodelink import LinkRefused, NodeLink
 from coder1_relay.reading import Backpressure, GatedReading, ReadGate
@@ -85,6 +92,22 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
     _link: NodeLink | None = None
     #: The connection's id in telemetry (a node link carries it to the owner).
     connection_id: str = ""
+    #: Whether L{send} writes a message's frame itself (L{_choose_paths}), and
+    #: the largest it does: past it, Autobahn fragments it or refuses it.
+    _frames_out = False
+    _out_limit: float = 0.0
+    #: Whether L{processData} reads whole messages itself (L{_choose_paths}),
+    #: and the largest it does: past it, Autobahn refuses it.
+    _frames_in = False
+    _in_limit: float = 0.0
+    # Autobahn's options, which it sets on each connection (here, on its class).
+    maxMessagePayloadSize: int
+    maxFramePayloadSize: int
+    autoFragmentSize: int
+    maskServerFrames: bool
+    applyMask: bool
+    logFrames: bool
+    logOctets: bool
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""
@@ -95,8 +118,139 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         raise NotImplementedError
 
     def send(self, frame: bytes) -> None:
-        if self.state == _OPEN:
+        """
+        Send C{frame} as one binary message.  Once open, the relay makes its
+        frame (L{binary_message}) and writes it, the very bytes Autobahn's
+        C{sendMessage} would write, without its layers: argument checks,
+        compression and fragmentation, and a debug line formatted for
+        every message and dropped.  Autobahn sends it when one of those
+        applies (L{_choose_paths}), or while it has writes of its own queued.
+        """
+        if self.state != _OPEN:
+            return
+        if self._frames_out and len(frame) <= self._out_limit and not self.send_queue:
+            transport: Any = self.transport
+            transport.write(binary_message(frame))
+        else:
             self.sendMessage(frame, isBinary=True)
+
+    def _choose_paths(self) -> None:
+        """
+        Open: whether L{send} may write frames itself.  Not with compression
+        (refused, but negotiated here), masked server frames, or Autobahn's
+        frame or octet logging or timings; and only up to the message size
+        limit and the fragment size, past which Autobahn refuses or fragments.
+        """
+        self._frames_out = (
+            self._perMessageCompress is None
+            and not self.maskServerFrames
+            and not self.logFrames
+            and not self.logOctets
+            and self.trackedTimings is None
+        )
+        limits = [n for n in (self.maxMessagePayloadSize, self.autoFragmentSize) if n > 0]
+        self._out_limit = min(limits, default=math.inf)
+        self._frames_in = (
+            self._perMessageCompress is None
+            and self.applyMask
+            and not self.logFrames
+            and self.trackedTimings is None
+            and not self.autoPingInterval
+        )
+        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
+        self._in_limit = min(limits, default=math.inf)
+
+    def _frame_begins(self) -> None:
+        """A data frame begins: take a token for it, and act if there was none."""
+        raise NotImplementedError
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        if self._bucket is not None and self.state == _OPEN:
+            self._frame_begins()
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
+
+    def processData(self) -> bool:
+        """
+        Autobahn's frame parser, after the relay's own for what nearly every
+        frame is: a whole binary message in one masked frame, all read,
+        within the limits (L{_whole_messages}).  Autobahn parses the rest as
+        always: control frames, text, fragments, a frame not all read yet, a
+        frame past a limit, and every protocol error.  (Not while anything
+        listens for Autobahn's C{message} event, which that path does not
+        fire; nor does it count Autobahn's traffic statistics, which the
+        relay does not read: its own counts are the hub's.)
+        """
+        if (
+            self._frames_in
+            and self.current_frame is None
+            and not self.inside_message
+            and self.state == _OPEN
+            and self._listeners is None
+        ):
+            data = self.data
+            done = self._whole_messages(data)
+            if done:
+                self.data = data[done:]
+                # Called again (by consumeData) for what is left, unless held or closed.
+                return len(data) > done
+        return bool(WebSocketServerProtocol.processData(self))
+
+    def _whole_messages(self, data: bytes) -> int:
+        """
+        Handle the whole binary messages at the front of C{data}, each in
+        one frame, as Autobahn would (a token per frame, the size limits, the
+        payload unmasked, L{onMessage}) without its ten call layers per
+        frame, its per-frame copy of what is left, and the Deferred it makes
+        for every message; stop at any other frame, or once the connection
+        is held or closing.
+
+        @return: how many bytes of C{data} were handled.
+        """
+        size = len(data)
+        at = 0
+        while size - at >= 6:  # the shortest masked frame
+            if data[at] != WHOLE_BINARY:
+                break
+            length = data[at + 1] ^ MASKED  # more than 127 if unmasked
+            if length < 126:
+                start = at + 6
+            elif length == 126:
+                length = int.from_bytes(data[at + 2 : at + 4], "big")
+                start = at + 8
+                if length < 126:  # not the shortest encoding: Autobahn says so
+                    break
+            elif length == 127:
+                length = int.from_bytes(data[at + 2 : at + 10], "big")
+                start = at + 14
+                if length < 0x10000 or length >= 1 << 63:
+                    break
+            else:
+                break
+            end = start + length
+            if end > size or length > self._in_limit:
+                break
+            # A tab past its rate is closed, and the frame goes unheard; a
+            # bridge is held, and the frame that went into debt goes on.
+            self._frame_begins()
+            if self.state != _OPEN:
+                at = end
+                break
+            payload = unmask(data[start:end], data[start - 4 : start])
+            at = end
+            endpoint = self.endpoint
+            if endpoint is not None:
+                # onMessage, inlined.
+                endpoint.heard = self._read_at
+                try:
+                    endpoint.hub.route(endpoint, payload)
+                except Exception:
+                    _log.failure("routing a frame failed")
+                    self.sendClose(closecodes.PROTOCOL_ERROR, "internal error")
+            elif self._link is not None:
+                self._link.send(payload)
+            if self._gate.closed or self.state != _OPEN:
+                break
+        return at
 
     def close(self, code: int, reason: str) -> None:
         if code == closecodes.GOING_AWAY:
@@ -141,6 +295,7 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
 
     def _piped(self, link: NodeLink) -> None:
         """This connection goes through C{link}: each holds the other when full."""
+        self._choose_paths()
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
         transport: Any = self.transport
@@ -157,6 +312,7 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         """
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
+        self._choose_paths()
         self.endpoint = endpoint
         transport: Any = self.transport
         # twisted.web's HTTP channel, still registered, has had no say since the upgrade.
@@ -260,11 +416,11 @@ class IDEProtocol(_RelayProtocol):
         self.factory.context.telemetry.throttled("rate")
         self.sendClose(closecodes.RATE_LIMITED, "too many messages")
 
-    def onMessageFrameBegin(self, length: int) -> None:
+    def _frame_begins(self) -> None:
         bucket = self._bucket
-        if bucket is not None and self.state == _OPEN and not bucket.take():
+        assert bucket is not None
+        if not bucket.take():
             self._refuse()
-        WebSocketServerProtocol.onMessageFrameBegin(self, length)
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         context = self.factory.context
@@ -340,13 +496,12 @@ class BridgeProtocol(_RelayProtocol):
             self.endpoint.hold(RATE)
             self._paid = context.clock.callLater(wait, self._rate_paid)
 
-    def onMessageFrameBegin(self, length: int) -> None:
+    def _frame_begins(self) -> None:
         bucket = self._bucket
-        if bucket is not None and self.state == _OPEN:
-            wait = bucket.owe(bucket.rate / 10)
-            if wait > 0:
-                self._slow_down(wait)
-        WebSocketServerProtocol.onMessageFrameBegin(self, length)
+        assert bucket is not None
+        wait = bucket.owe(bucket.rate / 10)
+        if wait > 0:
+            self._slow_down(wait)
 
     def _rate_paid(self) -> None:
         self._paid = None

@@ -1438,15 +1438,13 @@ def tamper_next_output(relay: RelayService) -> Deferred[None]:
         if not isinstance(connection, IDEProtocol):
             continue
 
-        def send(
-            payload: bytes, *args: Any, original: Any = connection.sendMessage, **kwargs: Any
-        ) -> None:
+        def send(payload: bytes, original: Any = connection.send) -> None:
             if not done.called and len(payload) > HEADER_SIZE and payload[1] == Kind.PTY_OUTPUT:
                 payload = payload[:-1] + bytes([payload[-1] ^ 1])
                 done.callback(None)
-            original(payload, *args, **kwargs)
+            original(payload)
 
-        connection.sendMessage = send  # type: ignore[method-assign]
+        connection.send = send  # type: ignore[method-assign,assignment]
     return done
 
 

@@ -26,24 +26,38 @@ from .test_end_to_end import LoopbackTestCase
 
 
 def record_frames(relay: RelayService) -> list[bytes]:
-    """Every frame the relay receives or sends from now on, on its open connections."""
+    """
+    Every message the relay receives or sends from now on, on its open
+    connections: what their endpoints hand the hub, and what it sends on them.
+    """
     frames: list[bytes] = []
     for protocol in relay.context.connections.live:
-        on_message, send_message = protocol.onMessage, protocol.sendMessage  # type: ignore[attr-defined]
+        endpoint = protocol.endpoint  # type: ignore[attr-defined]
+        if endpoint is not None:
+            endpoint.hub = _RecordingHub(endpoint.hub, frames)
+        send = protocol.send  # type: ignore[attr-defined]
 
-        def received(payload: bytes, binary: bool, on: Callable[..., None] = on_message) -> None:
+        def sent(payload: bytes, send: Callable[[bytes], None] = send) -> None:
             frames.append(payload)
-            on(payload, binary)
+            send(payload)
 
-        def sent(
-            payload: bytes, *args: Any, send: Callable[..., None] = send_message, **kw: Any
-        ) -> None:
-            frames.append(payload)
-            send(payload, *args, **kw)
-
-        protocol.onMessage = received  # type: ignore[attr-defined]
-        protocol.sendMessage = sent  # type: ignore[attr-defined]
+        protocol.send = sent  # type: ignore[attr-defined]
     return frames
+
+
+@attrs.frozen
+class _RecordingHub:
+    """A hub that notes each message an endpoint hands it (L{Hub.route}) first."""
+
+    hub: Hub
+    frames: list[bytes]
+
+    def route(self, source: Endpoint, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.hub.route(source, frame)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.hub, name)
 
 
 def encodings(canary: str) -> list[bytes]:

@@ -388,8 +388,10 @@ class _TLS(StringTransport):
         self.transport = tcp
 
 
-class RelayProtocolTests(SynchronousTestCase):
-    """The WebSocket protocols register their endpoint, hold frames, and count holds."""
+class RelayProtocolCase(SynchronousTestCase):
+    """Relay WebSocket protocols in memory: a hub, and connections opened on it."""
+
+    limits = Limits(bridge_messages_per_second=10.0, bridge_message_burst=2)
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -399,7 +401,6 @@ class RelayProtocolTests(SynchronousTestCase):
         self.telemetry = telemetry
         store = MemoryStore()
         self.settings = HubSettings(send_buffer=4096)
-        self.limits = Limits(bridge_messages_per_second=10.0, bridge_message_burst=2)
         self.context = RelayContext(
             clock=self.clock,
             store=store,
@@ -411,12 +412,15 @@ class RelayProtocolTests(SynchronousTestCase):
             limits=self.limits,
         )
 
-    def open(self, kind: type[BridgeProtocol] | type[IDEProtocol]) -> tuple[Any, _TLS]:
+    def open(
+        self, kind: type[BridgeProtocol] | type[IDEProtocol], **options: Any
+    ) -> tuple[Any, _TLS]:
+        """A connection of C{kind}, open, with Autobahn's C{options} besides the relay's."""
         factory = RelayWebSocketFactory(self.context, kind)
         # No Autobahn timers on the global reactor: this test's clock is the only one.
-        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, **options)
         protocol: Any = factory.buildProtocol(None)
-        transport = _TLS(FileDescriptor())
+        transport = self.transport()
         transport.registerProducer(_HTTPChannel(), True)
         protocol.makeConnection(transport)
         protocol.dataReceived(HANDSHAKE)
@@ -424,6 +428,14 @@ class RelayProtocolTests(SynchronousTestCase):
         transport.clear()
         self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
         return protocol, transport
+
+    def transport(self) -> _TLS:
+        """A new connection's transport."""
+        return _TLS(FileDescriptor())
+
+
+class RelayProtocolTests(RelayProtocolCase):
+    """The WebSocket protocols register their endpoint, hold frames, and count holds."""
 
     def test_endpoint_registered_on_open(self) -> None:
         """

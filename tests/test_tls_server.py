@@ -216,6 +216,44 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(len(_records(b.to_client())), 1)
         self.assertEqual(b.read(), b"xy")
 
+    def test_writes_while_resumed_share_one_record(self) -> None:
+        """
+        What a streaming producer registered on the connection writes when
+        TCP resumes it (the relay handling what it held) goes out as one
+        record, in one transport write; pausing and stopping reach it as they are.
+        """
+        c = _Connection()
+        c.handshake()
+        c.to_client()
+        calls: list[str] = []
+
+        @implementer(IPushProducer)
+        class Forwarder:
+            def pauseProducing(self) -> None:
+                calls.append("pause")
+
+            def resumeProducing(self) -> None:
+                calls.append("resume")
+                c.server.write(b"one ")
+                c.server.write(b"two")
+
+            def stopProducing(self) -> None:
+                calls.append("stop")
+
+        c.server.registerProducer(Forwarder(), True)
+        tcp = c.transport.producer
+        assert tcp is not None
+        tcp.pauseProducing()
+        before = c.transport.writes
+        tcp.resumeProducing()  # as TCP does once its buffer has drained
+        self.assertEqual(c.transport.writes - before, 1)
+        self.assertEqual(len(_records(c.to_client())), 1)
+        self.assertEqual(c.read(), b"one two")
+        tcp.stopProducing()
+        self.assertEqual(calls, ["pause", "resume", "stop"])
+        c.server.write(b"after")  # outside: at once
+        self.assertEqual(c.transport.writes - before, 2)
+
     def test_writes_outside_a_batch_go_at_once(self) -> None:
         """A write made outside received data's handling (a timer's) is sent at once."""
         c = _Connection()
@@ -381,16 +419,25 @@ class MemoryTests(SynchronousTestCase):
     def test_producer_and_addresses_pass_through(self) -> None:
         """
         The layer provides what its transport does (twisted.web pauses it as
-        an L{IPushProducer}); a producer registered on it is TCP's;
-        C{getPeer}/C{getHost} are TCP's.
+        an L{IPushProducer}); a producer registered on it is registered on
+        TCP, which pauses and resumes it (a streaming one inside the write
+        batch); C{getPeer}/C{getHost} are TCP's.
         """
         c = _Connection()
         for interface in providedBy(c.transport):
             self.assertTrue(interface.providedBy(c.server), interface)
         self.assertTrue(IPushProducer.providedBy(c.server))
         producer = _Producer()
-        c.server.registerProducer(producer, True)
+        c.server.registerProducer(producer, False)
         self.assertIs(c.transport.producer, producer)
+        c.server.unregisterProducer()
+        c.server.registerProducer(producer, True)
+        tcp = c.transport.producer
+        assert tcp is not None
+        self.assertTrue(c.transport.streaming)
+        tcp.pauseProducing()
+        tcp.resumeProducing()
+        self.assertEqual((producer.pauses, producer.resumes), (1, 1))
         c.server.unregisterProducer()
         self.assertIsNone(c.transport.producer)
         self.assertEqual(c.server.getPeer(), c.transport.getPeer())

@@ -1,0 +1,47 @@
+"""
+The WebSocket frames the relay reads and writes itself, beside Autobahn: a
+whole binary message in one frame (RFC 6455, section 5.2), which is what
+every party sends and what the relay forwards (C{coder1_relay.websocket}).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from autobahn.websocket.xormasker import create_xor_masker
+
+#: A frame's first byte when it is a whole binary message: FIN, no RSV bits, opcode 2.
+WHOLE_BINARY = 0x82
+#: The bit of the second byte that says the payload is masked (a client's frames).
+MASKED = 0x80
+#: Largest payload Python's integers unmask faster than Autobahn's C masker,
+#: which costs about 3 us to set up (measured: 0.6 us against 3.7 at 100 B,
+#: 2.2 against 2.8 at 1,000 B, 38 against 4 at 16 KiB).
+_BY_INTEGERS = 1024
+#: The headers of a whole binary message of 0 to 125 bytes, made once.
+_SHORT = [bytes((WHOLE_BINARY, size)) for size in range(126)]
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """C{payload} XORed with the 4-byte C{mask}, repeated (RFC 6455, section 5.3)."""
+    size = len(payload)
+    if size > _BY_INTEGERS:
+        masker = create_xor_masker(mask, size)
+        result: bytes = masker.process(payload)
+        return result
+    key = (mask * ((size >> 2) + 1))[:size]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        size, "little"
+    )
+
+
+def binary_message(payload: bytes) -> bytes:
+    """An unmasked frame (a server's) holding C{payload} as one whole binary message."""
+    size = len(payload)
+    if size < 126:
+        return _SHORT[size] + payload
+    if size < 0x10000:
+        return _MEDIUM.pack(WHOLE_BINARY, 126, size) + payload
+    return _LONG.pack(WHOLE_BINARY, 127, size) + payload
