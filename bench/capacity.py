@@ -13,7 +13,9 @@ A pairing here is everything between "I want a bridge" and both sockets open: PO
 bridge JWT signed, pairings.json written), the bridge WebSocket (token verified) and the
 IDE WebSocket: four TLS handshakes.  Pairings per second is observed with the clients
 on the same two cores as the relay; the relay's CPU time per pairing gives the rate one
-relay process could sustain with its own core (1 / CPU per pairing).
+relay process could sustain with its own core (1 / CPU per pairing).  After each
+step the relay's CPU is read for IDLE_SECONDS with nothing happening but the
+heartbeats: CPU per second, per 1,000 sessions held.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from bench.stats import Metric, Table, percentile
 from coder1_relay.context import FD_RESERVE
 
 WARMUP = 10
+#: Seconds the relay's CPU is read after each step, with nothing happening but the
+#: heartbeats (one interval: every connection PINGs once).
+IDLE_SECONDS = 15.0
 #: At most this long for one step's pairings (each worker stops starting new ones).
 STEP_SECONDS = 240.0
 #: File descriptors a relay keeps beside its connections: its --max-connections
@@ -75,6 +80,7 @@ async def run(options: Any) -> list[Table]:
             Metric("cap", "pairings/s, relay CPU-bound", "", False, digits=0),
             Metric("p50", "pairing p50", "ms", digits=0),
             Metric("p99", "pairing p99", "ms", digits=0),
+            Metric("idle", "relay CPU idle, per 1,000 sessions", "ms/s", digits=2),
         ],
         "",
         notes=notes,
@@ -186,6 +192,9 @@ async def _grow(
     await h.sleep(3.0)
     rss = h.memory(pid)["rss"]
     held, paired, seconds, cpu = step.held, step.paired, step.seconds, step.cpu[pid]
+    idle, start = h.cpu_seconds(pid), time.perf_counter()
+    await h.sleep(IDLE_SECONDS)
+    idle = (h.cpu_seconds(pid) - idle) / (time.perf_counter() - start)
     if base is not None and held < sum(share):
         name = f"{held} sessions (of {sum(share)} in {STEP_SECONDS:.0f} s)"
         table.notes.append(
@@ -204,6 +213,8 @@ async def _grow(
         row.add("p99", percentile(step.latencies, 99) * 1000)
         if seconds > 60:
             row.add("end", step.last30 / 30)
+    if held:
+        row.add("idle", idle * 1000 / held * 1000)
     if step.failed:
         table.notes.append(f"{name}: {step.failed} pairings failed, e.g. {step.failures[:2]}")
     return held, rss

@@ -4,8 +4,8 @@ Benchmark harness only: one of the capacity benchmark's client processes.
 Pairs sessions with a relay and holds them open, idle: per session a browser session,
 a pairing code, its redemption, a bridge WebSocket and an IDE WebSocket, each from its
 own loopback address (127.x.y.z), so that the relay's per-address limits apply per
-simulated user as in real life.  Both connections answer the relay's PINGs, as the
-page and the bridge do.  Reads commands on stdin:
+simulated user as in real life.  Both connections PING the relay every heartbeat
+interval (WELCOME's) and answer its PINGs, as the page and the bridge do.  Reads commands on stdin:
 
     grow N S    pair until this worker holds N sessions, or for at most S seconds, then
                 print ``held N {json}``
@@ -131,6 +131,8 @@ class Worker(LineReceiver):
             self.relay, pairing.token, source=source, creator=self.creator
         )
         ide = await h.open_ide_link(self.relay, pairing.cookie, source=source, creator=self.creator)
+        bridge.keep_pinging()
+        ide.keep_pinging()
         return bridge, ide
 
     async def again(self, index: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -34,7 +35,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -682,6 +683,8 @@ class RelayLink:
     protocol: WSProtocol | None = None
     on_frame: Callable[[bytes], None] | None = None
     welcomed: Deferred[bytes] = attrs.field(factory=Deferred)
+    #: Seconds between the PINGs the relay asked for in WELCOME (L{keep_pinging}).
+    heartbeat: float = 15.0
 
     def received(self, payload: bytes, binary: bool) -> None:
         kind = payload[1] if len(payload) > 1 else 0
@@ -689,6 +692,9 @@ class RelayLink:
             self.send(Envelope(Kind.PONG).encode())
             return
         if kind == Kind.WELCOME and not self.welcomed.called:
+            asked = decode(payload).json().get("heartbeat")
+            if isinstance(asked, int | float) and math.isfinite(asked):
+                self.heartbeat = min(30.0, max(5.0, float(asked)))
             self.welcomed.callback(payload)
             return
         if self.on_frame is not None:
@@ -702,6 +708,15 @@ class RelayLink:
         """Fires with the close code and reason when this connection ends."""
         assert self.protocol is not None
         return self.protocol.factory.closed
+
+    def keep_pinging(self) -> None:
+        """
+        PING the relay every C{heartbeat} seconds until closed, the first one
+        interval from now, as the bridge and the page do (docs/protocol.md section 7).
+        """
+        pings = LoopingCall(self.send, Envelope(Kind.PING).encode())
+        pings.start(self.heartbeat, now=False)
+        self.closed().addBoth(lambda _: pings.stop() if pings.running else None)
 
     def close(self) -> Deferred[Any]:
         if self.protocol is None:

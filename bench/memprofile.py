@@ -7,9 +7,11 @@ tracemalloc, pairs sessions with the capacity benchmark's client processes
 after C{--warm} + C{--sessions}.  Prints RSS per session, the Python allocations per
 session (what tracemalloc sees) and the lines that allocated most of them.  With
 C{--profile FILE} it profiles the relay (cProfile, no tracemalloc) while it pairs the
-sessions instead, and prints its CPU per pairing.
+sessions instead, and prints its CPU per pairing; with C{--idle-profile FILE}, while
+it holds C{--warm} sessions and nothing happens but their heartbeats.
 
     python -m bench.memprofile [--sessions 500] [--warm 20] [--top 25] [--profile FILE]
+        [--idle-profile FILE [--idle 30]]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
+from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.python.filepath import FilePath
 
 from bench import harness as h
@@ -77,6 +80,9 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
         if options.profile:
             await _profile(grow, options)
             return
+        if options.idle_profile:
+            await _idle_profile(options, len(relay.context.hub.endpoints()) // 2)
+            return
         rss0 = h.memory(h.os.getpid())["rss"]
         before = tracemalloc.take_snapshot()
         await grow(options.warm + options.sessions)
@@ -103,7 +109,11 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
 
 
 async def _profile(grow: Any, options: argparse.Namespace) -> None:
-    profile = cProfile.Profile()
+    # As under twistd: the log (the access log's lines, too) goes to a file.
+    log = open(options.profile + ".log", "a")  # noqa: SIM115  (open until the process ends)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+    # CPU time, not wall-clock time: the machine is shared, and waits are not costs.
+    profile = cProfile.Profile(time.process_time)
     cpu = time.process_time()
     profile.enable()
     await grow(options.warm + options.sessions)
@@ -111,6 +121,20 @@ async def _profile(grow: Any, options: argparse.Namespace) -> None:
     cpu = time.process_time() - cpu
     profile.dump_stats(options.profile)
     sys.stdout.write(f"relay CPU per pairing (profiled): {cpu / options.sessions * 1000:.1f} ms\n")
+    pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(options.top)
+
+
+async def _idle_profile(options: argparse.Namespace, held: int) -> None:
+    """The relay's CPU while it holds C{held} sessions and nothing happens but heartbeats."""
+    profile = cProfile.Profile(time.process_time)
+    cpu, start = time.process_time(), time.perf_counter()
+    profile.enable()
+    await h.sleep(options.idle)
+    profile.disable()
+    cpu, seconds = time.process_time() - cpu, time.perf_counter() - start
+    profile.dump_stats(options.idle_profile)
+    per = cpu / seconds / held * 1000 * 1000
+    sys.stdout.write(f"relay CPU idle (profiled): {per:.1f} ms/s per 1,000 of {held} sessions\n")
     pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(options.top)
 
 
@@ -122,6 +146,10 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=1, help="frames kept per allocation")
     p.add_argument("--traceback", action="store_true", help="group by whole traceback")
     p.add_argument("--profile", help="cProfile the relay while it pairs, to this file")
+    p.add_argument(
+        "--idle-profile", help="cProfile the relay holding --warm sessions idle, to this file"
+    )
+    p.add_argument("--idle", type=float, default=30.0, help="seconds of --idle-profile")
     options = p.parse_args()
     react(lambda reactor: Deferred.fromCoroutine(_main(reactor, options)))
 

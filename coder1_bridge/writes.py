@@ -23,45 +23,15 @@ from typing import Any
 
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
+from coder1_wire.direct_write import queued, write_now
+
+__all__ = ["MAX_READ", "MIN_READ_MORE", "read_more", "send_at_once", "write_now"]
+
 #: The most bytes of a process's output taken in one turn and sent as one frame.
 MAX_READ = 64 * 1024
 #: A read shorter than this is taken for all there was (a keystroke's echo, a
 #: prompt): reading again would find nothing and cost a system call.
 MIN_READ_MORE = 512
-
-
-def _queued(transport: Any) -> bool | None:
-    """
-    Whether a Twisted file descriptor has bytes queued; None if C{transport} is not
-    one whose queue can be seen (then nothing is written past it).
-    """
-    try:
-        pending = transport._tempDataBuffer
-        remaining = len(transport.dataBuffer) - transport.offset
-    except AttributeError:
-        return None
-    return bool(pending) or remaining > 0
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Write C{data} to C{transport} (a Twisted file descriptor: TCP, a pipe, a
-    terminal) at once if nothing is queued before it; queue the rest (or all of it,
-    if the transport is not one whose queue can be seen) with its own C{write}.
-    """
-    if (
-        data
-        and _queued(transport) is False
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnected", True)
-    ):
-        written = transport.writeSomeData(data)
-        if isinstance(written, int) and written > 0:
-            data = data[written:]
-        # An exception (the connection is lost) is Twisted's to handle: queue it all.
-    if data:
-        type(transport).write(transport, data)
 
 
 def send_at_once(transport: Any) -> None:
@@ -75,7 +45,7 @@ def send_at_once(transport: Any) -> None:
         # Twisted's own way of choosing the write (BufferingTLSTransport.__init__).
         transport.write = functools.partial(TLSMemoryBIOProtocol.write, transport)  # type: ignore[method-assign]
     below = getattr(transport, "transport", None)
-    if below is not None and _queued(below) is not None:
+    if below is not None and queued(below) is not None:
         below.write = functools.partial(write_now, below)
 
 

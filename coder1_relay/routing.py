@@ -565,6 +565,11 @@ class Hub:
                         self.frames_to_bridge += 1
                         self.bytes_to_bridge += len(frame)
                 return
+            if frame == _PING:
+                # The heartbeat every bridge and tab sends every 15 s: what an
+                # idle relay does most.  Answered as _control does, undecoded.
+                source.link.send(_PONG)
+                return
         self._checked_route(source, frame)
 
     def _checked_route(self, source: Endpoint, frame: bytes) -> None:

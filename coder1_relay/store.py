@@ -216,8 +216,8 @@ class MemoryStore:
     #: Per session, its parts of the file, kept between writes: C{"session":[records]}
     #: and C{"session":N} (its last bridge number).  A write joins them; only those
     #: of the sessions in C{_stale} are made anew.
-    _fragments: dict[str, str] = attrs.field(factory=dict)
-    _peer_parts: dict[str, str] = attrs.field(factory=dict)
+    _fragments: dict[str, bytes] = attrs.field(factory=dict)
+    _peer_parts: dict[str, bytes] = attrs.field(factory=dict)
     _stale: set[str] = attrs.field(factory=set)
     #: Callers whose changes are made but not yet written; the next write is theirs.
     _waiting: list[Deferred[None]] = attrs.field(factory=list)
@@ -286,21 +286,32 @@ class MemoryStore:
         return done
 
     def _snapshot(self) -> bytes:
-        """The durable state as the file holds it."""
+        """
+        The durable state as the file holds it: its parts kept encoded, and
+        joined once (a write's cost grows with the sessions held).
+        """
         for session in self._stale:
             name = json.dumps(session)
             records = self._bridges.get(session)
             if records:
                 listed = json.dumps([attrs.asdict(r) for r in records.values()])
-                self._fragments[session] = f"{name}:{listed}"
+                self._fragments[session] = f"{name}:{listed}".encode()
             else:
                 self._fragments.pop(session, None)
             if session in self._peers:
-                self._peer_parts[session] = f"{name}:{self._peers[session]}"
+                self._peer_parts[session] = f"{name}:{self._peers[session]}".encode()
         self._stale.clear()
-        revoked = json.dumps(self._revoked)
-        peers, bridges = ",".join(self._peer_parts.values()), ",".join(self._fragments.values())
-        return f'{{"revoked":{revoked},"peers":{{{peers}}},"bridges":{{{bridges}}}}}'.encode()
+        return b"".join(
+            [
+                b'{"revoked":',
+                json.dumps(self._revoked).encode(),
+                b',"peers":{',
+                b",".join(self._peer_parts.values()),
+                b'},"bridges":{',
+                b",".join(self._fragments.values()),
+                b"}}",
+            ]
+        )
 
     def _flush(self) -> None:
         """Write everything once for all waiting callers; then those who came meanwhile."""

@@ -5,6 +5,13 @@ Both are EdDSA (Ed25519) JWTs signed with the relay's own key; the algorithm
 is pinned on verify, so C{alg: none} or an HMAC token made with the public
 key is refused.  Time comes from the injected clock, not from PyJWT's
 wall-clock checks, so expiry is testable and one clock rules the relay.
+
+A token presented again (the page's cookie at the API, then at its WebSocket;
+the bridge's token at POST /api/pair/key, then at its WebSocket) is not
+checked twice: L{VerifiedTokens} remembers the last few that passed the
+signature, issuer and audience checks (and those issued here), with their
+claims.  What can change for a token is checked on every use: its times here,
+its revocation by the callers (the store).
 """
 
 from __future__ import annotations
@@ -38,6 +45,35 @@ def issuer_for(key: Ed25519PublicKey) -> str:
     """
     raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return "coder1-relay:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+#: Tokens L{VerifiedTokens} remembers: a pairing uses two, each twice within
+#: a second or so, so this covers well over a hundred pairings at once.
+VERIFIED_TOKENS = 256
+
+
+class VerifiedTokens:
+    """
+    The claims of the last C{size} tokens whose signature, issuer and
+    audience checked out, by audience and the token's exact text (the
+    oldest forgotten first).  It belongs to one L{TokenAuthority}, so to its
+    keys: a relay started with other keys starts with none remembered.
+    """
+
+    def __init__(self, size: int = VERIFIED_TOKENS) -> None:
+        self.size = size
+        self._claims: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._claims)
+
+    def get(self, audience: str, token: str) -> dict[str, Any] | None:
+        return self._claims.get((audience, token))
+
+    def add(self, audience: str, token: str, claims: dict[str, Any]) -> None:
+        if len(self._claims) >= self.size:
+            del self._claims[next(iter(self._claims))]
+        self._claims[(audience, token)] = claims
 
 
 class TokenError(Exception):
@@ -85,6 +121,8 @@ class TokenAuthority:
     accepted: Mapping[str, Ed25519PublicKey] = attrs.field(factory=dict)
     #: C{signing_key}'s public half, derived once rather than per verification.
     _public_key: Ed25519PublicKey = attrs.field(init=False)
+    #: Bridge tokens and browser cookies checked (or issued) lately.
+    verified: VerifiedTokens = attrs.field(factory=VerifiedTokens, kw_only=True)
 
     @_public_key.default
     def _derive_public_key(self) -> Ed25519PublicKey:
@@ -108,7 +146,9 @@ class TokenAuthority:
         """A token that lets one bridge connect as number C{peer} of C{session}."""
         claims = self._claims(session, BRIDGE_AUDIENCE, self.bridge_lifetime)
         claims["peer"] = peer
-        return self._sign(claims), _bridge_claims(claims)
+        token = self._sign(claims)
+        self.verified.add(BRIDGE_AUDIENCE, token, claims)
+        return token, _bridge_claims(claims)
 
     def verify_bridge_token(self, token: str) -> BridgeClaims:
         """
@@ -125,7 +165,10 @@ class TokenAuthority:
     def issue_browser_session(self) -> tuple[str, str]:
         """A fresh browser session: (session id, cookie value)."""
         session = secrets.token_urlsafe(18)
-        return session, self._sign(self._claims(session, BROWSER_AUDIENCE, self.browser_lifetime))
+        claims = self._claims(session, BROWSER_AUDIENCE, self.browser_lifetime)
+        cookie = self._sign(claims)
+        self.verified.add(BROWSER_AUDIENCE, cookie, claims)
+        return session, cookie
 
     def verify_browser_session(self, cookie: str) -> str:
         """The session id in a valid session cookie.  @raise TokenError: otherwise."""
@@ -160,6 +203,25 @@ class TokenAuthority:
         return self.issuer, self._public_key
 
     def _verify(self, token: str, audience: str) -> dict[str, Any]:
+        """
+        The claims of C{token} if it is good now for C{audience}: its signature,
+        issuer and audience checked once (node tokens each time: each is used
+        once), its times on every call.  The claims returned are not to be changed.
+        """
+        claims = self.verified.get(audience, token)
+        if claims is None:
+            claims = self._check(token, audience)
+            if audience != NODE_AUDIENCE:
+                self.verified.add(audience, token, claims)
+        now = self.clock.seconds()
+        if claims["exp"] <= now:
+            raise TokenError("token has expired")
+        if claims["iat"] > now + LEEWAY:
+            raise TokenError("token was issued in the future")
+        return claims
+
+    def _check(self, token: str, audience: str) -> dict[str, Any]:
+        """C{token}'s signature, issuer, audience, required claims and their types."""
         issuer, key = self._key_for(token)
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -187,13 +249,8 @@ class TokenAuthority:
             raise TokenError("token signature is invalid") from None
         except jwt.InvalidTokenError:
             raise TokenError("token is malformed") from None
-        now = self.clock.seconds()
         if not all(isinstance(claims[c], int) for c in ("iat", "exp")):
             raise TokenError("token times are malformed")
-        if claims["exp"] <= now:
-            raise TokenError("token has expired")
-        if claims["iat"] > now + LEEWAY:
-            raise TokenError("token was issued in the future")
         return claims
 
 

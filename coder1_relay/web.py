@@ -116,10 +116,16 @@ class JSONEndpoint(Resource):
 
 
 def _json(request: Request, status: int, body: dict[str, Any]) -> bytes:
+    """
+    C{body} as the answer, with its length: sent whole, not chunked (one write
+    of headers and body, no closing chunk after it).
+    """
+    raw = json.dumps(body).encode()
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(body).encode()
+    request.setHeader(b"Content-Length", b"%d" % len(raw))
+    return raw
 
 
 def _body(request: Request, limit: int) -> dict[str, Any]:

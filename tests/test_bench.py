@@ -234,10 +234,15 @@ class BeforeTests(BenchTestCase):
 
 class CapacityTests(BenchTestCase):
     async def test_capacity(self) -> None:
-        """A few sessions paired and held through client processes; RSS and rates filled."""
+        """
+        A few sessions paired and held through client processes; RSS, rates and
+        the idle CPU (the idle wait shortened) filled.
+        """
+        self.patch(capacity, "IDLE_SECONDS", 1.0)
         [table] = await capacity.run(options(sessions=[16]))
         self.assertFilled(table, ["16 sessions"], "per")
         self.assertFilled(table, ["16 sessions"], "rate")
+        self.assertFilled(table, ["16 sessions"], "idle")
 
     async def test_capacity_on_two_relays(self) -> None:
         """

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
+import autobahn.twisted.websocket as autobahn_twisted_websocket
+import autobahn.websocket.protocol as autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
@@ -479,6 +481,31 @@ class RelayProtocolTests(RelayProtocolCase):
         frame = Envelope(Kind.CMD_STDOUT, 1, 0, 1, b"out").encode()
         bridge.dataReceived(ws_frame(0x2, frame))
         self.assertIn(frame, tab_transport.value())
+
+    def test_no_debug_formatting_per_frame(self) -> None:
+        """
+        Frames read and written on an open connection do not format the
+        arguments of Autobahn's debug lines (its Twisted adapter names the
+        method and the peer for every read and write, logged or not), and
+        still flow, in order.
+        """
+        _, tab_transport = self.open(_AdmittedTab)
+        bridge, _ = self.open(_AdmittedBridge)
+        named: list[object] = []
+
+        def counting(obj: object) -> str:
+            named.append(obj)
+            return ""
+
+        self.patch(autobahn_twisted_websocket, "hltype", counting)
+        self.patch(autobahn_protocol, "hltype", counting)
+        frames = [Envelope(Kind.CMD_STDOUT, 1, 0, 1, b"%d" % i).encode() for i in range(2)]
+        for frame in frames:
+            bridge.dataReceived(ws_frame(0x2, frame))
+        self.assertEqual(named, [])
+        sent = tab_transport.value()
+        at = [sent.index(f) for f in frames]
+        self.assertEqual(at, sorted(at))
 
     def test_slow_tab_holds_bridge_frames(self) -> None:
         """

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import ssl
 from http.cookiejar import CookieJar
@@ -894,6 +895,57 @@ class TicketTests(RelayTestCase):
         )
         self.assertFalse(had_ticket)
         self.assertFalse(reused)
+
+
+def _kept_alive(port: int, ca_pem: str, origin: str) -> list[tuple[bytes, bytes]]:
+    """
+    With Python's ssl module: POST /api/session twice on one connection, each
+    answer read by its Content-Length (a chunked answer has none).  The heads
+    and bodies, as received.
+    """
+    context = ssl.create_default_context(cadata=ca_pem)
+    request = (
+        f"POST /api/session HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    answers = []
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+        tls.makefile("rb") as stream,
+    ):
+        for _ in range(2):
+            tls.sendall(request)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += stream.readline()
+            length = re.search(rb"(?im)^content-length: (\d+)\r$", head)
+            assert length is not None, head
+            answers.append((head, stream.read(int(length.group(1)))))
+    return answers
+
+
+class AnswerTests(RelayTestCase):
+    """How API answers are framed on the wire."""
+
+    async def test_api_answers_have_their_length(self) -> None:
+        """
+        An API answer carries its Content-Length and is not chunked (one write,
+        no closing chunk), and a kept-alive connection takes the next request.
+        """
+        await self.start(open_page=False)
+        port: Any = self.relay.port
+        answers = await deferToThread(
+            _kept_alive,
+            port.getHost().port,
+            self.relay.keys.tls_cert_pem.decode(),
+            self.relay.context.public_url,
+        )
+        self.assertEqual(len(answers), 2)
+        for head, body in answers:
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            self.assertNotIn(b"transfer-encoding", head.lower())
+            self.assertEqual(json.loads(body)["ok"], True)
 
 
 class AccelerationTests(TestCase):

@@ -192,6 +192,24 @@ class HubTests(HubCase):
         """A PING from either party is answered with a PONG."""
         self.bridge.receive(Envelope(Kind.PING).encode())
         self.assertEqual(decode(self.bridge_link.sent[-1]).kind, Kind.PONG)
+        self.ide.receive(Envelope(Kind.PING).encode())
+        self.assertEqual(decode(self.ide_link.sent[-1]).kind, Kind.PONG)
+
+    def test_ping_other_forms(self) -> None:
+        """
+        A PING that is not the bare heartbeat (a payload, a stream) is checked
+        and answered as well; one with flags set is refused, as any frame.
+        """
+        self.bridge.receive(Envelope(Kind.PING, payload=b"x").encode())
+        self.assertEqual(decode(self.bridge_link.sent[-1]).kind, Kind.PONG)
+        self.ide.receive(Envelope(Kind.PING, stream=7).encode())
+        self.assertEqual(decode(self.ide_link.sent[-1]).kind, Kind.PONG)
+        frame = bytearray(Envelope(Kind.PING).encode())
+        frame[2] = 0x80  # a flag no frame may carry
+        self.ide.receive(bytes(frame))
+        self.assertEqual(
+            self.ide_link.closed and self.ide_link.closed[0], closecodes.PROTOCOL_ERROR
+        )
 
     def test_heartbeat_timeout(self) -> None:
         """A party silent for the timeout is closed; one that keeps talking is not."""
@@ -279,8 +297,9 @@ class FastPathTests(HubCase):
 
     def test_end_to_end_frames_not_decoded(self) -> None:
         """
-        An end-to-end frame is forwarded (the same bytes object) without
-        decoding an envelope; control frames still are decoded.
+        An end-to-end frame is forwarded (the same bytes object), and the bare
+        heartbeat PING answered, without decoding an envelope; other control
+        frames still are decoded.
         """
         decoded: list[bytes] = []
 
@@ -297,6 +316,9 @@ class FastPathTests(HubCase):
         self.assertIs(self.ide_link.sent[-1], out)
         self.assertEqual(decoded, [])
         self.ide.receive(Envelope(Kind.PING).encode())
+        self.assertEqual(decoded, [])
+        self.assertEqual(decode(self.ide_link.sent[-1]).kind, Kind.PONG)
+        self.ide.receive(Envelope(Kind.PING, payload=b"x").encode())
         self.assertEqual(len(decoded), 1)
         self.assertEqual(decode(self.ide_link.sent[-1]).kind, Kind.PONG)
 

@@ -28,6 +28,7 @@ from zope.interface import implementer, providedBy
 from coder1_relay.certs import load_or_create, server_ssl_context
 from coder1_relay.reload import ServerTLS
 from coder1_relay.tls_server import RECORD, TLSServerFactory, TLSServerProtocol, WriteBatch
+from coder1_wire.direct_write import queued
 
 #: A TLS record's header: type, legacy version, length.
 _HEADER = struct.Struct("!BHH")
@@ -485,12 +486,14 @@ class _Producer:
 class _Server(Protocol):
     """
     On C{b"send N"}: writes N bytes, with a push producer registered, and
-    closes once TCP has resumed it; on anything else: echoes it.
+    closes once TCP has resumed it; on C{b"later X"}: writes X from a timer;
+    on anything else: echoes it.
     """
 
     def __init__(self, owner: SocketTests) -> None:
         self.owner = owner
         self.producer = _Producer()
+        self.queued_after_write: bool | None = None
 
     def connectionMade(self) -> None:
         self.owner.servers.append(self)
@@ -498,7 +501,9 @@ class _Server(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         transport: Any = self.transport
-        if data.startswith(b"send "):
+        if data.startswith(b"later "):
+            reactor.callLater(0, self._write_later, data[len(b"later ") :])
+        elif data.startswith(b"send "):
             transport.registerProducer(self.producer, True)
             self.producer.resumed.addCallback(lambda _: self._close())
             size = int(data.split()[1])
@@ -506,6 +511,12 @@ class _Server(Protocol):
                 transport.write(b"z" * min(65536, size - start))
         else:
             transport.write(data)
+
+    def _write_later(self, data: bytes) -> None:
+        """Write from a timer (no read under way); note whether TCP queued it."""
+        transport: Any = self.transport
+        transport.write(data)
+        self.queued_after_write = queued(transport.transport)
 
     def _close(self) -> None:
         transport: Any = self.transport
@@ -565,6 +576,24 @@ class SocketTests(TestCase):
         reading.set()
         await producer.resumed
         self.assertEqual(await received, size)
+
+    async def test_small_write_goes_to_the_socket_at_once(self) -> None:
+        """
+        A record written with nothing queued before it is in the socket when the
+        write returns (TCP queues nothing for the reactor's next turn), and arrives.
+        """
+        port = await self._listen()
+
+        def client() -> bytes:
+            with (
+                socket.create_connection(("127.0.0.1", port)) as raw,
+                _client_context().wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(b"later pong")
+                return tls.recv(10)
+
+        self.assertEqual(await deferToThread(client), b"pong")
+        self.assertIs(self.servers[0].queued_after_write, False)
 
     async def test_tls13_only(self) -> None:
         """A TLS 1.3 client is served; one capped at TLS 1.2 is refused with an alert."""

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from coder1_relay import tokens
 from coder1_relay.tokens import TokenAuthority, TokenError, issuer_for
 
 
@@ -295,3 +296,85 @@ class PublicKeyTests(SynchronousTestCase):
         for _ in range(5):
             self.assertEqual(authority.verify_bridge_token(token).session, "s")
         self.assertEqual(key.derived, 1)
+
+
+class VerifiedTokensTests(SynchronousTestCase):
+    """
+    A token presented again is not verified again (L{VerifiedTokens}), yet is
+    refused as soon as it expires, and only ever for its own audience.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.authority = _authority(self.clock)
+        self.checks = 0
+        decode = jwt.decode
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.checks += 1
+            return decode(*args, **kwargs)
+
+        self.patch(tokens.jwt, "decode", counting)
+
+    def test_issued_tokens_need_no_check(self) -> None:
+        """A bridge token and a cookie issued here verify, again and again, unchecked."""
+        token, _ = self.authority.issue_bridge_token("s", 1)
+        session, cookie = self.authority.issue_browser_session()
+        for _ in range(3):
+            self.assertEqual(self.authority.verify_bridge_token(token).peer, 1)
+            self.assertEqual(self.authority.verify_browser_session(cookie), session)
+        self.assertEqual(self.checks, 0)
+
+    def test_checked_once(self) -> None:
+        """A token this authority did not issue itself (a restart) is checked once."""
+        token, _ = _authority(self.clock, self.authority.signing_key).issue_bridge_token("s", 2)
+        for _ in range(3):
+            self.assertEqual(self.authority.verify_bridge_token(token).peer, 2)
+        self.assertEqual(self.checks, 1)
+
+    def test_remembered_token_expires(self) -> None:
+        """A token remembered as checked is refused from its exp on, as any other."""
+        token, claims = self.authority.issue_bridge_token("s", 1)
+        self.authority.verify_bridge_token(token)
+        self.clock.advance(claims.expires_at - self.clock.seconds())
+        self.assertRaisesRegex(TokenError, "expired", self.authority.verify_bridge_token, token)
+        _, cookie = self.authority.issue_browser_session()
+        self.clock.advance(self.authority.browser_lifetime)
+        self.assertRaisesRegex(TokenError, "expired", self.authority.verify_browser_session, cookie)
+
+    def test_remembered_for_its_audience_only(self) -> None:
+        """A bridge token checked as one is still no cookie, and a cookie no bridge token."""
+        token, _ = self.authority.issue_bridge_token("s", 1)
+        _, cookie = self.authority.issue_browser_session()
+        self.authority.verify_bridge_token(token)
+        self.authority.verify_browser_session(cookie)
+        self.assertRaisesRegex(TokenError, "audience", self.authority.verify_browser_session, token)
+        self.assertRaisesRegex(TokenError, "audience", self.authority.verify_bridge_token, cookie)
+
+    def test_refused_tokens_are_not_remembered(self) -> None:
+        """A token refused once is checked, and refused, every time."""
+        token, _ = _authority(self.clock).issue_bridge_token("s", 1)  # another key
+        for _ in range(2):
+            self.assertRaisesRegex(
+                TokenError, "signature", self.authority.verify_bridge_token, token
+            )
+        self.assertEqual(self.checks, 2)
+        self.assertEqual(len(self.authority.verified), 0)
+
+    def test_node_tokens_checked_each_time(self) -> None:
+        """A node token (used once) is not remembered."""
+        node = self.authority.issue_node_token("s", "ide", "c1", {})
+        self.authority.verify_node_token(node)
+        self.authority.verify_node_token(node)
+        self.assertEqual(self.checks, 2)
+
+    def test_bounded(self) -> None:
+        """Past its size the oldest is forgotten, and checked again when it comes back."""
+        first, _ = self.authority.issue_bridge_token("s", 1)
+        for _ in range(tokens.VERIFIED_TOKENS):
+            self.authority.issue_bridge_token("s", 1)
+        self.assertEqual(len(self.authority.verified), tokens.VERIFIED_TOKENS)
+        self.authority.verify_bridge_token(first)
+        self.assertEqual(self.checks, 1)
+        self.assertEqual(len(self.authority.verified), tokens.VERIFIED_TOKENS)
