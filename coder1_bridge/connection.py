@@ -662,15 +662,10 @@ class BridgeClientProtocol(WebSocketClientProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Autobahn's, without the debug line it formats for every read (and
-        drops) and its traffic statistics, which the bridge does not read,
-        once the bridge reads whole messages itself.
+        Autobahn's, without the debug line its Twisted adapter formats the
+        arguments of for every read, logged or not (as the relay's).
         """
-        if self._frames_in and self.state == _OPEN:
-            self.data += data
-            self.consumeData()
-        else:
-            super().dataReceived(data)
+        self._dataReceived(data)
 
     def processData(self) -> bool:
         """
