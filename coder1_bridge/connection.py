@@ -24,6 +24,8 @@ is queued before it (L{writes.send_at_once}), not on the reactor's next turn.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -75,6 +77,7 @@ from coder1_wire.envelope import (
     is_end_to_end,
     is_to_browser,
 )
+from coder1_wire.frames import WHOLE_BINARY, masked_binary_message
 from coder1_wire.heartbeat import MAX_INTERVAL, MIN_INTERVAL, Heartbeat, interval_from
 
 #: Browser tabs one bridge keeps channels with at once.
@@ -579,19 +582,154 @@ class SendBuffer:
 #: debug messages (dropped by default) include the handshake's token.
 _log = Logger()
 
+#: Autobahn's open state, looked up once: it is compared for every frame and message.
+_OPEN = WebSocketClientProtocol.STATE_OPEN
+
 
 class BridgeClientProtocol(WebSocketClientProtocol):
-    """Adapts one Autobahn connection to the session."""
+    """
+    Adapts one Autobahn connection to the session.
+
+    The hot path: a whole binary message in one frame (nearly every frame
+    either way) is read and written by the bridge itself (C{coder1_wire.frames}),
+    with the checks Autobahn makes and without its per-frame layers; every
+    other frame goes through Autobahn (L{_choose_paths} says when).
+    """
 
     factory: BridgeClientFactory
     #: Why the connection went, as Twisted said it (a refused TLS handshake, say).
     lost_because: Failure | None = None
     #: The close code the relay sent, if it sent one.
     relay_close_code: int | None = None
+    #: Whether L{send} writes a message's frame itself, and the largest it
+    #: does: past it, Autobahn fragments it or refuses it.
+    _frames_out = False
+    _out_limit: float = 0.0
+    #: Whether L{processData} reads whole messages itself, and the largest it
+    #: does: past it, Autobahn refuses it.
+    _frames_in = False
+    _in_limit: float = 0.0
+    # Autobahn's options, which it sets on each connection.
+    maxMessagePayloadSize: int
+    maxFramePayloadSize: int
+    autoFragmentSize: int
+    autoPingInterval: float
+    maskClientFrames: bool
+    applyMask: bool
+    logFrames: bool
+    logOctets: bool
 
     def send(self, frame: bytes) -> None:
-        if self.state == WebSocketClientProtocol.STATE_OPEN:
+        """
+        Send C{frame} as one binary message.  Once open, the bridge makes its
+        frame, masked with a fresh random mask as a client's must be (RFC 6455,
+        section 5.3), and writes it: the very bytes Autobahn's C{sendMessage}
+        would write with that mask, without its layers (argument checks,
+        compression and fragmentation, its C masker set up for each frame, and
+        a debug line formatted for every write and dropped).  Autobahn sends it
+        when one of those applies (L{_choose_paths}), or while it has writes of
+        its own queued.
+        """
+        if self.state != _OPEN:
+            return
+        if self._frames_out and len(frame) <= self._out_limit and not self.send_queue:
+            transport: Any = self.transport
+            transport.write(masked_binary_message(frame, os.urandom(4)))
+        else:
             self.sendMessage(frame, isBinary=True)
+
+    def _choose_paths(self) -> None:
+        """
+        Open: whether the bridge reads and writes frames itself.  Not with
+        compression (none is offered, but an option could), Autobahn's frame
+        or octet logging or its timings, unmasked client frames (writing) or
+        automatic pings (reading); and only up to the message size limit and
+        the fragment size (writing) or the message and frame size limits
+        (reading), past which Autobahn refuses or fragments.
+        """
+        plain = (
+            self._perMessageCompress is None
+            and not self.logFrames
+            and not self.logOctets
+            and self.trackedTimings is None
+        )
+        self._frames_out = plain and self.maskClientFrames and self.applyMask
+        limits = [n for n in (self.maxMessagePayloadSize, self.autoFragmentSize) if n > 0]
+        self._out_limit = min(limits, default=math.inf)
+        self._frames_in = plain and not self.autoPingInterval
+        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
+        self._in_limit = min(limits, default=math.inf)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Autobahn's, without the debug line its Twisted adapter formats the
+        arguments of for every read, logged or not (as the relay's).
+        """
+        self._dataReceived(data)
+
+    def processData(self) -> bool:
+        """
+        Autobahn's frame parser, after the bridge's own for what nearly every
+        frame is: a whole binary message in one unmasked frame, all read,
+        within the limits (L{_whole_messages}).  Autobahn parses the rest as
+        always: control frames, text, fragments, a frame not all read yet, a
+        frame past a limit, a masked frame, and every protocol error.  (Not
+        while anything listens for Autobahn's C{message} event, which that
+        path does not fire.)
+        """
+        if (
+            self._frames_in
+            and self.current_frame is None
+            and not self.inside_message
+            and self.state == _OPEN
+            and self._listeners is None
+        ):
+            data = self.data
+            done = self._whole_messages(data)
+            if done:
+                self.data = data[done:]
+                # Called again (by consumeData) for what is left, unless closed.
+                return len(data) > done
+        return bool(WebSocketClientProtocol.processData(self))
+
+    def _whole_messages(self, data: bytes) -> int:
+        """
+        Handle the whole binary messages at the front of C{data}, each in one
+        unmasked frame, as Autobahn would (the size limits, L{onMessage})
+        without its ten call layers per frame, its per-frame copy of what is
+        left, and the Deferred it makes for every message; stop at any other
+        frame, or once the connection is closing.
+
+        @return: how many bytes of C{data} were handled.
+        """
+        size = len(data)
+        at = 0
+        while size - at >= 2:  # the shortest unmasked frame
+            if data[at] != WHOLE_BINARY:
+                break
+            length = data[at + 1]  # more than 127 if masked
+            if length < 126:
+                start = at + 2
+            elif length == 126:
+                length = int.from_bytes(data[at + 2 : at + 4], "big")
+                start = at + 4
+                if length < 126:  # not the shortest encoding (or not all read): Autobahn's
+                    break
+            elif length == 127:
+                length = int.from_bytes(data[at + 2 : at + 10], "big")
+                start = at + 10
+                if length < 0x10000 or length >= 1 << 63:
+                    break
+            else:
+                break
+            end = start + length
+            if end > size or length > self._in_limit:
+                break
+            at = end
+            self.onMessage(data[start:end], True)
+            if self.state != _OPEN:
+                break
+        return at
 
     def abort(self) -> None:
         _log.warn("no heartbeat from the relay; reconnecting")
@@ -607,6 +745,7 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         send_at_once(self.transport)
 
     def onOpen(self) -> None:
+        self._choose_paths()
         # Unregistered by Autobahn as it drops the connection, and by the service
         # as it stops: a TLS transport with a producer waits for it to go to close.
         transport: Any = self.transport  # TLS, which passes pauses on from TCP

@@ -13,7 +13,7 @@ already read wait in Autobahn's buffer, and its transport stops reading the
 socket when more arrives, until it is released (C{coder1_relay.reading}).
 
 The hot path: a whole binary message in one frame (what every party sends)
-is read and written by the relay itself (C{coder1_relay.frames}), with the
+is read and written by the relay itself (C{coder1_wire.frames}), with the
 checks Autobahn makes and without its per-frame layers; every other frame
 goes through Autobahn.
 """
@@ -38,7 +38,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
-from coder1_relay.frames import MASKED, WHOLE_BINARY, binary_message, unmask
 from coder1_relay.metrics import Role
 from coder1_relay.nodelink import LinkRefused, NodeLink
 from coder1_relay.reading import Backpressure, GatedReading, ReadGate
@@ -46,6 +45,7 @@ from coder1_relay.routing import RATE, Endpoint
 from coder1_relay.store import StoreUnavailable
 from coder1_relay.tokens import NodeClaims, TokenError
 from coder1_wire import closecodes
+from coder1_wire.frames import MASKED, WHOLE_BINARY, binary_message, unmask
 
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)

@@ -38,7 +38,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
-from coder1_bridge.connection import BridgeClientFactory, BridgeSession, SendBuffer
+from coder1_bridge.connection import BridgeSession, SendBuffer
 from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.terminals import TerminalManager, TerminalSettings
 from coder1_relay.context import Limits, RelayContext
@@ -67,6 +67,7 @@ from .loopback import (
     start_child_relay,
 )
 from .processes import RealProcessTestCase, alive
+from .test_bridge_frames import BridgeProtocolCase
 from .test_end_to_end import LoopbackTestCase
 from .test_hostile import ws_frame
 from .test_routing import make_hub
@@ -687,7 +688,7 @@ class _Link:
         pass
 
 
-class BridgeFlowTests(SynchronousTestCase):
+class BridgeFlowTests(BridgeProtocolCase):
     """The session pauses every process's output while its connection is full."""
 
     def setUp(self) -> None:
@@ -712,13 +713,7 @@ class BridgeFlowTests(SynchronousTestCase):
 
     def test_send_buffer_registered_on_open(self) -> None:
         """Once open, a connection registers a push producer on its transport for the session."""
-        factory = BridgeClientFactory(
-            "wss://relay.test/ws/bridge", self.session, {}, lambda p: None, lambda p: None
-        )
-        protocol: Any = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.transport = transport
-        protocol.onOpen()
+        _, transport = self.open(self.session)
         self.assertIsInstance(transport.producer, SendBuffer)
         self.assertTrue(transport.streaming)
         running = self.start(1)

@@ -1,6 +1,6 @@
 """
 The relay's own reading and writing of whole binary messages
-(C{coder1_relay.frames}, and the path through C{coder1_relay.websocket} that
+(C{coder1_wire.frames}, and the path through C{coder1_relay.websocket} that
 uses it): the same messages, limits, rates and holds as Autobahn's path.
 """
 
@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from twisted.internet.abstract import FileDescriptor
 
 from coder1_relay.context import Limits
-from coder1_relay.frames import binary_message, unmask
 from coder1_wire import closecodes
 from coder1_wire.envelope import Envelope, Kind, decode
+from coder1_wire.frames import binary_message, unmask
 
 from .test_flow import _TLS, RelayProtocolCase, _AdmittedBridge, _AdmittedTab, held, producer
 from .test_hostile import ws_frame

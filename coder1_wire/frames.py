@@ -1,7 +1,8 @@
 """
-The WebSocket frames the relay reads and writes itself, beside Autobahn: a
-whole binary message in one frame (RFC 6455, section 5.2), which is what
-every party sends and what the relay forwards (C{coder1_relay.websocket}).
+The WebSocket frames the relay and the bridge read and write themselves,
+beside Autobahn: a whole binary message in one frame (RFC 6455, section 5.2),
+which is what every party sends and the relay forwards.  A server's frames
+are unmasked (L{binary_message}); a client's are masked (L{masked_binary_message}).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ MASKED = 0x80
 _BY_INTEGERS = 1024
 #: The headers of a whole binary message of 0 to 125 bytes, made once.
 _SHORT = [bytes((WHOLE_BINARY, size)) for size in range(126)]
+_SHORT_MASKED = [bytes((WHOLE_BINARY, MASKED | size)) for size in range(126)]
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
-    """C{payload} XORed with the 4-byte C{mask}, repeated (RFC 6455, section 5.3)."""
+    """
+    C{payload} XORed with the 4-byte C{mask}, repeated (RFC 6455, section 5.3):
+    unmasked if it was masked, masked if it was not.
+    """
     size = len(payload)
     if size > _BY_INTEGERS:
         masker = create_xor_masker(mask, size)
@@ -45,3 +50,18 @@ def binary_message(payload: bytes) -> bytes:
     if size < 0x10000:
         return _MEDIUM.pack(WHOLE_BINARY, 126, size) + payload
     return _LONG.pack(WHOLE_BINARY, 127, size) + payload
+
+
+def masked_binary_message(payload: bytes, mask: bytes) -> bytes:
+    """
+    A frame masked with the 4-byte C{mask} (a client's, which must be fresh
+    and random for each frame) holding C{payload} as one whole binary message.
+    """
+    size = len(payload)
+    if size < 126:
+        head = _SHORT_MASKED[size]
+    elif size < 0x10000:
+        head = _MEDIUM.pack(WHOLE_BINARY, MASKED | 126, size)
+    else:
+        head = _LONG.pack(WHOLE_BINARY, MASKED | 127, size)
+    return b"".join((head, mask, unmask(payload, mask)))
