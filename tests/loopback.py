@@ -205,7 +205,13 @@ class IDEConnection:
         self.protocol.sendMessage(envelope.encode(), isBinary=True)
 
     async def run(
-        self, stream: int, body: dict[str, Any], *, peer: int = 1, stdin: bytes | None = None
+        self,
+        stream: int,
+        body: dict[str, Any],
+        *,
+        peer: int = 1,
+        stdin: bytes | None = None,
+        timeout: float = 120,
     ) -> CommandResult:
         """Start a command on bridge C{peer}, feed C{stdin}, and collect all it sends back."""
         self.send(control(Kind.CMD_START, body, stream=stream, peer=peer))
@@ -214,7 +220,7 @@ class IDEConnection:
             self.send(Envelope(Kind.CMD_STDIN, stream=stream, seq=2, peer=peer))
         end = await self.wait_for(
             lambda e: e.stream == stream and e.kind in (Kind.CMD_EXIT, Kind.CMD_ERROR, Kind.ERROR),
-            timeout=120,
+            timeout=timeout,
         )
         mine = [e for e in self.frames if e.stream == stream and e.peer == peer]
         return CommandResult(
