@@ -77,7 +77,7 @@ from coder1_wire.envelope import (
     is_end_to_end,
     is_to_browser,
 )
-from coder1_wire.frames import WHOLE_BINARY, masked_binary_message
+from coder1_wire.frames import WHOLE_BINARY, WholeMessages, masked_binary_message
 from coder1_wire.heartbeat import MAX_INTERVAL, MIN_INTERVAL, Heartbeat, interval_from
 
 #: Browser tabs one bridge keeps channels with at once.
@@ -586,7 +586,7 @@ _log = Logger()
 _OPEN = WebSocketClientProtocol.STATE_OPEN
 
 
-class BridgeClientProtocol(WebSocketClientProtocol):
+class BridgeClientProtocol(WholeMessages, WebSocketClientProtocol):  # type: ignore[misc]  # autobahn's bases
     """
     Adapts one Autobahn connection to the session.
 
@@ -666,31 +666,6 @@ class BridgeClientProtocol(WebSocketClientProtocol):
         arguments of for every read, logged or not (as the relay's).
         """
         self._dataReceived(data)
-
-    def processData(self) -> bool:
-        """
-        Autobahn's frame parser, after the bridge's own for what nearly every
-        frame is: a whole binary message in one unmasked frame, all read,
-        within the limits (L{_whole_messages}).  Autobahn parses the rest as
-        always: control frames, text, fragments, a frame not all read yet, a
-        frame past a limit, a masked frame, and every protocol error.  (Not
-        while anything listens for Autobahn's C{message} event, which that
-        path does not fire.)
-        """
-        if (
-            self._frames_in
-            and self.current_frame is None
-            and not self.inside_message
-            and self.state == _OPEN
-            and self._listeners is None
-        ):
-            data = self.data
-            done = self._whole_messages(data)
-            if done:
-                self.data = data[done:]
-                # Called again (by consumeData) for what is left, unless closed.
-                return len(data) > done
-        return bool(WebSocketClientProtocol.processData(self))
 
     def _whole_messages(self, data: bytes) -> int:
         """

@@ -45,7 +45,7 @@ from coder1_relay.routing import RATE, Endpoint
 from coder1_relay.store import StoreUnavailable
 from coder1_relay.tokens import NodeClaims, TokenError
 from coder1_wire import closecodes
-from coder1_wire.frames import MASKED, WHOLE_BINARY, binary_message, unmask
+from coder1_wire.frames import MASKED, WHOLE_BINARY, WholeMessages, binary_message, unmask
 
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
@@ -70,7 +70,7 @@ _log = Logger()
 _OPEN = WebSocketServerProtocol.STATE_OPEN
 
 
-class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[misc]  # autobahn's bases
+class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # type: ignore[misc]  # autobahn's bases
     """
     What both endpoints share: the link the hub sends through, the reader it
     holds and releases, the message rate, and, with several relay nodes, the
@@ -168,32 +168,6 @@ class _RelayProtocol(GatedReading, WebSocketServerProtocol):  # type: ignore[mis
         if self._bucket is not None and self.state == _OPEN:
             self._frame_begins()
         WebSocketServerProtocol.onMessageFrameBegin(self, length)
-
-    def processData(self) -> bool:
-        """
-        Autobahn's frame parser, after the relay's own for what nearly every
-        frame is: a whole binary message in one masked frame, all read,
-        within the limits (L{_whole_messages}).  Autobahn parses the rest as
-        always: control frames, text, fragments, a frame not all read yet, a
-        frame past a limit, and every protocol error.  (Not while anything
-        listens for Autobahn's C{message} event, which that path does not
-        fire; nor does it count Autobahn's traffic statistics, which the
-        relay does not read: its own counts are the hub's.)
-        """
-        if (
-            self._frames_in
-            and self.current_frame is None
-            and not self.inside_message
-            and self.state == _OPEN
-            and self._listeners is None
-        ):
-            data = self.data
-            done = self._whole_messages(data)
-            if done:
-                self.data = data[done:]
-                # Called again (by consumeData) for what is left, unless held or closed.
-                return len(data) > done
-        return bool(WebSocketServerProtocol.processData(self))
 
     def _whole_messages(self, data: bytes) -> int:
         """

@@ -8,6 +8,7 @@ are unmasked (L{binary_message}); a client's are masked (L{masked_binary_message
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from autobahn.websocket.xormasker import create_xor_masker
 
@@ -65,3 +66,48 @@ def masked_binary_message(payload: bytes, mask: bytes) -> bytes:
     else:
         head = _LONG.pack(WHOLE_BINARY, MASKED | 127, size)
     return b"".join((head, mask, unmask(payload, mask)))
+
+
+class WholeMessages:
+    """
+    Mixed in before Autobahn's protocol class: its frame parser, after the
+    class's own C{_whole_messages(data)} for what nearly every frame is, a
+    whole binary message in one frame, all read, within the limits.
+    Autobahn parses the rest as always: control frames, text, fragments, a
+    frame not all read yet, a frame past a limit, and every protocol error.
+    Not while anything listens for Autobahn's C{message} event, which that
+    path does not fire (nor does it count Autobahn's per-message traffic
+    statistics, which nothing here reads).  (The two loops, the relay's and the bridge's, stay
+    apart: each frame there is the hot path, and a call less per frame
+    is what they are for.)
+    """
+
+    #: Whether C{processData} reads whole messages itself (set once open).
+    _frames_in = False
+    # Autobahn's, on the class this is mixed into.
+    data: bytes
+    current_frame: Any
+    inside_message: bool
+    state: int
+    STATE_OPEN: int
+    _listeners: Any
+
+    def _whole_messages(self, data: bytes) -> int:
+        """Handle the whole messages at the front of C{data}; how many bytes it took."""
+        raise NotImplementedError
+
+    def processData(self) -> bool:
+        if (
+            self._frames_in
+            and self.current_frame is None
+            and not self.inside_message
+            and self.state == self.STATE_OPEN
+            and self._listeners is None
+        ):
+            data = self.data
+            done = self._whole_messages(data)
+            if done:
+                self.data = data[done:]
+                # Called again (by consumeData) for what is left, unless held or closed.
+                return len(data) > done
+        return bool(super().processData())  # type: ignore[misc]
