@@ -32,7 +32,7 @@ from coder1_wire.e2e import Identity
 from coder1_wire.envelope import Envelope, Kind, decode
 from coder1_wire.frames import masked_binary_message
 
-from .test_hostile import ws_frame
+from .test_hostile import frame_mixes, ws_frame
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -119,7 +119,12 @@ class BridgeProtocolCase(SynchronousTestCase):
             lambda p: None,
         )
         # No Autobahn timers on the global reactor.
-        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, **options)
+        factory.setProtocolOptions(
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
+            serverConnectionDropTimeout=0,
+            **options,
+        )
         factory.logFrames = logFrames  # not one of setProtocolOptions'
         protocol: Any = factory.buildProtocol(None)
         transport = StringTransport()
@@ -391,34 +396,14 @@ class WholeMessageTests(BridgeProtocolCase):
         self.assertTrue(transport.disconnecting)
 
 
-#: Frames a relay might send, right and wrong (L{SameAsAutobahnTests}: messages up to 512 B).
-_frames = st.one_of(
-    st.builds(
-        lambda seq, size: server_frame(0x2, output(seq, size)),
-        st.integers(0, 9),
-        st.integers(20, 300),
-    ),
-    st.builds(lambda size: server_frame(0x2, output(0, size)), st.sampled_from([512, 513, 700])),
-    st.builds(
-        lambda seq, size, cut: (
-            server_frame(0x2, output(seq, size)[:cut], fin=False)
-            + server_frame(0x0, output(seq, size)[cut:])
-        ),
-        st.integers(0, 9),
-        st.integers(30, 200),
-        st.integers(1, 29),
-    ),
-    st.just(server_frame(0x2, b"")),
-    st.just(server_frame(0x9, b"ping")),
-    st.just(server_frame(0xA, b"pong")),
-    st.just(server_frame(0x1, b"{}")),
-    st.just(server_frame(0x8, closecodes.NORMAL.to_bytes(2, "big"))),
-    st.just(server_frame(0x2, output(0), mask=b"\x5a\xa5\x3c\xc3")),
-    st.just(server_frame(0x2, output(0), rsv=4)),
-    st.just(server_frame(0x2, output(0), length="16")),
-    st.just(server_frame(0x2, output(0, 200), length="64")),
-    st.just(server_frame(0x0, output(0))),
-    st.just(server_frame(0x3, output(0))),
+#: Frames a relay might send, right and wrong.
+_frames = frame_mixes(
+    server_frame,
+    output,
+    b"\x5a\xa5\x3c\xc3",
+    server_frame(0x2, b""),
+    server_frame(0x8, closecodes.NORMAL.to_bytes(2, "big")),
+    server_frame(0x3, output(0)),
 )
 
 

@@ -20,7 +20,7 @@ from coder1_wire.envelope import Envelope, Kind, decode
 from coder1_wire.frames import binary_message, unmask
 
 from .test_flow import _TLS, RelayProtocolCase, _AdmittedBridge, _AdmittedTab, held, producer
-from .test_hostile import ws_frame
+from .test_hostile import frame_mixes, ws_frame
 
 
 def server_frames(data: bytes) -> list[tuple[int, bool, bytes]]:
@@ -251,31 +251,13 @@ class WholeMessageTests(RelayProtocolCase):
         return _Filling(FileDescriptor()) if self.filling else super().transport()
 
 
-#: Frames a bridge might send, right and wrong (C{SameAsAutobahnTests}: messages up to 512 B).
-_frames = st.one_of(
-    st.builds(
-        lambda seq, size: ws_frame(0x2, output(seq, size)), st.integers(0, 9), st.integers(20, 300)
-    ),
-    st.builds(lambda size: ws_frame(0x2, output(0, size)), st.sampled_from([512, 513, 700])),
-    st.builds(
-        lambda seq, size, cut: (
-            ws_frame(0x2, output(seq, size)[:cut], fin=False)
-            + ws_frame(0x0, output(seq, size)[cut:])
-        ),
-        st.integers(0, 9),
-        st.integers(30, 200),
-        st.integers(1, 29),
-    ),
-    st.just(ws_frame(0x9, b"ping")),
-    st.just(ws_frame(0xA, b"pong")),
-    st.just(ws_frame(0x1, b"{}")),
-    st.just(ws_frame(0x2, output(0), mask=None)),
-    st.just(ws_frame(0x2, output(0), rsv=4)),
-    st.just(ws_frame(0x2, output(0), length="16")),
-    st.just(ws_frame(0x2, output(0, 200), length="64")),
-    st.just(ws_frame(0x0, output(0))),
-    st.just(ws_frame(0x2, b"\x01\x02")),
-    st.just(ws_frame(0x2, keystroke(0))),  # the hub closes a bridge that sends it
+#: Frames a bridge might send, right and wrong.
+_frames = frame_mixes(
+    ws_frame,
+    output,
+    None,
+    ws_frame(0x2, b"\x01\x02"),
+    ws_frame(0x2, keystroke(0)),  # the hub closes a bridge that sends it
 )
 
 

@@ -249,6 +249,46 @@ def ws_frame(
     return head + mask + body
 
 
+def frame_mixes(
+    frame: Callable[..., bytes],
+    message: Callable[..., bytes],
+    wrong_mask: bytes | None,
+    *more: bytes,
+) -> st.SearchStrategy[bytes]:
+    """
+    Frames one side might send, right and wrong, for the C{SameAsAutobahnTests}
+    (messages up to 512 B): C{frame(opcode, payload, **options)} makes a frame
+    as that side does, C{message(seq, size)} a message; C{wrong_mask} is the
+    mask that side must not use; C{more} are frames of its own.
+    """
+    return st.one_of(
+        st.builds(
+            lambda seq, size: frame(0x2, message(seq, size)),
+            st.integers(0, 9),
+            st.integers(20, 300),
+        ),
+        st.builds(lambda size: frame(0x2, message(0, size)), st.sampled_from([512, 513, 700])),
+        st.builds(
+            lambda seq, size, cut: (
+                frame(0x2, message(seq, size)[:cut], fin=False)
+                + frame(0x0, message(seq, size)[cut:])
+            ),
+            st.integers(0, 9),
+            st.integers(30, 200),
+            st.integers(1, 29),
+        ),
+        st.just(frame(0x9, b"ping")),
+        st.just(frame(0xA, b"pong")),
+        st.just(frame(0x1, b"{}")),
+        st.just(frame(0x2, message(0), mask=wrong_mask)),
+        st.just(frame(0x2, message(0), rsv=4)),
+        st.just(frame(0x2, message(0), length="16")),
+        st.just(frame(0x2, message(0, 200), length="64")),
+        st.just(frame(0x0, message(0))),
+        *(st.just(each) for each in more),
+    )
+
+
 def ping_frame(tag: bytes) -> bytes:
     """A WebSocket-level ping: the relay answers it with a pong while the connection is open."""
     return ws_frame(0x9, tag)
