@@ -32,7 +32,7 @@ from coder1_wire.e2e import Identity
 from coder1_wire.envelope import Envelope, Kind, decode
 from coder1_wire.frames import masked_binary_message
 
-from .test_hostile import frame_mixes, ws_frame
+from .test_hostile import frame_mixes, read_frames, ws_frame
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -42,30 +42,9 @@ def server_frame(opcode: int, payload: bytes, **kwargs: Any) -> bytes:
     return ws_frame(opcode, payload, **{"mask": None, **kwargs})
 
 
-def client_frames(data: bytes) -> list[tuple[int, bool, bytes, bytes | None]]:
-    """The frames in C{data}: (opcode, fin, payload unmasked, mask or None) each."""
-    frames = []
-    while data:
-        length, start = data[1] & 0x7F, 2
-        if length == 126:
-            length, start = int.from_bytes(data[2:4], "big"), 4
-        elif length == 127:
-            length, start = int.from_bytes(data[2:10], "big"), 10
-        mask = None
-        if data[1] & 0x80:
-            mask, start = data[start : start + 4], start + 4
-        body = data[start : start + length]
-        if mask is not None:
-            keystream = (mask * (length // 4 + 1))[:length]
-            body = bytes(a ^ b for a, b in zip(body, keystream, strict=True))
-        frames.append((data[0] & 0x0F, bool(data[0] & 0x80), body, mask))
-        data = data[start + length :]
-    return frames
-
-
 def answers(data: bytes) -> list[tuple[int, bool, bytes]]:
     """What the bridge wrote, unmasked (masks are random), each frame checked masked."""
-    frames = client_frames(data)
+    frames = read_frames(data)
     assert all(mask is not None for *_, mask in frames), "a client's frame went unmasked"
     return [(opcode, fin, body) for opcode, fin, body, _ in frames]
 
@@ -201,7 +180,7 @@ class SentFrameTests(BridgeProtocolCase):
             protocol.send(payload)
             ours = transport.value()
             transport.clear()
-            [(opcode, fin, body, mask)] = client_frames(ours)
+            [(opcode, fin, body, mask)] = read_frames(ours)
             self.assertEqual((opcode, fin, body), (0x2, True, payload))
             assert mask is not None
             masks.append(mask)

@@ -20,21 +20,14 @@ from coder1_wire.envelope import Envelope, Kind, decode
 from coder1_wire.frames import binary_message, unmask
 
 from .test_flow import _TLS, RelayProtocolCase, _AdmittedBridge, _AdmittedTab, held, producer
-from .test_hostile import frame_mixes, ws_frame
+from .test_hostile import frame_mixes, read_frames, ws_frame
 
 
 def server_frames(data: bytes) -> list[tuple[int, bool, bytes]]:
-    """The unmasked frames in C{data}: (opcode, fin, payload) each."""
-    frames = []
-    while data:
-        length, start = data[1] & 0x7F, 2
-        if length == 126:
-            length, start = int.from_bytes(data[2:4], "big"), 4
-        elif length == 127:
-            length, start = int.from_bytes(data[2:10], "big"), 10
-        frames.append((data[0] & 0x0F, bool(data[0] & 0x80), data[start : start + length]))
-        data = data[start + length :]
-    return frames
+    """The frames in C{data}, a server's (unmasked): (opcode, fin, payload) each."""
+    frames = read_frames(data)
+    assert all(mask is None for *_, mask in frames), "a server's frame went masked"
+    return [(opcode, fin, body) for opcode, fin, body, _ in frames]
 
 
 def messages(data: bytes) -> list[bytes]:

@@ -249,6 +249,27 @@ def ws_frame(
     return head + mask + body
 
 
+def read_frames(data: bytes) -> list[tuple[int, bool, bytes, bytes | None]]:
+    """The frames in C{data}: (opcode, fin, payload unmasked, mask or None) each."""
+    frames = []
+    while data:
+        length, start = data[1] & 0x7F, 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(data[2:10], "big"), 10
+        mask = None
+        if data[1] & 0x80:
+            mask, start = data[start : start + 4], start + 4
+        body = data[start : start + length]
+        if mask is not None:
+            keystream = (mask * (length // 4 + 1))[:length]
+            body = bytes(a ^ b for a, b in zip(body, keystream, strict=True))
+        frames.append((data[0] & 0x0F, bool(data[0] & 0x80), body, mask))
+        data = data[start + length :]
+    return frames
+
+
 def frame_mixes(
     frame: Callable[..., bytes],
     message: Callable[..., bytes],
