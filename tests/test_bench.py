@@ -94,11 +94,16 @@ class KeystrokeTests(BenchTestCase):
         """
         The --stages pass stamps every keystroke in the bridge and on the browser's
         side, and fills each stage's row: the hops through the relay, the bridge's
-        steps, the reactor turns counted.
+        steps, the reactor turns counted, and each stage's mean over the slowest
+        keystrokes.
         """
         table = await keystroke.stages(options(count=20))
         stages = [name for name, _, _ in keystroke.STAGES]
         self.assertFilled(table, stages, "p50")
+        self.assertFilled(table, ["round trip", "relay, both hops"], "slow")
+        self.assertGreaterEqual(
+            table.median("round trip", "slow"), table.median("round trip", "mean")
+        )
         self.assertIn("20 of 20 keystrokes matched", "\n".join(table.notes))
         self.assertIn("bridge: reactor turns, read to socket write (a count)", table.render())
 
