@@ -22,9 +22,9 @@ a producer registered on one is resumed (its TCP transport drained: the
 relay then handles what it held, C{coder1_relay.routing}), are held until
 it has been, then encrypted together: one record and one transport write
 for what one read or one resume brought, with no reactor turn added.  Writes
-made elsewhere (timers) go out at once.  Records of up to 16 KiB go to the
-socket within the call when nothing is queued before them
-(C{coder1_wire.direct_write}), not on the reactor's next turn.
+made elsewhere (timers) go out at once.  Records go to the socket within the
+call when nothing is queued before them (C{coder1_wire.direct_write}), not on
+the reactor's next turn.
 """
 
 from __future__ import annotations
