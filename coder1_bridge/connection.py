@@ -77,7 +77,7 @@ from coder1_wire.envelope import (
     is_end_to_end,
     is_to_browser,
 )
-from coder1_wire.frames import WHOLE_BINARY, WholeMessages, masked_binary_message
+from coder1_wire.frames import WholeMessages, masked_binary_message, whole_binary_frame
 from coder1_wire.heartbeat import MAX_INTERVAL, MIN_INTERVAL, Heartbeat, interval_from
 
 #: Browser tabs one bridge keeps channels with at once.
@@ -677,28 +677,10 @@ class BridgeClientProtocol(WholeMessages, WebSocketClientProtocol):  # type: ign
 
         @return: how many bytes of C{data} were handled.
         """
-        size = len(data)
         at = 0
-        while size - at >= 2:  # the shortest unmasked frame
-            if data[at] != WHOLE_BINARY:
-                break
-            length = data[at + 1]  # more than 127 if masked
-            if length < 126:
-                start = at + 2
-            elif length == 126:
-                length = int.from_bytes(data[at + 2 : at + 4], "big")
-                start = at + 4
-                if length < 126:  # not the shortest encoding (or not all read): Autobahn's
-                    break
-            elif length == 127:
-                length = int.from_bytes(data[at + 2 : at + 10], "big")
-                start = at + 10
-                if length < 0x10000 or length >= 1 << 63:
-                    break
-            else:
-                break
-            end = start + length
-            if end > size or length > self._in_limit:
+        while (frame := whole_binary_frame(data, at, masked=False)) is not None:
+            start, end = frame
+            if end - start > self._in_limit:
                 break
             at = end
             self.onMessage(data[start:end], True)

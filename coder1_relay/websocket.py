@@ -45,7 +45,7 @@ from coder1_relay.routing import RATE, Endpoint
 from coder1_relay.store import StoreUnavailable
 from coder1_relay.tokens import NodeClaims, TokenError
 from coder1_wire import closecodes
-from coder1_wire.frames import MASKED, WHOLE_BINARY, WholeMessages, binary_message, unmask
+from coder1_wire.frames import WholeMessages, binary_message, unmask, whole_binary_frame
 
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
@@ -180,48 +180,18 @@ class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # t
 
         @return: how many bytes of C{data} were handled.
         """
-        size = len(data)
         at = 0
-        while size - at >= 6:  # the shortest masked frame
-            if data[at] != WHOLE_BINARY:
-                break
-            length = data[at + 1] ^ MASKED  # more than 127 if unmasked
-            if length < 126:
-                start = at + 6
-            elif length == 126:
-                length = int.from_bytes(data[at + 2 : at + 4], "big")
-                start = at + 8
-                if length < 126:  # not the shortest encoding: Autobahn says so
-                    break
-            elif length == 127:
-                length = int.from_bytes(data[at + 2 : at + 10], "big")
-                start = at + 14
-                if length < 0x10000 or length >= 1 << 63:
-                    break
-            else:
-                break
-            end = start + length
-            if end > size or length > self._in_limit:
+        while (frame := whole_binary_frame(data, at, masked=True)) is not None:
+            start, end = frame
+            if end - start > self._in_limit:
                 break
             # A tab past its rate is closed, and the frame goes unheard; a
             # bridge is held, and the frame that went into debt goes on.
             self._frame_begins()
-            if self.state != _OPEN:
-                at = end
-                break
-            payload = unmask(data[start:end], data[start - 4 : start])
             at = end
-            endpoint = self.endpoint
-            if endpoint is not None:
-                # onMessage, inlined.
-                endpoint.heard = self._read_at
-                try:
-                    endpoint.hub.route(endpoint, payload)
-                except Exception:
-                    _log.failure("routing a frame failed")
-                    self.sendClose(closecodes.PROTOCOL_ERROR, "internal error")
-            elif self._link is not None:
-                self._link.send(payload)
+            if self.state != _OPEN:
+                break
+            self.onMessage(unmask(data[start:end], data[start - 4 : start]), True)
             if self._gate.closed or self.state != _OPEN:
                 break
         return at

@@ -68,6 +68,41 @@ def masked_binary_message(payload: bytes, mask: bytes) -> bytes:
     return b"".join((head, mask, unmask(payload, mask)))
 
 
+def whole_binary_frame(data: bytes, at: int, masked: bool) -> tuple[int, int] | None:
+    """
+    Where the payload of the frame at C{data[at:]} lies, C{(start, end)}, if that
+    frame is a whole binary message, masked as C{masked} says (a client's) or
+    not (a server's), with its length in the shortest encoding and all of it
+    read; None for any other frame, left to Autobahn.  A masked frame's mask
+    is the 4 bytes before C{start}.
+    """
+    size = len(data)
+    if size - at < 2 or data[at] != WHOLE_BINARY:
+        return None
+    length = data[at + 1]
+    if masked:
+        if not length & MASKED:
+            return None
+        length ^= MASKED
+    elif length & MASKED:
+        return None
+    start = at + 2
+    if length == 126:
+        length = int.from_bytes(data[start : start + 2], "big")
+        start += 2
+        if length < 126 or start > size:
+            return None
+    elif length == 127:
+        length = int.from_bytes(data[start : start + 8], "big")
+        start += 8
+        if length < 0x10000 or length >= 1 << 63 or start > size:
+            return None
+    if masked:
+        start += 4
+    end = start + length
+    return (start, end) if end <= size else None
+
+
 class WholeMessages:
     """
     Mixed in before Autobahn's protocol class: its frame parser, after the
@@ -77,9 +112,8 @@ class WholeMessages:
     frame not all read yet, a frame past a limit, and every protocol error.
     Not while anything listens for Autobahn's C{message} event, which that
     path does not fire (nor does it count Autobahn's per-message traffic
-    statistics, which nothing here reads).  (The two loops, the relay's and the bridge's, stay
-    apart: each frame there is the hot path, and a call less per frame
-    is what they are for.)
+    statistics, which nothing here reads).  Each frame is found by
+    L{whole_binary_frame}.
     """
 
     #: Whether C{processData} reads whole messages itself (set once open).
