@@ -24,7 +24,6 @@ is queued before it (L{writes.send_at_once}), not on the reactor's next turn.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable
@@ -601,23 +600,9 @@ class BridgeClientProtocol(WholeMessages, WebSocketClientProtocol):  # type: ign
     lost_because: Failure | None = None
     #: The close code the relay sent, if it sent one.
     relay_close_code: int | None = None
-    #: Whether L{send} writes a message's frame itself, and the largest it
-    #: does: past it, Autobahn fragments it or refuses it.
-    _frames_out = False
-    _out_limit: float = 0.0
-    #: Whether L{processData} reads whole messages itself, and the largest it
-    #: does: past it, Autobahn refuses it.
-    _frames_in = False
-    _in_limit: float = 0.0
     # Autobahn's options, which it sets on each connection.
-    maxMessagePayloadSize: int
-    maxFramePayloadSize: int
-    autoFragmentSize: int
-    autoPingInterval: float
     maskClientFrames: bool
     applyMask: bool
-    logFrames: bool
-    logOctets: bool
 
     def send(self, frame: bytes) -> None:
         """
@@ -638,27 +623,11 @@ class BridgeClientProtocol(WholeMessages, WebSocketClientProtocol):  # type: ign
         else:
             self.sendMessage(frame, isBinary=True)
 
-    def _choose_paths(self) -> None:
-        """
-        Open: whether the bridge reads and writes frames itself.  Not with
-        compression (none is offered, but an option could), Autobahn's frame
-        or octet logging or its timings, unmasked client frames (writing) or
-        automatic pings (reading); and only up to the message size limit and
-        the fragment size (writing) or the message and frame size limits
-        (reading), past which Autobahn refuses or fragments.
-        """
-        plain = (
-            self._perMessageCompress is None
-            and not self.logFrames
-            and not self.logOctets
-            and self.trackedTimings is None
-        )
-        self._frames_out = plain and self.maskClientFrames and self.applyMask
-        limits = [n for n in (self.maxMessagePayloadSize, self.autoFragmentSize) if n > 0]
-        self._out_limit = min(limits, default=math.inf)
-        self._frames_in = plain and not self.autoPingInterval
-        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
-        self._in_limit = min(limits, default=math.inf)
+    def _may_write_frames(self) -> bool:
+        return self.maskClientFrames and self.applyMask
+
+    def _may_read_frames(self) -> bool:
+        return True
 
     def dataReceived(self, data: bytes) -> None:
         """

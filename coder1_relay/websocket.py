@@ -20,7 +20,6 @@ goes through Autobahn.
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from collections.abc import Callable
@@ -92,22 +91,9 @@ class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # t
     _link: NodeLink | None = None
     #: The connection's id in telemetry (a node link carries it to the owner).
     connection_id: str = ""
-    #: Whether L{send} writes a message's frame itself (L{_choose_paths}), and
-    #: the largest it does: past it, Autobahn fragments it or refuses it.
-    _frames_out = False
-    _out_limit: float = 0.0
-    #: Whether L{processData} reads whole messages itself (L{_choose_paths}),
-    #: and the largest it does: past it, Autobahn refuses it.
-    _frames_in = False
-    _in_limit: float = 0.0
     # Autobahn's options, which it sets on each connection (here, on its class).
-    maxMessagePayloadSize: int
-    maxFramePayloadSize: int
-    autoFragmentSize: int
     maskServerFrames: bool
     applyMask: bool
-    logFrames: bool
-    logOctets: bool
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""
@@ -134,31 +120,11 @@ class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # t
         else:
             self.sendMessage(frame, isBinary=True)
 
-    def _choose_paths(self) -> None:
-        """
-        Open: whether L{send} may write frames itself.  Not with compression
-        (refused, but negotiated here), masked server frames, or Autobahn's
-        frame or octet logging or timings; and only up to the message size
-        limit and the fragment size, past which Autobahn refuses or fragments.
-        """
-        self._frames_out = (
-            self._perMessageCompress is None
-            and not self.maskServerFrames
-            and not self.logFrames
-            and not self.logOctets
-            and self.trackedTimings is None
-        )
-        limits = [n for n in (self.maxMessagePayloadSize, self.autoFragmentSize) if n > 0]
-        self._out_limit = min(limits, default=math.inf)
-        self._frames_in = (
-            self._perMessageCompress is None
-            and self.applyMask
-            and not self.logFrames
-            and self.trackedTimings is None
-            and not self.autoPingInterval
-        )
-        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
-        self._in_limit = min(limits, default=math.inf)
+    def _may_write_frames(self) -> bool:
+        return not self.maskServerFrames
+
+    def _may_read_frames(self) -> bool:
+        return self.applyMask
 
     def _frame_begins(self) -> None:
         """A data frame begins: take a token for it, and act if there was none."""

@@ -7,6 +7,7 @@ are unmasked (L{binary_message}); a client's are masked (L{masked_binary_message
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -116,8 +117,14 @@ class WholeMessages:
     L{whole_binary_frame}.
     """
 
-    #: Whether C{processData} reads whole messages itself (set once open).
+    #: Whether the class's C{send} writes a message's frame itself, and the
+    #: largest it does: past it, Autobahn fragments it or refuses it (L{_choose_paths}).
+    _frames_out = False
+    _out_limit: float = 0.0
+    #: Whether C{processData} reads whole messages itself, and the largest it
+    #: does: past it, Autobahn refuses it (L{_choose_paths}).
     _frames_in = False
+    _in_limit: float = 0.0
     # Autobahn's, on the class this is mixed into.
     data: bytes
     current_frame: Any
@@ -125,6 +132,44 @@ class WholeMessages:
     state: int
     STATE_OPEN: int
     _listeners: Any
+    _perMessageCompress: Any
+    trackedTimings: Any
+    maxMessagePayloadSize: int
+    maxFramePayloadSize: int
+    autoFragmentSize: int
+    autoPingInterval: float
+    logFrames: bool
+    logOctets: bool
+
+    def _may_write_frames(self) -> bool:
+        """Whether this side's options let it write its frames itself (masking)."""
+        raise NotImplementedError
+
+    def _may_read_frames(self) -> bool:
+        """Whether this side's options let it read frames itself (unmasking)."""
+        raise NotImplementedError
+
+    def _choose_paths(self) -> None:
+        """
+        Open: whether frames are read and written here.  Not with compression
+        (never offered or accepted, but an option could), Autobahn's frame or
+        octet logging or its timings, nor what the side's own options rule
+        out; reading not with automatic pings; and only up to the message size
+        limit and the fragment size (writing) or the message and frame size
+        limits (reading), past which Autobahn refuses or fragments.
+        """
+        plain = (
+            self._perMessageCompress is None
+            and not self.logFrames
+            and not self.logOctets
+            and self.trackedTimings is None
+        )
+        self._frames_out = plain and self._may_write_frames()
+        self._frames_in = plain and not self.autoPingInterval and self._may_read_frames()
+        limits = [n for n in (self.maxMessagePayloadSize, self.autoFragmentSize) if n > 0]
+        self._out_limit = min(limits, default=math.inf)
+        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
+        self._in_limit = min(limits, default=math.inf)
 
     def _whole_messages(self, data: bytes) -> int:
         """Handle the whole messages at the front of C{data}; how many bytes it took."""
