@@ -83,12 +83,27 @@ class StatsTests(TestCase):
         table.row("other").add("m", 3.0)
         self.assertIn("1.50x", table.render())
 
+    def test_pooled_keystrokes(self) -> None:
+        """
+        The pooled columns are the p99 of all rounds' keystrokes together, not a
+        median of per-round p99s, and the share of them over 1 ms.
+        """
+        row = Table("t", [], "").row("coder1")
+        # Two rounds of 100: the first has two slow keystrokes, the second none.
+        # Their own p99s are 3.01 and 0.5 ms (median 1.755); pooled, 2 of 200 are
+        # slow and the p99 is 0.525 ms.
+        samples = [0.0005] * 98 + [0.003, 0.004] + [0.0005] * 100
+        keystroke.add_pooled(row, samples)
+        self.assertAlmostEqual(row.values["pooled"][0], 525.0)
+        self.assertEqual(row.values["slow"], [1.0])
+
 
 class KeystrokeTests(BenchTestCase):
     async def test_coder1_and_naive(self) -> None:
         """A few keystrokes through the full system and through the naive relay."""
         table = await keystroke.run(options(count=5, systems=["naive", "coder1"]))
         self.assertFilled(table, [keystroke.BASELINE, "coder1"], "p99")
+        self.assertFilled(table, [keystroke.BASELINE, "coder1"], "pooled")
 
     async def test_stages(self) -> None:
         """
