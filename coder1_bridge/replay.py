@@ -73,9 +73,11 @@ HOT = 256 * 1024
 PACK_SIZE = 128 * 1024
 #: A block's first bytes are compressed first: unless they shrink to at most
 #: L{PACK_RATIO} of their size (compressed or random output does not), the block
-#: is kept as it came and no more CPU goes into it.
+#: is kept as it came and no more CPU goes into it, nor into the next
+#: L{POOR_SKIP} bytes (such output comes in long runs: a binary, an archive).
 PACK_SAMPLE = 8 * 1024
 PACK_RATIO = 0.5
+POOR_SKIP = 512 * 1024
 #: Raw deflate: no header, no checksum (a tenth less CPU); the bytes never leave memory.
 _RAW = -15
 #: Ended streams whose logs are kept (for a page that comes back) before the oldest goes.
@@ -204,6 +206,9 @@ class ReplayLog:
     #: The index of the first chunk L{pack} has not settled (compressed, or left
     #: as it came because it would not compress).
     _cold: int = 0
+    #: Output before this position is kept as it came: it follows output that
+    #: did not compress (L{POOR_SKIP}).
+    _poor_until: int = 0
     #: The block L{piece} decompressed last, and its bytes: a replay reads a
     #: block in several frames.  Let go once it is read to its end.
     _unpacked: tuple[_Chunk, bytes] | None = None
@@ -327,7 +332,11 @@ class ReplayLog:
                 end += 1
             if size < PACK_SIZE and (end == len(chunks) or chunks[end].kind == first.kind):
                 break  # the rest of a block is still hot, or not acknowledged
-            packed = _compress(chunks[at:end], size)
+            packed = None
+            if first.position >= self._poor_until:
+                packed = _compress(chunks[at:end], size)
+                if packed is None:
+                    self._poor_until = chunks[end - 1].end + POOR_SKIP
             if packed is not None:
                 chunks[at:end] = [_Chunk(first.kind, first.position, packed, packed=size)]
                 del self._positions[at + 1 : end]

@@ -714,12 +714,17 @@ class PackTests(SynchronousTestCase):
         self.assertEqual(read_from(log, 0), data)
 
     def test_mixed_output(self) -> None:
-        """Compressible and incompressible stretches in turn: each kept as suits it, all exact."""
-        data = b"".join(listing(300_000 + i) if i % 2 else noise(300_000 + i) for i in range(8))
-        log = self.printed(data)
-        self.assertLess(log.stored, len(data) * 3 // 4)
-        self.assertGreater(log.stored, len(data) // 2)
-        for position in (0, 299_999, 300_000, 700_003, len(data) - 1):
+        """
+        Compressible and incompressible stretches in turn: each kept as suits it
+        (after output that did not compress, the next 512 KiB are kept as they
+        come without trying), and every byte given back exactly.
+        """
+        mib = 1024 * 1024
+        data = noise(3 * mib // 2) + listing(3 * mib) + noise(3 * mib // 2) + listing(3 * mib)
+        log = self.printed(data, capacity=16 * mib)
+        self.assertLess(log.stored, len(data) * 2 // 3)
+        self.assertGreater(log.stored, 3 * mib)
+        for position in (0, 3 * mib // 2 - 1, 3 * mib // 2, 5 * mib + 3, len(data) - 1):
             self.assertEqual(read_from(log, position), data[position:])
 
     def test_unacknowledged_output_not_compressed(self) -> None:
