@@ -310,11 +310,15 @@ class ReplayLog:
         self.weight -= cut
         self.start = chunk.position
 
-    def pack(self, boundary: int) -> None:
+    def pack(self, boundary: int) -> bool:
         """
         Compress the output that ends by C{boundary}, in blocks of at least
         L{PACK_SIZE} bytes of one kind (or a shorter run between other kinds);
-        keep a block that would not compress well as it came.
+        keep a block that would not compress well as it came.  At most one block
+        is compressed per call (about half a millisecond), so that what the
+        bridge does next (another terminal's echo) never waits for more.
+
+        @return: whether there is more to compress below C{boundary}.
         """
         chunks = self._chunks
         at = max(self._cold, self._head)
@@ -333,7 +337,8 @@ class ReplayLog:
             if size < PACK_SIZE and (end == len(chunks) or chunks[end].kind == first.kind):
                 break  # the rest of a block is still hot, or not acknowledged
             packed = None
-            if first.position >= self._poor_until:
+            tried = first.position >= self._poor_until
+            if tried:
                 packed = _compress(chunks[at:end], size)
                 if packed is None:
                     self._poor_until = chunks[end - 1].end + POOR_SKIP
@@ -343,7 +348,12 @@ class ReplayLog:
                 self.weight -= (end - at - 1) * CHUNK_OVERHEAD
                 end = at + 1
             at = end
+            if tried:
+                self._cold = at
+                # One block per call: an ACK of a whole window waits for no more.
+                return at < len(chunks) and boundary - chunks[at].position >= PACK_SIZE
         self._cold = at
+        return False
 
 
 def _compress(run: list[_Chunk], size: int) -> bytes | None:
@@ -416,6 +426,8 @@ class Outbox:
     #: nothing is sent from the logs until it has sent it (L{unblock}).
     blocked: bool = False
     _ended: OrderedDict[Key, IDelayedCall | None] = attrs.field(factory=OrderedDict)
+    #: Logs with more to compress, each in a later turn of the reactor (L{ReplayLog.pack}).
+    _packing: dict[Key, IDelayedCall] = attrs.field(factory=dict)
 
     # Streams.
 
@@ -427,9 +439,9 @@ class Outbox:
     def forget(self, key: Key) -> None:
         """Forget the log of C{key}, and that any channel follows it."""
         self.logs.pop(key, None)
-        timer = self._ended.pop(key, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        for timer in (self._ended.pop(key, None), self._packing.pop(key, None)):
+            if timer is not None and timer.active():
+                timer.cancel()
         for follower in self.followers.values():
             follower.sent.pop(key, None)
             follower.acked.pop(key, None)
@@ -601,10 +613,11 @@ class Outbox:
         """The bridge has stopped: forget every log (and the timers that would)."""
         for key in list(self.logs):
             self.forget(key)
-        for timer in self._ended.values():
+        for timer in [*self._ended.values(), *self._packing.values()]:
             if timer is not None and timer.active():
                 timer.cancel()
         self._ended.clear()
+        self._packing.clear()
 
     def let_go(self) -> None:
         """The bridge is stopping: hold nothing back, keep at most each log's size."""
@@ -652,19 +665,11 @@ class Outbox:
         Drop what may go (a terminal's while its log is over its size); hold the
         process while the log still is.
         """
-        following = [
-            f.acked[log.key] for f in self.followers.values() if log.key in f.sent and f.client
-        ]
-        if following:
-            floor = min(following)
-        elif log.key[0] == PTY or self.letting_go:
-            floor = log.end
-        else:
-            floor = log.acked
+        floor = self._floor(log)
         # A terminal's log is its scrollback, kept up to its size for a page that
         # re-attaches; what a command printed is not wanted again once taken in.
         log.drop_before(floor, self.capacity if log.key[0] == PTY else 0)
-        log.pack(min(floor, log.end - HOT))
+        self._pack(log, floor)
         full = log.weight > self.capacity and not log.ended and not self.letting_go
         if full and not log.held:
             log.held = True
@@ -672,6 +677,30 @@ class Outbox:
         elif not full and log.held:
             log.held = False
             self.release(log.key)
+
+    def _floor(self, log: ReplayLog) -> int:
+        """Where the output every channel following C{log} has taken in ends."""
+        following = [
+            f.acked[log.key] for f in self.followers.values() if log.key in f.sent and f.client
+        ]
+        if following:
+            return min(following)
+        if log.key[0] == PTY or self.letting_go:
+            return log.end
+        return log.acked
+
+    def _pack(self, log: ReplayLog, floor: int) -> None:
+        """Compress a block of C{log}'s older output; any more in later turns."""
+        if log.key in self._packing:
+            return
+        if log.pack(min(floor, log.end - HOT)):
+            self._packing[log.key] = self.clock.callLater(0, self._pack_later, log.key)
+
+    def _pack_later(self, key: Key) -> None:
+        del self._packing[key]
+        log = self.logs.get(key)
+        if log is not None:
+            self._pack(log, self._floor(log))
 
 
 @attrs.define

@@ -728,7 +728,11 @@ class PackTests(SynchronousTestCase):
             self.assertEqual(read_from(log, position), data[position:])
 
     def test_unacknowledged_output_not_compressed(self) -> None:
-        """What a following channel has not acknowledged stays as it came (it is sent soon)."""
+        """
+        What a following channel has not acknowledged stays as it came (it is
+        sent soon).  Once acknowledged, one block is compressed at once and the
+        rest one block per turn of the reactor, not all within the ACK.
+        """
         data = listing(2 * 1024 * 1024)
         box = self.h.make(window=4 * 1024 * 1024)
         box.open(TERMINAL, 1)
@@ -738,8 +742,25 @@ class PackTests(SynchronousTestCase):
         log = box.logs[TERMINAL]
         self.assertEqual(log.stored, len(data))
         box.ack(1, [(TERMINAL, len(data))])
+        self.assertGreater(log.stored, len(data) - 256 * 1024)
+        self.assertLess(log.stored, len(data) - 64 * 1024)
+        self.h.clock.advance(0)
         self.assertLess(log.stored, len(data) // 3)
         self.assertEqual(read_from(log, 0), data)
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
+
+    def test_forgotten_log_stops_compressing(self) -> None:
+        """A log forgotten (the bridge stops) leaves no compression pending."""
+        data = listing(2 * 1024 * 1024)
+        box = self.h.make(window=4 * 1024 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for frame in frames(data):
+            box.publish(output(TERMINAL, frame))
+        box.ack(1, [(TERMINAL, len(data))])
+        self.assertEqual(len(self.h.clock.getDelayedCalls()), 1)
+        box.close()
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
 
     def test_newest_frame_kept_as_it_came(self) -> None:
         """
