@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
         help="keystroke: also a pass that times each stage of a coder1 keystroke",
     )
     p.add_argument("--size", help="bulk: bytes of zeros before base64 (e.g. 200M)")
+    p.add_argument(
+        "--output",
+        choices=["zeros", "listing", "random"],
+        help="bulk: what the terminal prints: base64 of zeros (default), a file listing "
+        "(compresses as real output does), base64 of random bytes",
+    )
     p.add_argument("--messages", type=int, help="forward: messages per round and size")
     p.add_argument(
         "--sessions",

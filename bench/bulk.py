@@ -9,10 +9,21 @@ arrived (decrypted, where the system encrypts), in 10^6 bytes per second.  C{cod
 command} is the same output through a one-shot command (CMD_START, pipes instead of a
 terminal).  CPU is that of the system's own processes (relay, bridge, servers; not
 the command's), per MB delivered.  Peak RSS is sampled every 100 ms.
+
+C{--output listing} prints a file listing instead (C{find /usr -ls}, taken once
+and repeated up to SIZE bytes: terminal output that compresses about as real output
+does), C{--output random} base64 of random bytes (SIZE bytes of it, which hardly
+compresses): the zeros flatter what keeps output compressed (the bridge's
+scrollback).
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -35,8 +46,28 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def command(size: int) -> str:
-    return f"read x; head -c {size} /dev/zero | base64; echo {MARKER.decode()}"
+OUTPUTS = ("zeros", "listing", "random")
+
+
+def command(size: int, output: str = "zeros", listing: str = "") -> str:
+    if output == "listing":
+        source = f"while cat {shlex.quote(listing)}; do :; done | head -c {size}"
+    elif output == "random":
+        source = f"head -c {size * 3 // 4} /dev/urandom | base64"
+    else:
+        source = f"head -c {size} /dev/zero | base64"
+    return f"read x; {source}; echo {MARKER.decode()}"
+
+
+def _listing() -> str:
+    """A file of C{find /usr -ls} (at most 16 MiB), made once per run (removed after it)."""
+    fd, path = tempfile.mkstemp(prefix=h.TMP_PREFIX + "listing-")
+    with os.fdopen(fd, "wb") as out:
+        find = shutil.which("find") or "/usr/bin/find"
+        found = subprocess.run([find, "/usr", "-ls"], capture_output=True, check=False)
+        out.write(found.stdout[: 16 * 2**20])
+    os.chmod(path, 0o644)
+    return path
 
 
 class Coder1Command(terminals.Coder1):
@@ -82,8 +113,14 @@ def _systems(names: list[str]) -> tuple[list[terminals.System], list[str]]:
 async def run(options: Any) -> Table:
     size = parse_size(options.size or ("20M" if options.quick else "200M"))
     systems, skipped = _systems(options.systems or DEFAULT_SYSTEMS)
+    output = getattr(options, "output", None) or "zeros"
+    what = {
+        "zeros": "of zeros through base64",
+        "listing": "of a file listing (find /usr -ls, repeated)",
+        "random": "of random bytes through base64",
+    }[output]
     table = Table(
-        f"Bulk output ({size / 2**20:g} MiB of zeros through base64, to the browser's side)",
+        f"Bulk output ({size / 2**20:g} MiB {what}, to the browser's side)",
         [
             Metric("mbps", "throughput", "MB/s", lower_is_better=False),
             Metric("cpu", "system CPU", "ms/MB", digits=2),
@@ -97,9 +134,10 @@ async def run(options: Any) -> Table:
     )
     for system in systems:
         table.row(system.name)
+    listing = _listing() if output == "listing" else ""
     try:
         for system in systems:
-            await system.setup(command(size))
+            await system.setup(command(size, output, listing))
         for _ in range(options.rounds):
             for system in systems:
                 await _round(system, table, size)
@@ -109,6 +147,8 @@ async def run(options: Any) -> Table:
                 await system.teardown()
             except Exception as e:
                 table.notes.append(f"{system.name}: teardown failed: {e!r}")
+        if listing:
+            os.remove(listing)
     return table
 
 

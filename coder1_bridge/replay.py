@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -62,6 +63,23 @@ JOIN_BELOW = 4 * 1024
 #: Bytes each kept chunk is counted for beyond its payload, so that a flood of
 #: tiny frames cannot hold more memory than the log's size says.
 CHUNK_OVERHEAD = 64
+#: Bytes at the end of a log always kept as they came (the hot part): what a page
+#: that comes back usually resumes from, and what is in flight, are read again
+#: with no decompression, and the newest frame never waits for compression.
+HOT = 256 * 1024
+#: Output further back that every channel following the stream has acknowledged
+#: is compressed (zlib, level 1) in blocks of at least this many bytes of one kind
+#: (L{ReplayLog.pack}); the log's size still counts the bytes as they came.
+PACK_SIZE = 128 * 1024
+#: A block's first bytes are compressed first: unless they shrink to at most
+#: L{PACK_RATIO} of their size (compressed or random output does not), the block
+#: is kept as it came and no more CPU goes into it, nor into the next
+#: L{POOR_SKIP} bytes (such output comes in long runs: a binary, an archive).
+PACK_SAMPLE = 8 * 1024
+PACK_RATIO = 0.5
+POOR_SKIP = 512 * 1024
+#: Raw deflate: no header, no checksum (a tenth less CPU); the bytes never leave memory.
+_RAW = -15
 #: Ended streams whose logs are kept (for a page that comes back) before the oldest goes.
 MAX_ENDED = 16
 #: Page loads whose input numbers are remembered before the oldest is forgotten.
@@ -129,18 +147,25 @@ def positions_body(positions: Iterable[tuple[Key, int]]) -> list[dict[str, objec
 @attrs.define(slots=True)
 class _Chunk:
     """
-    Kept bytes: a frame's own payload (never copied), or small output frames
-    joined in a C{bytearray} (then C{joined}).
+    Kept bytes: a frame's own payload (never copied), small output frames
+    joined in a C{bytearray} (then C{joined}), or a block of older output
+    compressed with zlib (then C{packed} is the length of what it holds).
     """
 
     kind: int
     position: int
     data: bytes | bytearray
     joined: bool = False
+    packed: int = -1
+
+    @property
+    def size(self) -> int:
+        """The bytes it holds, as they came."""
+        return len(self.data) if self.packed < 0 else self.packed
 
     @property
     def end(self) -> int:
-        return self.position + len(self.data)
+        return self.position + self.size
 
 
 #: What stands for a dropped chunk in a log's list until the list is compacted.
@@ -155,7 +180,9 @@ class ReplayLog:
 
     The frames are kept as they came (no copy, whatever their size), small
     output frames joined; the oldest go as whole chunks, but for a chunk larger
-    than the log's size, whose start only is cut off.
+    than the log's size, whose start only is cut off.  Older output that every
+    channel has taken in is kept compressed (L{pack}); sizes and positions
+    always count the bytes as they came.
     """
 
     key: Key
@@ -176,6 +203,20 @@ class ReplayLog:
     _head: int = 0
     #: Bytes counted against the log's size: payloads plus an overhead per chunk.
     weight: int = 0
+    #: The index of the first chunk L{pack} has not settled (compressed, or left
+    #: as it came because it would not compress).
+    _cold: int = 0
+    #: Output before this position is kept as it came: it follows output that
+    #: did not compress (L{POOR_SKIP}).
+    _poor_until: int = 0
+    #: The block L{piece} decompressed last, and its bytes: a replay reads a
+    #: block in several frames.  Let go once it is read to its end.
+    _unpacked: tuple[_Chunk, bytes] | None = None
+
+    @property
+    def stored(self) -> int:
+        """The bytes its chunks take in memory (compressed ones as compressed)."""
+        return sum(len(c.data) for c in self._chunks[self._head :])
 
     def append(self, kind: int, payload: bytes) -> None:
         """Keep a frame at the end: as it is, or joined to the last chunk if both are small."""
@@ -209,14 +250,20 @@ class ReplayLog:
         chunk = self._chunks[at]
         offset = position - chunk.position
         kept = chunk.data
+        if chunk.packed >= 0:
+            if self._unpacked is None or self._unpacked[0] is not chunk:
+                self._unpacked = (chunk, zlib.decompress(chunk.data, _RAW))
+            kept = self._unpacked[1]
         if type(kept) is bytes and (
             chunk.kind not in _OUTPUT or (not offset and len(kept) <= most)
         ):
-            data = kept  # the frame as it came: no copy
+            data = kept  # the frame as it came, or a whole block decompressed: no copy
         else:
             # A copy of a part only, or of a joined chunk, which may grow again.
             with memoryview(kept) as view:
                 data = bytes(view[offset : offset + max(1, most)])
+        if chunk.packed >= 0 and offset + len(data) >= chunk.packed:
+            self._unpacked = None
         return Envelope(chunk.kind, self.key[1], chunk.position + offset, self.peer, data)
 
     def drop_before(self, floor: int, budget: int) -> None:
@@ -229,8 +276,8 @@ class ReplayLog:
             over = self.weight - budget
             if (
                 chunk.kind in _OUTPUT
-                and 0 < budget < len(chunk.data)
-                and over < len(chunk.data) + CHUNK_OVERHEAD
+                and 0 < budget < chunk.size
+                and over < chunk.size + CHUNK_OVERHEAD
             ):
                 # Larger than the log's size, and the rest is within it: keep its end.
                 cut = min(over, floor - chunk.position)
@@ -242,21 +289,83 @@ class ReplayLog:
             # Its bytes go now, not when the list is next compacted (below).
             self._chunks[self._head] = _GONE
             self._head += 1
-            self.weight -= len(chunk.data) + CHUNK_OVERHEAD
+            self.weight -= chunk.size + CHUNK_OVERHEAD
             self.start = chunk.end
+        if self._unpacked is not None and self._unpacked[0].position < self.start:
+            self._unpacked = None
         if self._head > 64 and self._head * 2 > len(self._chunks):
             del self._chunks[: self._head], self._positions[: self._head]
+            self._cold = max(0, self._cold - self._head)
             self._head = 0
 
     def _cut(self, chunk: _Chunk, cut: int) -> None:
         """Drop the first C{cut} bytes of the oldest chunk (one copy of what stays)."""
-        with memoryview(chunk.data) as view:
+        kept = chunk.data if chunk.packed < 0 else zlib.decompress(chunk.data, _RAW)
+        with memoryview(kept) as view:
             rest = bytes(view[cut:])
         chunk.data = bytearray(rest) if chunk.joined else rest
+        chunk.packed = -1
         chunk.position += cut
         self._positions[self._head] = chunk.position
         self.weight -= cut
         self.start = chunk.position
+
+    def pack(self, boundary: int) -> bool:
+        """
+        Compress the output that ends by C{boundary}, in blocks of at least
+        L{PACK_SIZE} bytes of one kind (or a shorter run between other kinds);
+        keep a block that would not compress well as it came.  At most one block
+        is compressed per call (about half a millisecond), so that what the
+        bridge does next (another terminal's echo) never waits for more.
+
+        @return: whether there is more to compress below C{boundary}.
+        """
+        chunks = self._chunks
+        at = max(self._cold, self._head)
+        while at < len(chunks) and boundary - chunks[at].position >= PACK_SIZE:
+            first = chunks[at]
+            if first.kind not in _OUTPUT or first.packed >= 0:
+                at += 1
+                continue
+            end, size = at, 0
+            while end < len(chunks) and size < PACK_SIZE:
+                chunk = chunks[end]
+                if chunk.kind != first.kind or chunk.end > boundary:
+                    break
+                size += len(chunk.data)
+                end += 1
+            if size < PACK_SIZE and (end == len(chunks) or chunks[end].kind == first.kind):
+                break  # the rest of a block is still hot, or not acknowledged
+            packed = None
+            tried = first.position >= self._poor_until
+            if tried:
+                packed = _compress(chunks[at:end], size)
+                if packed is None:
+                    self._poor_until = chunks[end - 1].end + POOR_SKIP
+            if packed is not None:
+                chunks[at:end] = [_Chunk(first.kind, first.position, packed, packed=size)]
+                del self._positions[at + 1 : end]
+                self.weight -= (end - at - 1) * CHUNK_OVERHEAD
+                end = at + 1
+            at = end
+            if tried:
+                self._cold = at
+                # One block per call: an ACK of a whole window waits for no more.
+                return at < len(chunks) and boundary - chunks[at].position >= PACK_SIZE
+        self._cold = at
+        return False
+
+
+def _compress(run: list[_Chunk], size: int) -> bytes | None:
+    """C{run}'s bytes compressed, if they shrink to at most L{PACK_RATIO} of C{size}."""
+    sample = bytes(run[0].data[:PACK_SAMPLE])
+    if len(zlib.compress(sample, 1, _RAW)) > len(sample) * PACK_RATIO:
+        return None
+    packer = zlib.compressobj(1, zlib.DEFLATED, _RAW)
+    parts = [packer.compress(chunk.data) for chunk in run]
+    parts.append(packer.flush())
+    packed = b"".join(parts)
+    return packed if len(packed) <= size * PACK_RATIO else None
 
 
 @attrs.define
@@ -317,6 +426,8 @@ class Outbox:
     #: nothing is sent from the logs until it has sent it (L{unblock}).
     blocked: bool = False
     _ended: OrderedDict[Key, IDelayedCall | None] = attrs.field(factory=OrderedDict)
+    #: Logs with more to compress, each in a later turn of the reactor (L{ReplayLog.pack}).
+    _packing: dict[Key, IDelayedCall] = attrs.field(factory=dict)
 
     # Streams.
 
@@ -328,9 +439,9 @@ class Outbox:
     def forget(self, key: Key) -> None:
         """Forget the log of C{key}, and that any channel follows it."""
         self.logs.pop(key, None)
-        timer = self._ended.pop(key, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        for timer in (self._ended.pop(key, None), self._packing.pop(key, None)):
+            if timer is not None and timer.active():
+                timer.cancel()
         for follower in self.followers.values():
             follower.sent.pop(key, None)
             follower.acked.pop(key, None)
@@ -502,10 +613,11 @@ class Outbox:
         """The bridge has stopped: forget every log (and the timers that would)."""
         for key in list(self.logs):
             self.forget(key)
-        for timer in self._ended.values():
+        for timer in [*self._ended.values(), *self._packing.values()]:
             if timer is not None and timer.active():
                 timer.cancel()
         self._ended.clear()
+        self._packing.clear()
 
     def let_go(self) -> None:
         """The bridge is stopping: hold nothing back, keep at most each log's size."""
@@ -553,18 +665,11 @@ class Outbox:
         Drop what may go (a terminal's while its log is over its size); hold the
         process while the log still is.
         """
-        following = [
-            f.acked[log.key] for f in self.followers.values() if log.key in f.sent and f.client
-        ]
-        if following:
-            floor = min(following)
-        elif log.key[0] == PTY or self.letting_go:
-            floor = log.end
-        else:
-            floor = log.acked
+        floor = self._floor(log)
         # A terminal's log is its scrollback, kept up to its size for a page that
         # re-attaches; what a command printed is not wanted again once taken in.
         log.drop_before(floor, self.capacity if log.key[0] == PTY else 0)
+        self._pack(log, floor)
         full = log.weight > self.capacity and not log.ended and not self.letting_go
         if full and not log.held:
             log.held = True
@@ -572,6 +677,30 @@ class Outbox:
         elif not full and log.held:
             log.held = False
             self.release(log.key)
+
+    def _floor(self, log: ReplayLog) -> int:
+        """Where the output every channel following C{log} has taken in ends."""
+        following = [
+            f.acked[log.key] for f in self.followers.values() if log.key in f.sent and f.client
+        ]
+        if following:
+            return min(following)
+        if log.key[0] == PTY or self.letting_go:
+            return log.end
+        return log.acked
+
+    def _pack(self, log: ReplayLog, floor: int) -> None:
+        """Compress a block of C{log}'s older output; any more in later turns."""
+        if log.key in self._packing:
+            return
+        if log.pack(min(floor, log.end - HOT)):
+            self._packing[log.key] = self.clock.callLater(0, self._pack_later, log.key)
+
+    def _pack_later(self, key: Key) -> None:
+        del self._packing[key]
+        log = self.logs.get(key)
+        if log is not None:
+            self._pack(log, self._floor(log))
 
 
 @attrs.define

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from coder1_relay.mesh import Mesh
-from coder1_relay.metrics import RelayMetrics
+from coder1_relay.metric_labels import NotCounted, PairingCounts
 from coder1_relay.pairing import Pairing
 from coder1_relay.routing import Hub
 from coder1_relay.store import BridgeRecord, IRelayStore
@@ -319,8 +319,8 @@ class RelayContext:
     dev_cert: str | None = None
     #: With several relay nodes: this node's part (None: a relay on its own).
     mesh: Mesh | None = None
-    #: Its Prometheus metrics (C{--metrics-listen} serves them).
-    metrics: RelayMetrics = attrs.field(factory=RelayMetrics)
+    #: What the API counts for the metrics (nothing without C{--metrics-listen}).
+    metrics: PairingCounts = attrs.field(factory=NotCounted)
 
     def paired(self, session: str, record: BridgeRecord) -> None:
         """A bridge of C{session} presented its key: tell its tabs, wherever they are."""

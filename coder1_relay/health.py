@@ -32,7 +32,7 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from coder1_relay.context import Seconds
-from coder1_relay.metrics import CertificateExpiry, RelayCollector, snapshot
+from coder1_relay.metrics import CertificateExpiry, RelayCollector, RelayMetrics, snapshot
 
 if TYPE_CHECKING:
     from coder1_relay.service import RelayService
@@ -287,19 +287,16 @@ class MetricsService(Service):
             await maybeDeferred(port.stopListening)
 
 
-def watch_relay(relay: RelayService) -> None:
+def watch_relay(relay: RelayService, metrics: RelayMetrics) -> None:
     """
-    Report C{relay}'s state in its metrics and, with C{--metrics-listen}, serve
-    them with health and readiness (a child service of the relay's).
+    Report C{relay}'s state in C{metrics} and serve them with health and
+    readiness on C{--metrics-listen} (a child service of the relay's).
     """
     context = relay.context
     expiry = CertificateExpiry(lambda: relay.keys.tls_cert_pem)
-    context.metrics.watch(
-        lambda: snapshot(context.hub, context.connections, relay.telemetry, expiry())
-    )
+    metrics.watch(lambda: snapshot(context.hub, context.connections, relay.telemetry, expiry()))
     description = relay.settings.metrics_listen
-    if description is None:
-        return
+    assert description is not None
     redis = relay.redis
     probe = ReadinessProbe(
         relay.reactor,
@@ -308,6 +305,6 @@ def watch_relay(relay: RelayService) -> None:
         # A real PING, within the Redis client's deadline.
         None if redis is None else lambda: redis.client.call("PING"),
     )
-    assert context.metrics.collector is not None
-    site = make_metrics_site(probe, context.metrics.collector, context.metrics.registry)
+    assert metrics.collector is not None
+    site = make_metrics_site(probe, metrics.collector, metrics.registry)
     MetricsService(relay.reactor, description, site).setServiceParent(relay)

@@ -1,11 +1,14 @@
 """
 The relay's Prometheus metrics: content-free by construction.
 
-Every label value comes from an enum below, and every number is a count, a
-size, a duration or a time: no session id, address, label, path or payload
-can reach a metric, whatever a party sends.  Each relay has a registry of its
+Every label value comes from an enum (below, or in
+C{coder1_relay.metric_labels}), and every number is a count, a size, a duration
+or a time: no session id, address, label, path or payload can reach a metric,
+whatever a party sends.  Each relay has a registry of its
 own (not prometheus_client's global one), so that tests and several relays in
-one process do not collide.
+one process do not collide.  Only a relay that serves them (C{--metrics-listen})
+loads this module; the label values the rest of the relay names are in
+C{coder1_relay.metric_labels}.
 
 The forwarding path stays cheap: the hub counts frames and bytes in plain
 integers (C{coder1_relay.routing}), and L{RelayCollector} turns them, and the
@@ -34,6 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import threadable
 from zope.interface import implementer
 
+from coder1_relay.metric_labels import PairingOutcome, Role
 from coder1_relay.store import BridgeRecord, IRelayStore, PendingCode, Presence
 
 if TYPE_CHECKING:
@@ -44,45 +48,6 @@ if TYPE_CHECKING:
 PREFIX = "coder1_relay"
 #: A WebSocket whose opening handshake is done and that is not closing.
 _OPEN = WebSocketProtocol.STATE_OPEN
-
-
-class Role(enum.Enum):
-    """What a WebSocket connection is (the C{role} label)."""
-
-    #: A browser tab (also when this process passes it on to another node).
-    IDE = "ide"
-    #: A paired bridge (likewise).
-    BRIDGE = "bridge"
-    #: A link from another relay node, carrying a tab or bridge of a session held here.
-    NODE = "node"
-
-
-class PairingOutcome(enum.Enum):
-    """How a bridge's redemption of a code (C{POST /api/pair}) ended."""
-
-    OK = "ok"
-    #: Unknown, used or expired code.
-    INVALID_CODE = "invalid_code"
-    RATE_LIMITED = "rate_limited"
-    TOO_MANY_BRIDGES = "too_many_bridges"
-    STORE_UNAVAILABLE = "store_unavailable"
-    #: Not JSON, too large, a bad label.
-    BAD_REQUEST = "bad_request"
-    #: The relay failed (HTTP 500).
-    ERROR = "error"
-
-
-#: The API's error words (C{coder1_relay.web.HTTPError.error}) as pairing outcomes.
-PAIRING_ERRORS: Mapping[str, PairingOutcome] = {
-    "invalid-code": PairingOutcome.INVALID_CODE,
-    "rate-limited": PairingOutcome.RATE_LIMITED,
-    "too-many-bridges": PairingOutcome.TOO_MANY_BRIDGES,
-    "store-unavailable": PairingOutcome.STORE_UNAVAILABLE,
-    "bad-request": PairingOutcome.BAD_REQUEST,
-    "bad-label": PairingOutcome.BAD_REQUEST,
-    "bad-json": PairingOutcome.BAD_REQUEST,
-    "too-large": PairingOutcome.BAD_REQUEST,
-}
 
 
 class ThrottleReason(enum.Enum):
@@ -300,6 +265,10 @@ class RelayMetrics:
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
+
+    def issued(self) -> None:
+        """A pairing code was issued."""
+        self.codes_issued.inc()
 
     def paired(self, outcome: PairingOutcome) -> None:
         """A redemption ended with C{outcome}."""

@@ -28,9 +28,8 @@ from twisted.python.filepath import FilePath
 from coder1_relay import certs
 from coder1_relay.context import Limits, PerAddress, RelayContext, connection_room
 from coder1_relay.drain import DRAIN_TIMEOUT, Drain, exit_zero_after_sigterm
-from coder1_relay.health import watch_relay
 from coder1_relay.mesh import ISessionDirectory, Mesh
-from coder1_relay.metrics import RelayMetrics, TimedStore
+from coder1_relay.metric_labels import NotCounted, PairingCounts
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.plain_http import PlainHTTPAnsweringTLS
@@ -52,6 +51,7 @@ from coder1_relay.web import STATIC, make_node_site, make_site
 from coder1_wire.twistd_errors import CannotStart
 
 if TYPE_CHECKING:
+    from coder1_relay.metrics import RelayMetrics
     from coder1_relay.redis_store import RedisStore
     from coder1_relay.redis_telemetry import RedisTelemetry
 
@@ -247,8 +247,12 @@ class RelayService(MultiService):
             store = self._make_store(reactor, settings)
         #: The store itself (the context's times its calls, for the metrics).
         self.store = store
-        metrics = RelayMetrics()
-        store = TimedStore(store, metrics.store_seconds, reactor)
+        metrics: PairingCounts = NotCounted()
+        #: Its Prometheus metrics, when it serves them (C{--metrics-listen}).
+        self.metrics: RelayMetrics | None = None
+        if settings.metrics_listen is not None:
+            self.metrics, store = _measured(store, reactor)
+            metrics = self.metrics
         self.telemetry = Telemetry(
             settings.state_dir.child("telemetry.sqlite").path,
             reactor,
@@ -297,7 +301,10 @@ class RelayService(MultiService):
         )
         self.port: IListeningPort | None = None
         self.node_port: IListeningPort | None = None
-        watch_relay(self)
+        if self.metrics is not None:
+            from coder1_relay.health import watch_relay
+
+            watch_relay(self, self.metrics)
 
     def reload_certificate(self) -> bool:
         """Serve the TLS pair now on disk, if it is good (what SIGHUP does)."""
@@ -478,3 +485,14 @@ class RelayService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
+
+
+def _measured(store: IRelayStore, reactor: Any) -> tuple[RelayMetrics, IRelayStore]:
+    """
+    The metrics of a relay that serves them, and its store timed for them.
+    Only then is prometheus_client loaded (C{coder1_relay.metric_labels}).
+    """
+    from coder1_relay.metrics import RelayMetrics, TimedStore
+
+    metrics = RelayMetrics()
+    return metrics, TimedStore(store, metrics.store_seconds, reactor)

@@ -28,7 +28,7 @@ from twisted.web.static import File
 from zope.interface import implementer
 
 from coder1_relay.context import SESSION_COOKIE, RelayContext
-from coder1_relay.metrics import PAIRING_ERRORS, PairingOutcome
+from coder1_relay.metric_labels import PAIRING_ERRORS, PairingOutcome
 from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
 from coder1_relay.store import BridgeRecord, StoreUnavailable
 from coder1_relay.tls_server import TLSServerProtocol
@@ -262,7 +262,7 @@ class API:
         }
         if self.context.dev_cert is not None:
             answer["ca_cert"] = self.context.dev_cert
-        self.context.metrics.codes_issued.inc()
+        self.context.metrics.issued()
         return 201, answer
 
     async def post_pair(self, request: Request) -> tuple[int, dict[str, Any]]:

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coder1_relay.context import SESSION_COOKIE, Limits, RelayContext, TokenBucket
-from coder1_relay.metrics import Role
+from coder1_relay.metric_labels import Role
 from coder1_relay.nodelink import LinkRefused, NodeLink
 from coder1_relay.reading import Backpressure, GatedReading, ReadGate
 from coder1_relay.routing import RATE, Endpoint

@@ -10,8 +10,10 @@ interpreter named by CODER1_BENCH_PEER_PYTHON or in this one; elsewhere those te
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,17 @@ class BulkTests(BenchTestCase):
         table = await bulk.run(options(size="64K", systems=["coder1"], rounds=2))
         self.assertFilled(table, ["coder1"], "mbps")
         self.assertEqual(len(table.row("coder1").values["mbps"]), 2)
+
+    async def test_other_output(self) -> None:
+        """
+        A file listing and random base64 arrive in full as the output, each
+        named in the table's title (the listing's file is removed after).
+        """
+        for output, named in (("listing", "file listing"), ("random", "random bytes")):
+            table = await bulk.run(options(size="64K", systems=["coder1"], output=output))
+            self.assertFilled(table, ["coder1"], "mbps")
+            self.assertIn(named, table.title)
+        self.assertEqual(glob.glob(f"{tempfile.gettempdir()}/{harness.TMP_PREFIX}listing-*"), [])
 
     async def test_across_nodes(self) -> None:
         """A little output to a tab on one relay process from a bridge on another."""

@@ -6,6 +6,8 @@ happen, served on a private listener with health and readiness.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -314,7 +316,8 @@ class ListenerTests(TestCase):
 
 def scrape_registry(relay: RelayService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """C{relay}'s metrics, collected here in the reactor thread (no listener)."""
-    return samples(generate_latest(relay.context.metrics.registry).decode())
+    assert relay.metrics is not None
+    return samples(generate_latest(relay.metrics.registry).decode())
 
 
 class AcrossNodesMetricsTests(MeshTestCase):
@@ -326,7 +329,7 @@ class AcrossNodesMetricsTests(MeshTestCase):
         session), A counts an ide connection, B a bridge and a node link; the
         command's frames are counted on B, where they are routed.
         """
-        a, b = await self.start_nodes()
+        a, b = await self.start_nodes(metrics_listen="tcp:0:interface=127.0.0.1")
         browser = Browser(self.deployment)
         await browser.open_page()
         await self.pair_bridge(browser, code_on=0, redeem_on=1)
@@ -409,6 +412,38 @@ class OptionTests(TestCase):
         options = Options()
         options.parseOptions([])
         self.assertIsNone(options.settings().metrics_listen)
+
+    def loads_prometheus_client(self, *args: str) -> bool:
+        """
+        Whether making the relay with C{args} as C{twistd coder1-relay} does,
+        in a process of its own, loads prometheus_client.
+        """
+        code = (
+            "import sys\n"
+            "from coder1_relay.tap import Options, makeService\n"
+            "options = Options()\n"
+            "options.parseOptions(sys.argv[1:])\n"
+            "makeService(options)\n"
+            "print('loaded:', 'prometheus_client' in sys.modules)\n"
+        )
+        listen = ["--listen", "tcp:0:interface=127.0.0.1", "--state-dir", self.mktemp()]
+        found = subprocess.run(
+            [sys.executable, "-c", code, *listen, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return found.stdout.splitlines()[-1] == "loaded: True"
+
+    def test_prometheus_client_only_when_served(self) -> None:
+        """
+        A relay without C{--metrics-listen} does not load prometheus_client (about
+        1 MiB it would keep for nothing); with it, it does.
+        """
+        self.assertFalse(self.loads_prometheus_client())
+        self.assertTrue(
+            self.loads_prometheus_client("--metrics-listen", "tcp:0:interface=127.0.0.1")
+        )
 
     async def test_port_in_use_is_one_line(self) -> None:
         """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import random
 import sys
 
 import attrs
@@ -13,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from coder1_bridge.replay import (
     CHUNK_OVERHEAD,
     CMD,
+    HOT,
     MAX_CHUNK,
     MAX_ENDED,
     PTY,
@@ -20,6 +23,7 @@ from coder1_bridge.replay import (
     InputLedger,
     Key,
     Outbox,
+    ReplayLog,
     parse_client,
     parse_positions,
 )
@@ -586,3 +590,186 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(parse_client({"client": "Ab_-9"}), "Ab_-9")
         for bad in ({}, {"client": ""}, {"client": "x" * 65}, {"client": "a b"}, {"client": 3}):
             self.assertRaises(BadResume, parse_client, bad)
+
+
+def listing(size: int) -> bytes:
+    """C{size} bytes of terminal output that compress as a real listing does (about 5 times)."""
+    rng = random.Random(size)
+    lines = []
+    total = 0
+    while total < size:
+        line = b"-rw-r--r-- 1 dev dev %7d Dec  5 %02d:%02d src/%s/module_%05d.py\n" % (
+            rng.randrange(10**6),
+            rng.randrange(24),
+            rng.randrange(60),
+            rng.choice([b"relay", b"bridge", b"wire", b"tests"]),
+            rng.randrange(10**5),
+        )
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)[:size]
+
+
+def noise(size: int) -> bytes:
+    """C{size} bytes of output that does not compress well (random bytes, base64)."""
+    return base64.b64encode(random.Random(size).randbytes(size))[:size]
+
+
+def frames(data: bytes, sizes: tuple[int, ...] = (64 * 1024, 700, 4096, 30_000)) -> list[bytes]:
+    """C{data} cut into frames of the sizes given, in turn (as a terminal's reads come)."""
+    cut, at, turn = [], 0, 0
+    while at < len(data):
+        size = sizes[turn % len(sizes)]
+        cut.append(data[at : at + size])
+        at, turn = at + size, turn + 1
+    return cut
+
+
+def read_from(log: ReplayLog, position: int) -> bytes:
+    """What a log gives from C{position} to its end, frame by frame as a replay sends it."""
+    have = []
+    while position < log.end:
+        frame = log.piece(position, MAX_CHUNK)
+        assert frame.seq == position and frame.payload, (frame.seq, position)
+        have.append(frame.payload)
+        position += len(frame.payload)
+    return b"".join(have)
+
+
+class PackTests(SynchronousTestCase):
+    """Older output of a log is kept compressed; what it gives back is exactly what came."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def printed(self, data: bytes, **settings: float) -> ReplayLog:
+        """A terminal no page follows that printed C{data}: its log."""
+        box = self.h.make(**settings)
+        box.open(TERMINAL, 1)
+        for frame in frames(data):
+            box.publish(output(TERMINAL, frame))
+        return box.logs[TERMINAL]
+
+    def test_old_output_kept_compressed(self) -> None:
+        """
+        Output older than the hot part is kept compressed: a listing of 3 MiB
+        takes less than a third of that, and gives back every byte.
+        """
+        data = listing(3 * 1024 * 1024)
+        log = self.printed(data)
+        self.assertEqual((log.start, log.end), (0, len(data)))
+        self.assertLess(log.stored, len(data) // 3)
+        self.assertGreaterEqual(log.stored, HOT)
+        self.assertEqual(read_from(log, 0), data)
+
+    def test_resume_from_any_position(self) -> None:
+        """
+        A page resuming from any position, within a compressed block, at its
+        edges or in the hot part, gets exactly the rest, through the outbox.
+        """
+        data = listing(2 * 1024 * 1024)
+        box = self.h.make()
+        box.open(TERMINAL, 1)
+        for frame in frames(data):
+            box.publish(output(TERMINAL, frame))
+        log = box.logs[TERMINAL]
+        self.assertLess(log.stored, len(data) // 3)
+        positions = (0, 1, 64 * 1024, 128 * 1024 - 1, 128 * 1024, 200_001)
+        for channel, position in enumerate(
+            (*positions, len(data) - HOT - 5, len(data) - 1), start=1
+        ):
+            box.resume(channel, f"tab{channel}", [(TERMINAL, position)])
+            box.flush(channel)
+            while (sent := box.followers[channel].sent[TERMINAL]) < len(data):
+                box.ack(channel, [(TERMINAL, sent)])
+            self.assertEqual(self.h.bytes_to(channel, TERMINAL, start=position), data[position:])
+            box.drop(channel)
+        self.assertEqual(read_from(log, 0), data)
+
+    def test_log_size_counts_bytes_as_they_came(self) -> None:
+        """
+        Compressed or not, the log keeps its size in bytes as they came: of 4 MiB
+        printed into a 1 MiB log, the last 1 MiB or so stays (whole blocks go), a
+        page from the start gets a GAP to it and then exactly the bytes kept.
+        """
+        data = listing(4 * 1024 * 1024)
+        log = self.printed(data, capacity=1024 * 1024)
+        self.assertLessEqual(log.weight, 1024 * 1024)
+        self.assertGreater(log.end - log.start, 1024 * 1024 - 256 * 1024)
+        self.assertLess(log.stored, (log.end - log.start) // 2)
+        self.assertEqual(read_from(log, log.start), data[log.start :])
+        box = self.h.outbox
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        box.flush(1)
+        self.assertEqual(self.h.to(1)[0].kind, Kind.GAP)
+        while (sent := box.followers[1].sent[TERMINAL]) < len(data):
+            box.ack(1, [(TERMINAL, sent)])
+        self.assertEqual(self.h.bytes_to(1, TERMINAL), data[log.start :])
+
+    def test_incompressible_output_kept_as_it_came(self) -> None:
+        """Output that does not compress (random, base64) is kept as it came, byte for byte."""
+        data = noise(2 * 1024 * 1024)
+        log = self.printed(data)
+        self.assertEqual(log.stored, len(data))
+        self.assertEqual(read_from(log, 0), data)
+
+    def test_mixed_output(self) -> None:
+        """
+        Compressible and incompressible stretches in turn: each kept as suits it
+        (after output that did not compress, the next 512 KiB are kept as they
+        come without trying), and every byte given back exactly.
+        """
+        mib = 1024 * 1024
+        data = noise(3 * mib // 2) + listing(3 * mib) + noise(3 * mib // 2) + listing(3 * mib)
+        log = self.printed(data, capacity=16 * mib)
+        self.assertLess(log.stored, len(data) * 2 // 3)
+        self.assertGreater(log.stored, 3 * mib)
+        for position in (0, 3 * mib // 2 - 1, 3 * mib // 2, 5 * mib + 3, len(data) - 1):
+            self.assertEqual(read_from(log, position), data[position:])
+
+    def test_unacknowledged_output_not_compressed(self) -> None:
+        """
+        What a following channel has not acknowledged stays as it came (it is
+        sent soon).  Once acknowledged, one block is compressed at once and the
+        rest one block per turn of the reactor, not all within the ACK.
+        """
+        data = listing(2 * 1024 * 1024)
+        box = self.h.make(window=4 * 1024 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for frame in frames(data):
+            box.publish(output(TERMINAL, frame))
+        log = box.logs[TERMINAL]
+        self.assertEqual(log.stored, len(data))
+        box.ack(1, [(TERMINAL, len(data))])
+        self.assertGreater(log.stored, len(data) - 256 * 1024)
+        self.assertLess(log.stored, len(data) - 64 * 1024)
+        self.h.clock.advance(0)
+        self.assertLess(log.stored, len(data) // 3)
+        self.assertEqual(read_from(log, 0), data)
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
+
+    def test_forgotten_log_stops_compressing(self) -> None:
+        """A log forgotten (the bridge stops) leaves no compression pending."""
+        data = listing(2 * 1024 * 1024)
+        box = self.h.make(window=4 * 1024 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for frame in frames(data):
+            box.publish(output(TERMINAL, frame))
+        box.ack(1, [(TERMINAL, len(data))])
+        self.assertEqual(len(self.h.clock.getDelayedCalls()), 1)
+        box.close()
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
+
+    def test_newest_frame_kept_as_it_came(self) -> None:
+        """
+        The newest output is neither compressed nor copied: the frame a replay
+        sends of it is the very payload the process gave.
+        """
+        data = listing(2 * 1024 * 1024)
+        log = self.printed(data)
+        last = frames(data)[-1]
+        box = self.h.outbox
+        box.publish(output(TERMINAL, last))
+        self.assertIs(log.piece(log.end - len(last), MAX_CHUNK).payload, last)
