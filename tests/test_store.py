@@ -586,6 +586,31 @@ class JournalTests(SynchronousTestCase):
         restarted = MemoryStore(path=self.file)
         self.assertEqual(self.successResultOf(restarted.next_peer("s")), 3)
 
+    def test_file_of_the_previous_version(self) -> None:
+        """
+        A pairings file written before the journal (no generation, no
+        journal) loads as it did; the first write makes a snapshot and its
+        journal, and appends follow.
+        """
+        old = {
+            "revoked": {"gone": 2e9},
+            "peers": {"s": 2},
+            "bridges": {"s": [attrs.asdict(record(2, "kept"))]},
+        }
+        write_secret(self.file, json.dumps(old).encode())
+        store = self.store()
+        self.assertTrue(self.successResultOf(store.is_revoked("gone", 1e9)))
+        self.written(store, store.revoke("new", 2e9, 1e9))
+        self.written(store, store.revoke("newer", 2e9, 1e9))
+        self.assertEqual([each[0].append for each in self.writer.writes], [False, True])
+        restarted = MemoryStore(path=self.file)
+        self.assertEqual(self.successResultOf(restarted.next_peer("s")), 3)
+        self.assertEqual(
+            [r.jti for r in self.successResultOf(restarted.bridges("s", 1e9))], ["kept"]
+        )
+        for jti in ("gone", "new", "newer"):
+            self.assertTrue(self.successResultOf(restarted.is_revoked(jti, 1e9)))
+
     def test_compaction(self) -> None:
         """
         Once the journal outgrows the snapshot by the factor, the next write
