@@ -288,10 +288,22 @@ class TimedStore:
     store: IRelayStore
     histogram: Histogram
     clock: IReactorTime
+    #: Each operation's histogram, looked up once (C{labels} takes a lock and builds a key).
+    _children: dict[StoreOperation, Any] = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda self: {op: self.histogram.labels(op.value) for op in StoreOperation},
+            takes_self=True,
+        ),
+    )
 
     def _timed(self, operation: StoreOperation, answer: Deferred[Any]) -> Deferred[Any]:
         started = self.clock.seconds()
-        child = self.histogram.labels(operation.value)
+        child = self._children[operation]
+        if answer.called and not answer.paused:
+            # Answered already (a store in memory): no callback to add and run.
+            child.observe(max(0.0, self.clock.seconds() - started))
+            return answer
 
         def observe(result: object) -> object:
             child.observe(max(0.0, self.clock.seconds() - started))

@@ -13,9 +13,20 @@ revocation, a paired bridge, its key) is made in memory at once, so every
 later read sees it, and its Deferred fires only once the file that holds it
 has been written and synced.  Changes made while a write is waiting for the
 next reactor turn, or while one is under way, share the next write: however
-many pairings or revocations arrive together, the file is rewritten once for
-them, not once each.  So a revocation is on disk before the API says it is
-done, and a busy relay writes at most one file at a time.
+many pairings or revocations arrive together, they are written once, not
+once each.  So a revocation is on disk before the API says it is done, and a
+busy relay writes at most one file at a time.
+
+On disk (a journal): the state is a snapshot (C{pairings.json}) and the
+changes made since (C{pairings.json.journal}), one line per write holding
+the records that write changed, appended and synced.  So a pairing costs a
+write of its own records, not of every session held.  When the journal has
+grown past C{compact_factor} times the snapshot, the next write is a new
+snapshot and a new journal (each written whole and renamed into place).
+The journal's first line names its snapshot's generation; a journal of
+another generation (a crash between the two renames) is ignored, its
+changes being in the snapshot.  A last line cut short by a crash is
+ignored: no caller of that write had been answered.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -35,7 +47,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
-from coder1_wire.secretfile import write_secret
+from coder1_wire.secretfile import append_secret, write_secret
 
 
 class StoreUnavailable(Exception):
@@ -160,26 +172,60 @@ class IRelayStore(Interface):
 SWEEP_EVERY = 1024
 
 
-#: Writes the whole state durably (atomically, mode 0600) and fires when it is on disk.
-Writer = Callable[[FilePath[str], bytes], "Deferred[None]"]
+#: The journal may grow to this many bytes before it is compacted, however small the snapshot.
+COMPACT_AT = 64 * 1024
+#: And to this many times the snapshot's size.
+COMPACT_FACTOR = 2.0
 
 
-def write_in_place(path: FilePath[str], data: bytes) -> Deferred[None]:
-    """The default L{Writer}: C{write_secret} in the calling thread."""
-    return maybeDeferred(write_secret, path, data)
+@attrs.frozen
+class FileWrite:
+    """
+    One durable write: replace C{path} with C{data} (atomically, mode 0600),
+    or append C{data} to it and sync it.
+    """
+
+    path: FilePath[str]
+    data: bytes
+    append: bool = False
+
+    def run(self) -> None:
+        """Do it, in the calling thread: on disk when this returns."""
+        if self.append:
+            append_secret(self.path, self.data)
+        else:
+            write_secret(self.path, self.data)
+
+
+#: Does one group commit's writes, in order, and fires once they are on disk.
+Writer = Callable[[Sequence[FileWrite]], "Deferred[None]"]
+
+
+def _run_all(writes: Sequence[FileWrite]) -> None:
+    for write in writes:
+        write.run()
+
+
+def write_in_place(writes: Sequence[FileWrite]) -> Deferred[None]:
+    """The default L{Writer}: the writes in the calling thread."""
+    return maybeDeferred(_run_all, writes)
 
 
 def write_in_thread(reactor: IReactorThreads) -> Writer:
     """
-    A L{Writer} that runs C{write_secret} in C{reactor}'s thread pool, so that
-    the event loop goes on while the disk syncs (the store never has two
-    writes under way, so they cannot overtake each other).
+    A L{Writer} that runs the writes in C{reactor}'s thread pool, so that the
+    event loop goes on while the disk syncs (the store never has two writes
+    under way, so they cannot overtake each other).
     """
 
-    def write(path: FilePath[str], data: bytes) -> Deferred[None]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), write_secret, path, data)
+    def write(writes: Sequence[FileWrite]) -> Deferred[None]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), _run_all, writes)
 
     return write
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 @implementer(IRelayStore)
@@ -188,8 +234,9 @@ class MemoryStore:
     """
     The default store: one process's memory.  When C{path} is given, what must
     outlive a restart (revocations, paired bridges, bridge numbers: no content)
-    is also kept in that file, mode 0600, so a restarted relay still lists and
-    can revoke the bridges whose tokens it issued, and never reuses a number.
+    is also kept in that file and its journal (see the module's docstring),
+    mode 0600, so a restarted relay still lists and can revoke the bridges
+    whose tokens it issued, and never reuses a number.
 
     With a C{clock}, changes share writes (group commit, see the module's
     docstring): the write happens one reactor turn after the first change
@@ -202,6 +249,8 @@ class MemoryStore:
     path: FilePath[str] | None = None
     clock: IReactorTime | None = None
     writer: Writer = write_in_place
+    compact_at: int = COMPACT_AT
+    compact_factor: float = COMPACT_FACTOR
     _codes: dict[str, PendingCode] = attrs.field(factory=dict)
     #: Per key: the window's length and its events, oldest first (a list: a few
     #: events each, and a deque costs 600 bytes even empty).
@@ -213,12 +262,18 @@ class MemoryStore:
     _presence: dict[str, dict[int, Presence]] = attrs.field(factory=dict)
     #: The earliest expiry of a revocation or bridge record: nothing to prune before it.
     _next_expiry: float = math.inf
-    #: Per session, its parts of the file, kept between writes: C{"session":[records]}
-    #: and C{"session":N} (its last bridge number).  A write joins them; only those
-    #: of the sessions in C{_stale} are made anew.
-    _fragments: dict[str, bytes] = attrs.field(factory=dict)
-    _peer_parts: dict[str, bytes] = attrs.field(factory=dict)
-    _stale: set[str] = attrs.field(factory=set)
+    #: What changed since the last write, in order (dicts as ordered sets): the
+    #: revocations, the sessions' bridge numbers and the bridge records the
+    #: next journal line holds.
+    _new_revoked: dict[str, None] = attrs.field(factory=dict)
+    _new_peers: dict[str, None] = attrs.field(factory=dict)
+    _new_records: dict[tuple[str, int], None] = attrs.field(factory=dict)
+    #: The sizes of the snapshot and the journal on disk (or being written).
+    _snapshot_size: int = 0
+    _journal_size: int = 0
+    #: The next write is a new snapshot and journal: there is no journal of
+    #: this snapshot yet, its end may be cut short, or a write failed.
+    _compact_next: bool = True
     #: Callers whose changes are made but not yet written; the next write is theirs.
     _waiting: list[Deferred[None]] = attrs.field(factory=list)
     #: The next write, scheduled for the next reactor turn.
@@ -230,18 +285,61 @@ class MemoryStore:
     def __attrs_post_init__(self) -> None:
         if self.path is None or not self.path.exists():
             return
-        saved: dict[str, Any] = json.loads(self.path.getContent())
-        self._revoked = {str(k): float(v) for k, v in saved["revoked"].items()}
-        self._peers = {str(k): int(v) for k, v in saved["peers"].items()}
-        # Records from before end-to-end encryption have no key: their bridges must pair again.
+        content = self.path.getContent()
+        saved: dict[str, Any] = json.loads(content)
+        self._merge(saved)
+        self._snapshot_size = len(content)
+        self._compact_next = not self._replay(saved.get("generation"))
+        # Records from before end-to-end encryption, or whose bridge had not
+        # presented its key, have none: their bridges must pair again.
         self._bridges = {
-            str(session): {
-                int(r["peer"]): BridgeRecord(**r) for r in records if r.get("bridge_key")
-            }
-            for session, records in saved["bridges"].items()
+            session: keyed
+            for session, records in self._bridges.items()
+            if (keyed := {p: r for p, r in records.items() if r.bridge_key})
         }
         self._next_expiry = self._earliest_expiry()
-        self._stale.update(self._bridges, self._peers)
+
+    @property
+    def journal(self) -> FilePath[str] | None:
+        """The file of the changes made since the snapshot C{path}."""
+        return None if self.path is None else self.path.siblingExtension(".journal")
+
+    def _merge(self, saved: dict[str, Any]) -> None:
+        """Apply a snapshot, or a journal line (the same keys, only what changed)."""
+        self._revoked.update({str(k): float(v) for k, v in saved["revoked"].items()})
+        self._peers.update({str(k): int(v) for k, v in saved["peers"].items()})
+        for session, records in saved["bridges"].items():
+            mine = self._bridges.setdefault(str(session), {})
+            for r in records:
+                mine[int(r["peer"])] = BridgeRecord(**r)
+
+    def _replay(self, generation: str | None) -> bool:
+        """
+        Apply the journal of the snapshot of C{generation}, if there is one.
+
+        @return: whether the next change may be appended to it (it is this
+            snapshot's, and whole).
+        """
+        journal = self.journal
+        assert journal is not None
+        if generation is None or not journal.exists():
+            return False
+        content = journal.getContent()
+        lines = content.split(b"\n")
+        # Empty after a whole last line; else the start of a write that was never synced.
+        tail = lines.pop()
+        if not lines or json.loads(lines[0]) != {"generation": generation}:
+            return False
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                change = json.loads(line)
+            except ValueError:
+                if number < len(lines) or tail:
+                    raise  # synced whole before a later write began: damaged since
+                return False  # the last write's, never synced whole
+            self._merge(change)
+        self._journal_size = len(content)
+        return not tail
 
     def _earliest_expiry(self) -> float:
         return min(
@@ -253,7 +351,10 @@ class MemoryStore:
         )
 
     def _prune(self, now: float) -> None:
-        """Drop what expired (its tokens are dead anyway); a scan only once something has."""
+        """
+        Drop what expired (its tokens are dead anyway); a scan only once
+        something has.  The files keep them until the next snapshot.
+        """
         if now < self._next_expiry:
             return
         self._revoked = {j: exp for j, exp in self._revoked.items() if exp > now}
@@ -261,7 +362,6 @@ class MemoryStore:
             live = {p: r for p, r in records.items() if r.expires_at > now}
             if len(live) == len(records):
                 continue
-            self._stale.add(session)
             if live:
                 self._bridges[session] = live
             else:
@@ -285,48 +385,71 @@ class MemoryStore:
                 self._flush_call = self.clock.callLater(0, self._flush)
         return done
 
-    def _snapshot(self) -> bytes:
-        """
-        The durable state as the file holds it: its parts kept encoded, and
-        joined once (a write's cost grows with the sessions held).
-        """
-        for session in self._stale:
-            name = json.dumps(session)
-            records = self._bridges.get(session)
-            if records:
-                listed = json.dumps([attrs.asdict(r) for r in records.values()])
-                self._fragments[session] = f"{name}:{listed}".encode()
-            else:
-                self._fragments.pop(session, None)
-            if session in self._peers:
-                self._peer_parts[session] = f"{name}:{self._peers[session]}".encode()
-        self._stale.clear()
-        return b"".join(
-            [
-                b'{"revoked":',
-                json.dumps(self._revoked).encode(),
-                b',"peers":{',
-                b",".join(self._peer_parts.values()),
-                b'},"bridges":{',
-                b",".join(self._fragments.values()),
-                b"}}",
-            ]
+    def _journal_line(self) -> bytes:
+        """What changed since the last write, as one journal line (and forget it)."""
+        bridges: dict[str, list[dict[str, Any]]] = {}
+        for session, peer in self._new_records:
+            record = self._bridges.get(session, {}).get(peer)
+            if record is not None:  # else pruned since: dead anyway
+                bridges.setdefault(session, []).append(attrs.asdict(record))
+        line = _encode(
+            {
+                "revoked": {j: self._revoked[j] for j in self._new_revoked if j in self._revoked},
+                "peers": {s: self._peers[s] for s in self._new_peers},
+                "bridges": bridges,
+            }
         )
+        self._new_revoked.clear()
+        self._new_peers.clear()
+        self._new_records.clear()
+        return line + b"\n"
+
+    def _compaction(self, path: FilePath[str], journal: FilePath[str]) -> list[FileWrite]:
+        """
+        A new snapshot of the whole state, then its journal, empty: the old
+        journal's changes are in the snapshot, and it is ignored from the
+        moment the snapshot replaces the old one.
+        """
+        generation = secrets.token_hex(8)
+        bridges = {
+            session: [attrs.asdict(r) for r in records.values()]
+            for session, records in self._bridges.items()
+        }
+        snapshot = _encode(
+            {
+                "generation": generation,
+                "revoked": self._revoked,
+                "peers": self._peers,
+                "bridges": bridges,
+            }
+        )
+        header = _encode({"generation": generation}) + b"\n"
+        self._snapshot_size, self._journal_size = len(snapshot), len(header)
+        self._compact_next = False
+        return [FileWrite(path, snapshot), FileWrite(journal, header)]
 
     def _flush(self) -> None:
         """Write everything once for all waiting callers; then those who came meanwhile."""
         self._flush_call = None
-        assert self.path is not None
         batch, self._waiting = self._waiting, []
         self._writing = batch
-        maybeDeferred(self._write, self.path).addBoth(self._written, batch)
+        maybeDeferred(self._write).addBoth(self._written, batch)
 
-    def _write(self, path: FilePath[str]) -> Deferred[None]:
-        return self.writer(path, self._snapshot())
+    def _write(self) -> Deferred[None]:
+        path, journal = self.path, self.journal
+        assert path is not None and journal is not None
+        line = self._journal_line()
+        limit = max(self.compact_at, self.compact_factor * self._snapshot_size)
+        if self._compact_next or self._journal_size + len(line) > limit:
+            return self.writer(self._compaction(path, journal))
+        self._journal_size += len(line)
+        return self.writer([FileWrite(journal, line, append=True)])
 
     def _written(self, result: Failure | None, batch: list[Deferred[None]]) -> None:
         self._writing = None
         if isinstance(result, Failure):
+            # What it held is in memory; the journal's end is unknown: write all anew.
+            self._compact_next = True
             self.log.failure(
                 "writing {path} failed", result, path=self.path.path if self.path else ""
             )
@@ -407,6 +530,7 @@ class MemoryStore:
 
     def revoke(self, jti: str, expires_at: float, now: float) -> Deferred[None]:
         self._revoked[jti] = expires_at
+        self._new_revoked[jti] = None
         self._next_expiry = min(self._next_expiry, expires_at)
         return self._changed(now)
 
@@ -415,12 +539,12 @@ class MemoryStore:
 
     def next_peer(self, session: str) -> Deferred[int]:
         self._peers[session] = self._peers.get(session, 0) + 1
-        self._stale.add(session)
+        self._new_peers[session] = None
         return succeed(self._peers[session])
 
     def add_bridge(self, session: str, record: BridgeRecord) -> Deferred[None]:
         self._bridges.setdefault(session, {})[record.peer] = record
-        self._stale.add(session)
+        self._new_records[session, record.peer] = None
         self._next_expiry = min(self._next_expiry, record.expires_at)
         return self._changed(record.paired_at)
 
@@ -431,7 +555,7 @@ class MemoryStore:
         if record is None or record.bridge_key:
             return succeed(None)
         self._bridges[session][peer] = attrs.evolve(record, bridge_key=bridge_key, code="")
-        self._stale.add(session)
+        self._new_records[session, peer] = None
         updated = attrs.evolve(record, bridge_key=bridge_key)
         return self._changed(record.paired_at).addCallback(lambda _: updated)
 

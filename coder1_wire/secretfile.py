@@ -58,6 +58,21 @@ def write_secret(path: FilePath[str] | str, data: bytes) -> None:
     _fsync_directory(directory)
 
 
+def append_secret(path: FilePath[str] | str, data: bytes) -> None:
+    """
+    Append C{data} to the existing file C{path} (made by L{write_secret}, so
+    owner-only) and sync it: on disk when this returns.  A crash during the
+    write may leave part of C{data} at the end of the file.
+    """
+    # No O_CREAT: a missing file is an error, never a new file with another mode.
+    fd = os.open(_as_path(path).path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
+        _write_all(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_secret(path: FilePath[str] | str) -> bytes:
     """
     Read a secret file.  Callers that must refuse a file others can read

@@ -47,7 +47,13 @@ from coder1_relay.certs import (
     server_ssl_context,
 )
 from coder1_relay.tls_server import TLSServerFactory, TLSServerProtocol
-from coder1_wire.secretfile import InsecureFileError, check_private, read_secret, write_secret
+from coder1_wire.secretfile import (
+    InsecureFileError,
+    append_secret,
+    check_private,
+    read_secret,
+    write_secret,
+)
 from coder1_wire.tls import client_tls_options
 
 DEFAULT_HOSTNAMES = ["localhost", "127.0.0.1", "::1"]
@@ -128,7 +134,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 class SecretFileTests(TestCase):
     """
-    L{write_secret}, L{read_secret} and L{check_private}.
+    L{write_secret}, L{append_secret}, L{read_secret} and L{check_private}.
     """
 
     def setUp(self) -> None:
@@ -182,6 +188,29 @@ class SecretFileTests(TestCase):
         self.assertRaises(OSError, write_secret, target, b"x")
         self.assertEqual(self.root.listdir(), ["secret"])
         self.assertTrue(target.isdir())
+
+    def test_append_keeps_the_file(self) -> None:
+        """
+        L{append_secret} adds to the end of a secret file, which keeps its
+        mode; a missing file is an error, never created (with another mode).
+        """
+        target = self.root.child("journal")
+        write_secret(target, b"one\n")
+        append_secret(target, b"two\n")
+        append_secret(target.path, b"three\n")
+        self.assertEqual(read_secret(target), b"one\ntwo\nthree\n")
+        self.assertEqual(_mode(target), 0o600)
+        self.assertRaises(FileNotFoundError, append_secret, self.root.child("none"), b"x")
+        self.assertFalse(self.root.child("none").exists())
+
+    def test_append_refuses_a_symlink(self) -> None:
+        """A link planted at the file's name is not followed."""
+        self.root.makedirs()
+        elsewhere = self.root.child("elsewhere")
+        elsewhere.setContent(b"")
+        elsewhere.linkTo(self.root.child("journal"))
+        self.assertRaises(OSError, append_secret, self.root.child("journal"), b"x")
+        self.assertEqual(elsewhere.getContent(), b"")
 
     def test_checkPrivate(self) -> None:
         """

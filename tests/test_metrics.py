@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -142,6 +142,28 @@ class _SlowStore(MemoryStore):
         return self.answer
 
 
+class _Answered(Deferred[Any]):
+    """A Deferred that counts the times its callbacks were run."""
+
+    runs = 0
+
+    def _runCallbacks(self) -> None:
+        self.runs += 1
+        super()._runCallbacks()
+
+
+class _AtOnceStore(MemoryStore):
+    """A store whose hit answers at once, and whose count fails at once."""
+
+    def hit(self, key: str, now: float, window: float, limit: int) -> Deferred[float | None]:
+        self.answer = _Answered()
+        self.answer.callback(None)
+        return self.answer
+
+    def count(self, key: str, now: float, window: float) -> Deferred[int]:
+        return fail(ValueError("boom"))
+
+
 class TimedStoreTests(SynchronousTestCase):
     """L{TimedStore} times every store call on the injected clock."""
 
@@ -175,6 +197,23 @@ class TimedStoreTests(SynchronousTestCase):
             "coder1_relay_store_operation_seconds_count", {"operation": "take_code"}
         )
         self.assertEqual(count, 1)
+
+    def test_answered_at_once_timed_without_a_callback(self) -> None:
+        """
+        A call answered at once (a store in memory) is observed then and its
+        answer handed back as it is, with no callback added to run; a failure
+        answered at once too.
+        """
+        clock, metrics, store = Clock(), RelayMetrics(), _AtOnceStore()
+        timed = TimedStore(store, metrics.store_seconds, clock)
+        answer = timed.hit("k", 0, 60, 5)
+        self.assertIs(answer, store.answer)
+        self.assertEqual(store.answer.runs, 1)  # by its own callback(), only
+        self.failureResultOf(timed.count("k", 0, 60), ValueError)
+        value = metrics.registry.get_sample_value
+        for operation in ("hit", "count"):
+            labels = {"operation": operation}
+            self.assertEqual(value("coder1_relay_store_operation_seconds_count", labels), 1)
 
     def test_registries_are_the_relays_own(self) -> None:
         """Two relays' metrics in one process do not collide (no global registry)."""

@@ -357,12 +357,16 @@ class PersistenceTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(restarted.next_peer("s")), 2)
 
     def test_expired_bridges_pruned(self) -> None:
-        """Bridges whose tokens expired anyway are dropped from the file at the next write."""
-        store = MemoryStore(path=self.file)
+        """
+        Bridges whose tokens expired anyway are dropped from the files at the
+        next snapshot (here every write is one).
+        """
+        store = MemoryStore(path=self.file, compact_at=0, compact_factor=0)
         store.add_bridge("s", BridgeRecord(1, "old", "a", 10.0, 100.0, BRIDGE_KEY))
         store.add_bridge("s", BridgeRecord(2, "new", "b", 200.0, 1000.0, BRIDGE_KEY))
         self.assertNotIn(b'"old"', self.file.getContent())
         self.assertIn(b'"new"', self.file.getContent())
+        self.assertNotIn(b'"old"', self.file.siblingExtension(".journal").getContent())
 
     def test_expired_revocations_pruned(self) -> None:
         """Revocations of tokens that expired anyway are dropped at the next write."""

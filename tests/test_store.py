@@ -1,16 +1,17 @@
 """
 Tests for L{coder1_relay.store}: the contract every store keeps (L{StoreContract},
 run against L{MemoryStore} here and against C{RedisStore} in test_redis_store),
-and group commit of the pairings file, on an injected clock.
+group commit of the pairings file, on an injected clock, and its journal.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -19,12 +20,14 @@ from zope.interface.verify import verifyObject
 from coder1_relay import store as store_module
 from coder1_relay.store import (
     BridgeRecord,
+    FileWrite,
     IRelayStore,
     MemoryStore,
     PendingCode,
     Presence,
     write_in_place,
 )
+from coder1_wire.secretfile import write_secret
 
 KEY = "R" * 87
 
@@ -238,31 +241,56 @@ class MemoryStoreContractTests(StoreContract, TestCase):
         self.store = self.other = MemoryStore()
 
 
+def on_disk(path: FilePath[str]) -> dict[str, Any]:
+    """
+    The state in C{path} and its journal, read as docs/security.md describes
+    them: the snapshot, then each whole line of the journal of its generation
+    over it.  Bridges as C{{session: [records by peer]}}.
+    """
+    snapshot = json.loads(path.getContent())
+    revoked, peers = snapshot["revoked"], snapshot["peers"]
+    bridges = {s: {r["peer"]: r for r in rs} for s, rs in snapshot["bridges"].items()}
+    journal = path.siblingExtension(".journal")
+    lines = journal.getContent().split(b"\n")[:-1] if journal.exists() else []
+    if lines and json.loads(lines[0]) == {"generation": snapshot.get("generation")}:
+        for line in lines[1:]:
+            change = json.loads(line)
+            revoked.update(change["revoked"])
+            peers.update(change["peers"])
+            for session, records in change["bridges"].items():
+                bridges.setdefault(session, {}).update({r["peer"]: r for r in records})
+    listed = {s: [rs[p] for p in sorted(rs)] for s, rs in bridges.items()}
+    return {"revoked": revoked, "peers": peers, "bridges": listed}
+
+
 @attrs.define
 class FakeWriter:
     """
     Records every write and leaves it under way until the test says it is on
-    disk (L{finish}), which writes the file for real.
+    disk (L{finish}), which writes the files for real.
     """
 
-    writes: list[tuple[FilePath[str], bytes]] = attrs.field(factory=list)
+    writes: list[Sequence[FileWrite]] = attrs.field(factory=list)
     pending: list[Deferred[None]] = attrs.field(factory=list)
 
-    def __call__(self, path: FilePath[str], data: bytes) -> Deferred[None]:
-        self.writes.append((path, data))
+    def __call__(self, writes: Sequence[FileWrite]) -> Deferred[None]:
+        self.writes.append(writes)
         done: Deferred[None] = Deferred()
         self.pending.append(done)
         return done
 
     def finish(self) -> None:
         """The oldest write under way reaches the disk."""
-        path, data = self.writes[len(self.writes) - len(self.pending)]
-        write_in_place(path, data)
+        write_in_place(self.writes[len(self.writes) - len(self.pending)])
         self.pending.pop(0).callback(None)
 
     def fail(self) -> None:
         """The oldest write under way fails (a full disk)."""
         self.pending.pop(0).errback(OSError(28, "No space left on device"))
+
+    def compactions(self) -> int:
+        """How many of the writes made were a new snapshot (not an append)."""
+        return sum(1 for each in self.writes if not each[0].append)
 
 
 class GroupCommitTests(SynchronousTestCase):
@@ -277,7 +305,7 @@ class GroupCommitTests(SynchronousTestCase):
         self.store = MemoryStore(path=self.file, clock=self.clock, writer=self.writer)
 
     def saved(self) -> Any:
-        return json.loads(self.file.getContent())
+        return on_disk(self.file)
 
     def test_concurrent_changes_share_one_write(self) -> None:
         """
@@ -300,7 +328,8 @@ class GroupCommitTests(SynchronousTestCase):
     def test_answered_only_once_durable(self) -> None:
         """
         A revocation's Deferred fires only after its write is done (the API
-        answers then), though reads see it at once.
+        answers then), though reads see it at once; so for one appended to
+        the journal.
         """
         revoked = self.store.revoke("jti-1", 2e9, 1e9)
         self.assertTrue(self.successResultOf(self.store.is_revoked("jti-1", 1e9)))
@@ -310,8 +339,16 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertFalse(self.file.exists())
         self.writer.finish()
         self.successResultOf(revoked)
-        self.assertEqual(self.saved()["revoked"], {"jti-1": 2e9})
-        self.assertEqual(self.file.getPermissions().shorthand(), "rw-------")
+        appended = self.store.revoke("jti-2", 2e9, 1e9)
+        self.clock.advance(0)
+        self.assertNoResult(appended)
+        self.assertTrue(self.writer.writes[-1][0].append)
+        self.writer.finish()
+        self.successResultOf(appended)
+        self.assertEqual(self.saved()["revoked"], {"jti-1": 2e9, "jti-2": 2e9})
+        for each in (self.file, self.store.journal):
+            assert each is not None
+            self.assertEqual(each.getPermissions().shorthand(), "rw-------")
 
     def test_changes_during_a_write_share_the_next(self) -> None:
         """
@@ -339,8 +376,12 @@ class GroupCommitTests(SynchronousTestCase):
     def test_failed_write_fails_its_callers(self) -> None:
         """
         When the write fails every caller of that write gets the error, and
-        the next change writes everything again.
+        the next change writes everything again (a new snapshot: the
+        journal's end is unknown).
         """
+        self.store.revoke("j", 2e9, 1e9)
+        self.clock.advance(0)
+        self.writer.finish()
         changes = [self.store.revoke(f"j{i}", 2e9, 1e9) for i in range(3)]
         self.clock.advance(0)
         self.writer.fail()
@@ -349,14 +390,15 @@ class GroupCommitTests(SynchronousTestCase):
         self.flushLoggedErrors(OSError)
         again = self.store.revoke("j3", 2e9, 1e9)
         self.clock.advance(0)
+        self.assertEqual(self.writer.compactions(), 2)
         self.writer.finish()
         self.successResultOf(again)
-        self.assertEqual(sorted(self.saved()["revoked"]), ["j0", "j1", "j2", "j3"])
+        self.assertEqual(sorted(self.saved()["revoked"]), ["j", "j0", "j1", "j2", "j3"])
 
     def test_key_and_pruning_reach_the_file(self) -> None:
         """
-        A bridge's key replaces its record in the file (its session's cached
-        part is rebuilt), and expired records leave it.
+        A bridge's key replaces its record on disk, and expired records are
+        gone from the files once a new snapshot is written.
         """
         self.store.add_bridge("s", record(1, "old", paired_at=10.0, expires_at=100.0))
         self.store.add_bridge("t", record(1, "keep", paired_at=10.0))
@@ -370,7 +412,6 @@ class GroupCommitTests(SynchronousTestCase):
         self.writer.finish()
         self.assertEqual(self.successResultOf(keyed), attrs.evolve(fresh, bridge_key=KEY))
         bridges = self.saved()["bridges"]
-        self.assertNotIn("s", bridges)
         self.assertEqual(
             [(r["jti"], r["bridge_key"], r["code"]) for r in bridges["t"]],
             [("keep", KEY, ""), ("new", KEY, "")],
@@ -379,11 +420,15 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(
             [r.jti for r in self.successResultOf(restarted.bridges("t", 300.0))], ["keep", "new"]
         )
+        compacting = MemoryStore(path=self.file, compact_at=0, compact_factor=0)
+        self.successResultOf(compacting.revoke("x", 2e9, 300.0))
+        self.assertNotIn(b'"old"', self.file.getContent())
+        self.assertIn(b'"keep"', self.file.getContent())
 
-    def test_only_changed_sessions_encoded(self) -> None:
+    def test_only_changed_records_encoded(self) -> None:
         """
-        A write encodes again only the sessions that changed since the last
-        one; the file still holds every session's bridges and numbers.
+        A write encodes only the records that changed since the last one;
+        the files still hold every session's bridges and numbers.
         """
         for i in range(20):
             self.successResultOf(self.store.next_peer(f"s{i}"))
@@ -403,7 +448,7 @@ class GroupCommitTests(SynchronousTestCase):
         self.store.add_bridge("s3", record(2, "jti-3b"))
         self.clock.advance(0)
         self.writer.finish()
-        self.assertEqual([r.jti for r in encoded], ["jti-3", "jti-3b"])
+        self.assertEqual([r.jti for r in encoded], ["jti-3b"])
         saved = self.saved()
         self.assertEqual(len(saved["bridges"]), 20)
         self.assertEqual(saved["peers"]["s3"], 2)
@@ -424,6 +469,192 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(len(self.writer.writes), 1)
 
 
+def pair(store: MemoryStore, session: str, jti: str) -> list[Deferred[Any]]:
+    """What one pairing changes in the store: a number, a record, then its key."""
+    peer = store.next_peer(session)
+    fresh = attrs.evolve(record(1, jti), bridge_key="", code="123456")
+    return [peer, store.add_bridge(session, fresh), store.set_bridge_key(session, 1, KEY)]
+
+
+class JournalTests(SynchronousTestCase):
+    """
+    The pairings file as a snapshot and a journal of the changes since: what
+    a restart recovers, what a crash leaves, and what a change costs to write.
+    """
+
+    def setUp(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.file = directory.child("pairings.json")
+        self.journal = self.file.siblingExtension(".journal")
+        self.writer = FakeWriter()
+
+    def store(self, **settings: Any) -> MemoryStore:
+        """A store on the test's files, writing each change as it is made."""
+        store = MemoryStore(path=self.file, writer=self.writer, **settings)
+        self.writer.pending.clear()
+        return store
+
+    def written(self, store: MemoryStore, change: Deferred[Any]) -> Any:
+        """Finish the writes under way, then the change's result."""
+        while self.writer.pending:
+            self.writer.finish()
+        return self.successResultOf(change)
+
+    def test_restart_recovers_every_change(self) -> None:
+        """
+        Pairings, keys, revocations and bridge numbers appended to the
+        journal (no new snapshot since the first write) are all there after
+        a restart; a bridge that never presented its key is not.
+        """
+        store = self.store()
+        self.written(store, store.revoke("first", 2e9, 1e9))
+        for i in range(5):
+            for change in pair(store, f"s{i}", f"jti-{i}"):
+                self.written(store, change)
+        unkeyed = attrs.evolve(record(2, "unkeyed"), bridge_key="")
+        self.written(store, store.add_bridge("s0", unkeyed))
+        self.written(store, store.revoke("jti-1", 2e9, 1e9))
+        self.assertEqual(self.writer.compactions(), 1)
+        self.assertEqual(len(self.journal.getContent().splitlines()), 1 + 12)
+        restarted = MemoryStore(path=self.file)
+        for i in range(5):
+            listed = self.successResultOf(restarted.bridges(f"s{i}", 1e9))
+            self.assertEqual(
+                [(r.jti, r.bridge_key) for r in listed], [] if i == 1 else [(f"jti-{i}", KEY)]
+            )
+            self.assertEqual(self.successResultOf(restarted.next_peer(f"s{i}")), 2)
+        self.assertTrue(self.successResultOf(restarted.is_revoked("first", 1e9)))
+        self.assertTrue(self.successResultOf(restarted.is_revoked("jti-1", 1e9)))
+
+    def test_torn_last_line_ignored(self) -> None:
+        """
+        A last line cut short by a crash (its write was never answered) is
+        ignored, whole or in part; the next write is a new snapshot, not an
+        append after it, and loses nothing.
+        """
+        store = self.store()
+        for change in pair(store, "s", "jti-s"):
+            self.written(store, change)
+        whole = self.journal.getContent()
+        torn = store.revoke("jti-s", 2e9, 1e9)
+        self.writer.finish()
+        self.successResultOf(torn)
+        line = self.journal.getContent()[len(whole) :]
+        for cut in (line[:-1], line[: len(line) // 2], b"\0" * len(line)):
+            write_secret(self.journal, whole + cut)
+            restarted = self.store()
+            self.assertFalse(self.successResultOf(restarted.is_revoked("jti-s", 1e9)))
+            self.written(restarted, restarted.revoke("other", 2e9, 1e9))
+            self.assertFalse(self.writer.writes[-1][0].append)
+            again = MemoryStore(path=self.file)
+            self.assertTrue(self.successResultOf(again.is_revoked("other", 1e9)))
+            self.assertEqual(
+                [r.jti for r in self.successResultOf(again.bridges("s", 1e9))], ["jti-s"]
+            )
+
+    def test_damaged_line_before_the_last_refused(self) -> None:
+        """
+        A line that cannot be read followed by others was synced whole
+        before them: damage since, which the relay refuses to start on
+        rather than forget pairings silently.
+        """
+        store = self.store()
+        for change in pair(store, "s", "jti-s"):
+            self.written(store, change)
+        header, *changes = self.journal.getContent().splitlines(keepends=True)
+        write_secret(self.journal, header + b"{garbage\n" + b"".join(changes))
+        self.assertRaises(ValueError, MemoryStore, path=self.file)
+
+    def test_journal_of_another_snapshot_ignored(self) -> None:
+        """
+        After a crash between the new snapshot's rename and its journal's,
+        the old journal is ignored: replayed over the new snapshot it would
+        give a bridge number again.
+        """
+        store = self.store(compact_at=0, compact_factor=1e9)
+        self.written(store, store.revoke("x", 2e9, 1e9))
+        self.written(store, store.next_peer("s"))
+        self.written(store, store.add_bridge("s", record(1, "a")))
+        old = self.journal.getContent()
+        self.written(store, store.next_peer("s"))
+        self.written(store, store.add_bridge("s", record(2, "b")))
+        self.assertEqual(json.loads(old.splitlines()[-1])["peers"], {"s": 1})
+        store.compact_factor = 0
+        self.written(store, store.revoke("y", 2e9, 1e9))
+        write_secret(self.journal, old)
+        restarted = MemoryStore(path=self.file)
+        self.assertEqual(self.successResultOf(restarted.next_peer("s")), 3)
+
+    def test_file_of_the_previous_version(self) -> None:
+        """
+        A pairings file written before the journal (no generation, no
+        journal) loads as it did; the first write makes a snapshot and its
+        journal, and appends follow.
+        """
+        old = {
+            "revoked": {"gone": 2e9},
+            "peers": {"s": 2},
+            "bridges": {"s": [attrs.asdict(record(2, "kept"))]},
+        }
+        write_secret(self.file, json.dumps(old).encode())
+        store = self.store()
+        self.assertTrue(self.successResultOf(store.is_revoked("gone", 1e9)))
+        self.written(store, store.revoke("new", 2e9, 1e9))
+        self.written(store, store.revoke("newer", 2e9, 1e9))
+        self.assertEqual([each[0].append for each in self.writer.writes], [False, True])
+        restarted = MemoryStore(path=self.file)
+        self.assertEqual(self.successResultOf(restarted.next_peer("s")), 3)
+        self.assertEqual(
+            [r.jti for r in self.successResultOf(restarted.bridges("s", 1e9))], ["kept"]
+        )
+        for jti in ("gone", "new", "newer"):
+            self.assertTrue(self.successResultOf(restarted.is_revoked(jti, 1e9)))
+
+    def test_compaction(self) -> None:
+        """
+        Once the journal outgrows the snapshot by the factor, the next write
+        is a new snapshot holding everything and an empty journal; the
+        writes between are appends.
+        """
+        store = self.store(compact_at=4096, compact_factor=2)
+        for i in range(40):
+            for change in pair(store, f"s{i}", f"jti-{i}"):
+                self.written(store, change)
+        kinds = [each[0].append for each in self.writer.writes]
+        self.assertEqual(kinds[0], False)
+        self.assertGreater(self.writer.compactions(), 1)
+        self.assertGreater(kinds.count(True), 40)
+        last = max(i for i, append in enumerate(kinds) if not append)
+        written = self.writer.writes[last]
+        self.assertEqual([w.path for w in written], [self.file, self.journal])
+        snapshot = json.loads(written[0].data)
+        self.assertEqual(json.loads(written[1].data), {"generation": snapshot["generation"]})
+        self.assertLessEqual(
+            len(self.journal.getContent()), max(4096, 2 * len(self.file.getContent()))
+        )
+        restarted = MemoryStore(path=self.file)
+        for i in range(40):
+            listed = self.successResultOf(restarted.bridges(f"s{i}", 1e9))
+            self.assertEqual([(r.jti, r.bridge_key) for r in listed], [(f"jti-{i}", KEY)])
+
+    def test_append_proportional_to_the_change(self) -> None:
+        """
+        What a pairing appends does not grow with the sessions held: the
+        same bytes with 1,000 held as with 10.
+        """
+        store = self.store(compact_at=10**9)
+        appended = []
+        for i in range(1000):
+            start = len(self.writer.writes)
+            for change in pair(store, f"session-{i:04}", f"jti-{i:04}"):
+                self.written(store, change)
+            appended.append(sum(len(w[0].data) for w in self.writer.writes[start:]))
+        self.assertEqual(self.writer.compactions(), 1)
+        self.assertEqual(appended[10], appended[999])
+        self.assertLess(appended[999], 1024)
+
+
 class WithoutClockTests(SynchronousTestCase):
     """Without a clock every change is written before its method returns."""
 
@@ -432,14 +663,15 @@ class WithoutClockTests(SynchronousTestCase):
         directory = FilePath(self.mktemp())
         directory.makedirs()
         path = directory.child("pairings.json")
-        writes: list[bytes] = []
+        writes: list[Sequence[FileWrite]] = []
 
-        def writer(target: FilePath[str], data: bytes) -> Deferred[None]:
-            writes.append(data)
-            return succeed(None)
+        def writer(each: Sequence[FileWrite]) -> Deferred[None]:
+            writes.append(each)
+            return write_in_place(each)
 
         store = MemoryStore(path=path, writer=writer)
         self.successResultOf(store.revoke("a", 2e9, 1e9))
         self.successResultOf(store.revoke("b", 2e9, 1e9))
         self.assertEqual(len(writes), 2)
-        self.assertEqual(json.loads(writes[1])["revoked"], {"a": 2e9, "b": 2e9})
+        self.assertEqual(json.loads(writes[1][0].data)["revoked"], {"b": 2e9})
+        self.assertEqual(on_disk(path)["revoked"], {"a": 2e9, "b": 2e9})
