@@ -25,13 +25,19 @@ from bench import harness as h
 from bench.stats import emit
 
 BENCHMARKS = ["keystroke", "bulk", "forward", "capacity", "startup"]
+#: Rounds per benchmark unless --rounds says otherwise.
+DEFAULT_ROUNDS = {"capacity": 1}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes, for a first look")
-    p.add_argument("--rounds", type=int, default=5, help="rounds per system (default 5)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds per system (default 5; capacity 1, its steps take minutes)",
+    )
     p.add_argument(
         "--systems",
         type=lambda s: s.split(","),
@@ -82,6 +88,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def rounds(benchmark: str, given: int | None) -> int:
+    """The rounds C{benchmark} runs: C{--rounds} if given, else its default."""
+    return given if given is not None else DEFAULT_ROUNDS.get(benchmark, 5)
+
+
 async def _main(reactor: Any, options: argparse.Namespace) -> None:
     from bench import bulk, capacity, forward, keystroke, startup
 
@@ -101,7 +112,9 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
         sys.stdout.write("\n")
         if json_out is not None:
             json_out.write(json.dumps({"machine": h.machine()}) + "\n")
+        given = options.rounds
         for name in chosen:
+            options.rounds = rounds(name, given)
             result = await modules[name].run(options)
             for table in result if isinstance(result, list) else [result]:
                 emit(table, sys.stdout, json_out)

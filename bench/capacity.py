@@ -86,7 +86,7 @@ async def run(options: Any) -> list[Table]:
         notes=notes,
     )
     trees: list[Path | None] = [None] if h.BEFORE is None else [h.BEFORE, None]
-    for _ in range(options.rounds if options.rounds <= 1 or options.quick else 1):
+    for _ in range(options.rounds):
         for tree in trees:
             await _round(table, capped, options, tree)
     return [table]

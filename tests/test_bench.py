@@ -31,7 +31,7 @@ from bench import (
     startup,
     terminals,
 )
-from bench.__main__ import parser
+from bench.__main__ import parser, rounds
 from bench.stats import Spread, Table, percentile
 
 
@@ -84,6 +84,16 @@ class StatsTests(TestCase):
         table.row("base").add("m", 2.0)
         table.row("other").add("m", 3.0)
         self.assertIn("1.50x", table.render())
+
+    def test_rounds_as_asked(self) -> None:
+        """
+        --rounds is what every benchmark runs, capacity included; without it,
+        capacity runs once (its steps take minutes) and the others five times.
+        """
+        self.assertEqual(rounds("capacity", 3), 3)
+        self.assertEqual(rounds("capacity", None), 1)
+        self.assertEqual(rounds("keystroke", None), 5)
+        self.assertEqual(rounds("keystroke", 2), 2)
 
     def test_pooled_keystrokes(self) -> None:
         """
