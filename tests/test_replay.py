@@ -650,6 +650,15 @@ class PackTests(SynchronousTestCase):
             box.publish(output(TERMINAL, frame))
         return box.logs[TERMINAL]
 
+    def followed(self, data: bytes) -> Outbox:
+        """A terminal a tab follows that printed C{data}, none of it acknowledged yet."""
+        box = self.h.make(window=4 * 1024 * 1024)
+        box.open(TERMINAL, 1)
+        box.resume(1, "tab", [(TERMINAL, 0)])
+        for frame in frames(data):
+            box.publish(output(TERMINAL, frame))
+        return box
+
     def test_old_output_kept_compressed(self) -> None:
         """
         Output older than the hot part is kept compressed: a listing of 3 MiB
@@ -734,11 +743,7 @@ class PackTests(SynchronousTestCase):
         rest one block per turn of the reactor, not all within the ACK.
         """
         data = listing(2 * 1024 * 1024)
-        box = self.h.make(window=4 * 1024 * 1024)
-        box.open(TERMINAL, 1)
-        box.resume(1, "tab", [(TERMINAL, 0)])
-        for frame in frames(data):
-            box.publish(output(TERMINAL, frame))
+        box = self.followed(data)
         log = box.logs[TERMINAL]
         self.assertEqual(log.stored, len(data))
         box.ack(1, [(TERMINAL, len(data))])
@@ -752,11 +757,7 @@ class PackTests(SynchronousTestCase):
     def test_forgotten_log_stops_compressing(self) -> None:
         """A log forgotten (the bridge stops) leaves no compression pending."""
         data = listing(2 * 1024 * 1024)
-        box = self.h.make(window=4 * 1024 * 1024)
-        box.open(TERMINAL, 1)
-        box.resume(1, "tab", [(TERMINAL, 0)])
-        for frame in frames(data):
-            box.publish(output(TERMINAL, frame))
+        box = self.followed(data)
         box.ack(1, [(TERMINAL, len(data))])
         self.assertEqual(len(self.h.clock.getDelayedCalls()), 1)
         box.close()
