@@ -24,13 +24,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from coder1_bridge.commands import CommandRunner
 from coder1_bridge.connection import BridgeClientFactory, BridgeSession
-from coder1_bridge.terminals import TerminalManager
 from coder1_wire import closecodes
-from coder1_wire.e2e import Identity
 from coder1_wire.envelope import Envelope, Kind, decode
 from coder1_wire.frames import masked_binary_message
+from tests.bridge_sessions import quiet_session
 
 from .test_hostile import frame_mixes, read_frames, ws_frame
 
@@ -352,17 +350,7 @@ class WholeMessageTests(BridgeProtocolCase):
         fires; with none, it drops the connection.
         """
         reactor: Any = MemoryReactorClock()
-        session = BridgeSession(
-            reactor,
-            CommandRunner(reactor, lambda e: None),
-            TerminalManager(reactor, lambda e: None),
-            "0.1.0",
-            False,
-            lambda reason: None,
-            Identity.generate(),
-            Identity.generate().public_raw,
-            1,
-        )
+        session = quiet_session(reactor)
         protocol, transport = self.open(session)
         self.assertIs(session.link, protocol)
         for _ in range(5):

@@ -23,6 +23,7 @@ from coder1_bridge.terminals import TerminalManager
 from coder1_wire.crash import sanitize_crash_report
 from coder1_wire.e2e import Identity, Initiator, b64u
 from coder1_wire.envelope import Envelope, Kind
+from tests.bridge_sessions import quiet_session
 
 from .logs import capture_logs
 from .test_connection import FakeLink
@@ -90,18 +91,7 @@ class CrashLogTests(SynchronousTestCase):
         """The bridge queues no report: with no connection, nothing is made or kept."""
         reactor: Any = MemoryReactorClock()
         directory = FilePath(self.mktemp())
-        session = BridgeSession(
-            reactor,
-            CommandRunner(reactor, lambda e: None),
-            TerminalManager(reactor, lambda e: None),
-            "0.1.0",
-            True,
-            lambda _: None,
-            Identity.generate(),
-            Identity.generate().public_raw,
-            1,
-            crash_log=CrashLog(directory, reactor),
-        )
+        session = quiet_session(reactor, telemetry=True, crash_log=CrashLog(directory, reactor))
         session.report_crash(ValueError("CANARY"))
         self.assertFalse(directory.child(CRASH_LOG_NAME).exists())
 

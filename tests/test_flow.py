@@ -38,7 +38,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from coder1_bridge.commands import CommandRunner
-from coder1_bridge.connection import BridgeSession, SendBuffer
+from coder1_bridge.connection import SendBuffer
 from coder1_bridge.replay import ReplaySettings
 from coder1_bridge.terminals import TerminalManager, TerminalSettings
 from coder1_relay.context import Limits, RelayContext
@@ -48,9 +48,9 @@ from coder1_relay.tap import Options
 from coder1_relay.telemetry import Telemetry
 from coder1_relay.websocket import BridgeProtocol, IDEProtocol, RelayWebSocketFactory
 from coder1_wire import closecodes
-from coder1_wire.e2e import Identity
 from coder1_wire.envelope import Envelope, Kind, control, decode
 from coder1_wire.tls import client_tls_options
+from tests.bridge_sessions import quiet_session
 
 from .loopback import (
     Browser,
@@ -694,18 +694,8 @@ class BridgeFlowTests(BridgeProtocolCase):
     def setUp(self) -> None:
         self.reactor = _SpawningClock()
         reactor: Any = self.reactor
-        self.runner = CommandRunner(reactor, lambda e: None)
-        self.session = BridgeSession(
-            reactor,
-            self.runner,
-            TerminalManager(reactor, lambda e: None),
-            "0.1.0",
-            False,
-            lambda reason: None,
-            Identity.generate(),
-            Identity.generate().public_raw,
-            1,
-        )
+        self.session = quiet_session(reactor)
+        self.runner = self.session.runner
 
     def start(self, stream: int) -> PausableProcess:
         self.runner.handle(control(Kind.CMD_START, {"argv": ["true"]}, stream=stream, peer=1))
