@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from coder1_relay.redis_settings import RedisSettings
+from coder1_relay.redis_settings import REFUSAL_HINT, RedisSettings
 from coder1_relay.store import StoreUnavailable
 
 #: What a command takes: floats are sent with all their digits (txredisapi would round them).
@@ -48,9 +48,7 @@ Arg = str | bytes | int | float
 
 #: Redis errors that say it cannot serve now (loading, a replica, a full disk or
 #: memory, a long script), not that a command is wrong.
-_BUSY = frozenset(
-    {"LOADING", "READONLY", "MISCONF", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "NOAUTH"}
-)
+_BUSY = frozenset({"LOADING", "READONLY", "MISCONF", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN"})
 
 
 @attrs.frozen
@@ -188,6 +186,11 @@ class RedisClient(Service):
         self._subscriptions: set[Subscription] = set()
 
     @property
+    def refusal(self) -> str | None:
+        """Why Redis refused the relay (for good: the client stopped trying), or None."""
+        return self._refusal
+
+    @property
     def connected(self) -> bool:
         """Whether the connection is up right now."""
         return bool(self._factory.size)
@@ -271,6 +274,10 @@ class RedisClient(Service):
             raise StoreUnavailable(f"lost the connection to Redis at {address}")
         if failure.check(txredisapi.ResponseError):
             word = str(failure.value).split(" ", 1)[0]
+            if word == "NOAUTH":  # the relay was given no password
+                if self._refusal is None:
+                    self._refused("it wants a password (NOAUTH)")
+                raise StoreUnavailable(self.refusal)
             if word in _BUSY:
                 raise StoreUnavailable(f"Redis at {address} cannot serve now ({word})")
         return failure
@@ -296,11 +303,7 @@ class RedisClient(Service):
 
     def _refused(self, why: str) -> None:
         self._refusal = f"Redis at {self.settings.address} refused the relay: {why}"
-        self.log.error(
-            "{refusal}; check --store-password-file (or CODER1_REDIS_PASSWORD) and the URL's "
-            "user and database, then restart the relay",
-            refusal=self._refusal,
-        )
+        self.log.error("{refusal}; {hint}", refusal=self._refusal, hint=REFUSAL_HINT)
         self._fail_waiting(StoreUnavailable(self._refusal))
 
     def _fail_waiting(self, error: Exception) -> None:

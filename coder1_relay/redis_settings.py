@@ -22,6 +22,11 @@ DEFAULT_PORT = 6379
 DEFAULT_PREFIX = "coder1:"
 #: Seconds a store call may take before it fails with C{StoreUnavailable}.
 DEFAULT_TIMEOUT = 2.0
+#: What to do when Redis refused the relay (its password, user or database).
+REFUSAL_HINT = (
+    "check --store-password-file (or CODER1_REDIS_PASSWORD) and the URL's user and database, "
+    "then restart the relay"
+)
 _URL_FORM = "redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
 
 

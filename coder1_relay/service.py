@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography import x509
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -21,6 +21,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
 )
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -33,7 +34,7 @@ from coder1_relay.metric_labels import NotCounted, PairingCounts
 from coder1_relay.nodelink import NodeLinks
 from coder1_relay.pairing import Pairing, PairingPolicy
 from coder1_relay.plain_http import PlainHTTPAnsweringTLS
-from coder1_relay.redis_settings import RedisSettings
+from coder1_relay.redis_settings import REFUSAL_HINT, RedisSettings
 from coder1_relay.reload import (
     CHECK_INTERVAL,
     CertificateReloader,
@@ -54,6 +55,11 @@ if TYPE_CHECKING:
     from coder1_relay.metrics import RelayMetrics
     from coder1_relay.redis_store import RedisStore
     from coder1_relay.redis_telemetry import RedisTelemetry
+
+#: Seconds before a node tries again to join its deployment while Redis does not
+#: answer; doubled after each try, up to L{JOIN_RETRY_MAX}.
+JOIN_RETRY = 0.5
+JOIN_RETRY_MAX = 5.0
 
 
 @attrs.frozen
@@ -367,6 +373,8 @@ class RelayService(MultiService):
         starting = True
 
         def failed(reason: Failure) -> Failure | None:
+            if reason.check(CancelledError):
+                return None  # stopped before it was up (a node waiting for Redis)
             if starting and reason.check(CannotStart):
                 return reason
             self._failed_to_listen(reason)
@@ -454,10 +462,29 @@ class RelayService(MultiService):
         )
         host: Any = self.node_port.getHost()
         address = self.settings.node_address or f"{host.host}:{host.port}"
-        await mesh.directory.start(address)
+        # Redis may be down or slow now (started after the relay, restarting, a
+        # loaded host): the node joins once it answers.  A refusal (password,
+        # database) is final: the relay stops.
+        delay = JOIN_RETRY
+        while True:
+            try:
+                await mesh.directory.start(address)
+                break
+            except StoreUnavailable as e:
+                refusal = self.redis.client.refusal if self.redis is not None else None
+                if refusal is not None:
+                    raise CannotStart(f"{refusal}; {REFUSAL_HINT}") from None
+                if delay == JOIN_RETRY:
+                    self.log.warn(
+                        "cannot join the deployment yet ({why}); trying again until Redis answers",
+                        why=str(e),
+                    )
+            await deferLater(self.reactor, delay)
+            delay = min(delay * 2, JOIN_RETRY_MAX)
         self.log.info("relay node {node} joined at {address}", node=mesh.node, address=address)
 
     async def _stop(self) -> None:
+        self.listening.cancel()  # a node still waiting to join stops waiting
         await self.listening
         mesh = self.context.mesh
         store = self.store  # not the metrics' timing wrapper

@@ -270,6 +270,7 @@ class AvailabilityTests(RedisTestCase):
         """
         With the right password the store works; with a wrong one Redis
         refuses the connection, C{when_ready} says so, and calls fail at once.
+        With none, Redis's NOAUTH answer is a refusal too, said the same way.
         """
         await self.start_server("--requirepass", "s3cret word")
         good = await self.client(password="s3cret word")
@@ -286,6 +287,17 @@ class AvailabilityTests(RedisTestCase):
         self.assertIn("WRONGPASS", refusal)
         self.assertNotIn("wrong", refusal.replace("WRONGPASS", ""))
         self.failureResultOf(bad.call("PING"), StoreUnavailable)
+        anonymous = await self.client()
+        await anonymous.when_ready()  # connected: nothing is asked of it yet
+        try:
+            await anonymous.call("PING")
+        except StoreUnavailable as e:
+            self.assertIn("refused the relay: it wants a password (NOAUTH)", str(e))
+        else:
+            self.fail("a missing password went unnoticed")
+        self.assertIsNotNone(anonymous.refusal)
+        self.failureResultOf(anonymous.when_ready(), StoreUnavailable)
+        self.failureResultOf(anonymous.call("PING"), StoreUnavailable)
 
 
 class TLSTests(RedisTestCase):
