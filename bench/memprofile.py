@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import json
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -41,6 +43,9 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
     from coder1_relay.context import Limits
     from coder1_relay.service import RelayService, RelaySettings
 
+    # As the capacity benchmark does: two sockets a session, as many as this user may open.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the workers inherit it
     if not options.profile:
         tracemalloc.start(options.depth)
     state = FilePath(tempfile.mkdtemp(prefix="coder1-memprofile-"))
@@ -70,9 +75,14 @@ async def _main(reactor: Any, options: argparse.Namespace) -> None:
             for i, worker in enumerate(workers):
                 share = total // WORKERS + (1 if i < total % WORKERS else 0)
                 worker.write(f"grow {share} 600\n".encode())
+            failures = []
             for worker in workers:
                 match = await worker.wait_for(r"held (\d+) (\{.*\})\n", timeout=900)
+                failures += json.loads(match.group(2))["failures"]
                 del worker.output[: match.end()]
+            held = len(relay.context.hub.endpoints()) // 2
+            if held < total:  # numbers of a relay that refused pairings would mean nothing
+                raise SystemExit(f"the relay holds {held} sessions, not {total}: {failures[:3]}")
             await h.sleep(2.0)
             gc.collect()
 
