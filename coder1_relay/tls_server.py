@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
@@ -66,6 +66,15 @@ class WriteBatch:
 
     def open(self) -> None:
         self.depth += 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Writes made inside go out together at its end, as between L{open} and L{close}."""
+        self.open()
+        try:
+            yield
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self.depth > 1:

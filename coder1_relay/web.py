@@ -33,7 +33,7 @@ from coder1_relay.context import SESSION_COOKIE, RelayContext
 from coder1_relay.metric_labels import PAIRING_ERRORS, PairingOutcome
 from coder1_relay.pairing import RateLimited, RedeemRefused, check_public_key
 from coder1_relay.store import BridgeRecord, StoreUnavailable
-from coder1_relay.tls_server import TLSServerProtocol
+from coder1_relay.tls_server import SHARED_BATCH, TLSServerProtocol
 from coder1_relay.tokens import BridgeClaims, TokenError
 from coder1_relay.websocket import (
     BridgeProtocol,
@@ -125,8 +125,11 @@ class JSONEndpoint(Resource):
 
         def done(result: tuple[int, dict[str, Any]]) -> None:
             if not finished[0]:
-                request.write(_json(request, *result))
-                request.finish()
+                # Twisted writes the headers and the body apart: held, they are one
+                # TLS record and one send, also for an answer that waited on the store.
+                with SHARED_BATCH.held():
+                    request.write(_json(request, *result))
+                    request.finish()
 
         def failed(failure: Failure) -> None:
             if failure.check(StoreUnavailable):

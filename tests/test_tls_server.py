@@ -6,28 +6,34 @@ clients.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import struct
 import tempfile
 import threading
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 from zope.interface import implementer, providedBy
 
 from coder1_relay.certs import load_or_create, server_ssl_context
+from coder1_relay.context import RelayContext
 from coder1_relay.reload import ServerTLS
 from coder1_relay.tls_server import RECORD, TLSServerFactory, TLSServerProtocol, WriteBatch
+from coder1_relay.web import JSONEndpoint
 from coder1_wire.direct_write import queued
 
 #: A TLS record's header: type, legacy version, length.
@@ -105,10 +111,15 @@ def _client_context(maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
 class _Connection:
     """A L{TLSServerProtocol} on a StringTransport, and a client SSLObject to talk to it."""
 
-    def __init__(self, maximum: ssl.TLSVersion | None = None) -> None:
+    def __init__(
+        self, maximum: ssl.TLSVersion | None = None, wrapped: IProtocolFactory | None = None
+    ) -> None:
         self.app = _Recorder()
-        self.factory = TLSServerFactory(lambda: _CONTEXT, Factory.forProtocol(lambda: self.app))
-        self.factory.batch = WriteBatch()
+        self.factory = TLSServerFactory(
+            lambda: _CONTEXT, wrapped or Factory.forProtocol(lambda: self.app)
+        )
+        if wrapped is None:
+            self.factory.batch = WriteBatch()
         self.server: TLSServerProtocol = self.factory.buildProtocol(None)
         self.transport = _CountingTransport()
         self.server.makeConnection(self.transport)
@@ -192,6 +203,34 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(c.transport.writes - before, 1)
         self.assertEqual(_records(c.to_client()), [(_APPLICATION_DATA, 13 + 17)])
         self.assertEqual(c.read(), b"one two three")
+
+    def test_api_answer_after_a_wait_is_one_record(self) -> None:
+        """
+        An API endpoint's answer written after its handler waited (on the
+        store, say: no read under way) goes out as one record, in one
+        transport write, though Twisted Web writes its headers and body apart.
+        """
+        waiting: Deferred[None] = Deferred()
+
+        async def post(request: Request) -> tuple[int, dict[str, Any]]:
+            await waiting
+            return 201, {"code": "123456"}
+
+        root = Resource()
+        root.putChild(b"api", JSONEndpoint(cast(RelayContext, None), post=post))
+        c = _Connection(wrapped=Site(root, timeout=None, reactor=Clock()))
+        c.handshake()
+        c.to_client()
+        c.client.write(b"POST /api HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\n\r\n")
+        c.to_server()
+        self.assertEqual(c.transport.value(), b"")
+        before = c.transport.writes
+        waiting.callback(None)
+        self.assertEqual(c.transport.writes - before, 1)
+        self.assertEqual([kind for kind, _ in _records(c.to_client())], [_APPLICATION_DATA])
+        head, _, body = c.read().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 201 "), head)
+        self.assertEqual(json.loads(body), {"code": "123456"})
 
     def test_batch_spans_connections(self) -> None:
         """
