@@ -476,7 +476,8 @@ class RelayService(MultiService):
                     raise CannotStart(f"{refusal}; {REFUSAL_HINT}") from None
                 if delay == JOIN_RETRY:
                     self.log.warn(
-                        "cannot join the deployment yet ({why}); trying again until Redis answers",
+                        "cannot join the deployment yet ({why}); trying again until Redis "
+                        "answers: check that it runs and that --store names it",
                         why=str(e),
                     )
             await deferLater(self.reactor, delay)

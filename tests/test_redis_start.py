@@ -20,7 +20,11 @@ from .redis_server import RedisServer, free_port, require_redis, start_redis
 from .test_startup_errors import SOURCE, TWISTD
 
 #: What the node says while it waits for Redis.
-WAITING = rb"cannot join the deployment yet \([^)]*\); trying again until Redis answers"
+WAITING = (
+    rb"cannot join the deployment yet \(Redis at redis://127\.0\.0\.1:\d+/0 did not answer "
+    rb"within 2 s\); trying again until Redis answers: check that it runs and that --store "
+    rb"names it"
+)
 #: What it says once it is up.
 UP = rb"coder1 relay at https://localhost:\d+"
 
