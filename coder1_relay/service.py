@@ -214,6 +214,9 @@ class RelayService(MultiService):
     """The relay: TLS 1.3 listener, WebSocket hub, pairing, telemetry."""
 
     log = Logger()
+    #: Called when the relay stops its reactor because it cannot run (C{twistd
+    #: coder1-relay} makes the process exit with status 1).
+    cannot_run: Callable[[], object] = staticmethod(lambda: None)
 
     def __init__(
         self,
@@ -415,6 +418,7 @@ class RelayService(MultiService):
         # a relay listening on nothing must not stay up.
         self.log.critical("{message}", message=reason.getErrorMessage())
         if getattr(self.reactor, "running", False):
+            self.cannot_run()
             self.reactor.stop()
 
     async def _listen_on(

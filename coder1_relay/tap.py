@@ -25,7 +25,12 @@ from coder1_relay.service import RelayService, RelaySettings
 from coder1_relay.startup_errors import check_endpoint, file_failure
 from coder1_relay.telemetry import TelemetrySettings
 from coder1_wire.log_format import check_log_format, logging_as_chosen
-from coder1_wire.twistd_errors import OneLineUsageErrors, runs_in_foreground, say_cannot_start
+from coder1_wire.twistd_errors import (
+    OneLineUsageErrors,
+    exit_with_status_when_done,
+    runs_in_foreground,
+    say_cannot_start,
+)
 
 _DEFAULT = Limits()
 #: The limits as options: (option, C{Limits} field, type, help).  README.md ("Limits") says why.
@@ -371,4 +376,5 @@ def makeService(options: Options) -> IService:
             raise
         raise said from None
     ReloadOnHangup(reactor_, relay.reload_certificate).setServiceParent(relay)
+    relay.cannot_run = lambda: exit_with_status_when_done(1)
     return logging_as_chosen(options, relay)

@@ -14,6 +14,9 @@ removes its pid file, as for any start failure.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from types import TracebackType
@@ -77,3 +80,22 @@ def runs_in_foreground(options: usage.Options) -> bool:
     """Whether twistd, above these options, keeps the process in the foreground (C{-n})."""
     parent = options.parent
     return parent is None or bool(parent.get("nodaemon"))
+
+
+def exit_with_status_when_done(status: int) -> None:
+    """
+    Make this process exit with C{status} once twistd is done with it (its
+    reactor stopped, its pid file removed): twistd itself exits 0 after its
+    reactor stops, whatever stopped it (Twisted issue #11335).  For a
+    service that stops its reactor because it cannot run, so that systemd
+    and scripts see the failure.  The last handler at exit: the standard
+    streams are flushed, the handlers registered before it do not run.
+    """
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    atexit.register(leave)

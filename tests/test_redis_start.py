@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -99,13 +99,17 @@ class RedisAtStartTests(TestCase):
         """
         A Redis that refuses the relay (no password for one that wants one)
         stops it: a critical line that says to check the password and
-        restart, no traceback, and the process ends by itself.
+        restart, no traceback, and the process ends by itself with exit
+        status 1.
         """
         server = await start_redis(self, "--requirepass", "s3cret word")
         child = self.relay(server.url)
         ended: Deferred[None] = Deferred()
         child.ended.addCallback(ended.callback)
         await ended.addTimeout(30, reactor)
+        assert child.reason is not None
+        self.assertIsInstance(child.reason.value, ProcessTerminated)
+        self.assertEqual(child.reason.value.exitCode, 1)
         self.assertRegex(
             child.output,
             rb"#critical\] Redis at redis://127\.0\.0\.1:\d+/0 refused the relay: it wants a "
