@@ -108,8 +108,9 @@ class RedisAtStartTests(TestCase):
         child.ended.addCallback(ended.callback)
         await ended.addTimeout(30, reactor)
         assert child.reason is not None
-        self.assertIsInstance(child.reason.value, ProcessTerminated)
-        self.assertEqual(child.reason.value.exitCode, 1)
+        ending = child.reason.value
+        assert isinstance(ending, ProcessTerminated), ending
+        self.assertEqual(ending.exitCode, 1)
         self.assertRegex(
             child.output,
             rb"#critical\] Redis at redis://127\.0\.0\.1:\d+/0 refused the relay: it wants a "
