@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+
 from coder1_relay.tls_server import TLSServerProtocol
 
 #: The first byte of a TLS handshake record (ClientHello).
@@ -93,3 +96,9 @@ class PlainHTTPAnsweringTLS(TLSServerProtocol):
             transport: Any = self.transport
             transport.write(answer(bytes(self._head[:MAX_HEAD]), self.factory.https_url()))
             transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # The shortcut is a bound method of this instance: a reference cycle that
+        # only the garbage collector would free.
+        vars(self).pop("dataReceived", None)
+        super().connectionLost(reason)

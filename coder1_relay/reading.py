@@ -6,6 +6,7 @@ it carries, holding each other).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import attrs
@@ -27,6 +28,11 @@ class Reader(Protocol):
         """Handle what was read while it was held (see L{ReadGate.handle_held})."""
 
 
+def _weakly(protocol: Any) -> Any:
+    """A proxy that does not keep C{protocol} alive."""
+    return weakref.proxy(protocol)
+
+
 @attrs.define
 class ReadGate:
     """
@@ -41,7 +47,9 @@ class ReadGate:
     C{epoll_ctl} either way; one that lasts has let in one read more.
     """
 
-    protocol: Any  # an Autobahn WebSocket protocol
+    #: An Autobahn WebSocket protocol, which owns the gate: held weakly (a
+    #: proxy), so that a closed connection is freed without the garbage collector.
+    protocol: Any = attrs.field(converter=_weakly)
     clock: IReactorTime
     #: Between L{pause} and L{resume}: frames already read wait.
     closed: bool = False

@@ -486,6 +486,22 @@ class RelayRequest(Request):
         super().write(data)
 
 
+class Upgrade(WebSocketResource):
+    """
+    Autobahn's WebSocket resource, which takes the connection over from
+    Twisted Web's HTTP channel, leaving that channel and the upgrade request
+    in a reference cycle (the channel lists the request, the request names
+    the channel) that only the garbage collector would free: broken here.
+    """
+
+    def render(self, request: Request) -> bytes | int:
+        result: bytes | int = super().render(request)
+        channel: Any = request.channel
+        if channel.transport is None and request in channel.requests:  # taken over
+            channel.requests.remove(request)
+        return result
+
+
 @implementer(IHandshakeListener)
 class RelayHTTPChannel(HTTPChannel):
     """
@@ -617,8 +633,8 @@ def make_site(context: RelayContext, *, access_log: bool = True) -> RelaySite:
     api_root.putChild(b"revoke", JSONEndpoint(context, post=api.post_revoke))
     root.putChild(b"ws", Resource())
     ws = root.children[b"ws"]
-    ws.putChild(b"ide", WebSocketResource(RelayWebSocketFactory(context, IDEProtocol)))
-    ws.putChild(b"bridge", WebSocketResource(RelayWebSocketFactory(context, BridgeProtocol)))
+    ws.putChild(b"ide", Upgrade(RelayWebSocketFactory(context, IDEProtocol)))
+    ws.putChild(b"bridge", Upgrade(RelayWebSocketFactory(context, BridgeProtocol)))
     site = RelaySite(root, context, access_log=access_log)
     site.displayTracebacks = False
     return site
@@ -633,8 +649,8 @@ def make_node_site(context: RelayContext) -> RelaySite:
     root.putChild(b"ws", Resource())
     root.children[b"ws"].putChild(b"node", Resource())
     node = root.children[b"ws"].children[b"node"]
-    node.putChild(b"ide", WebSocketResource(RelayWebSocketFactory(context, NodeIDEProtocol)))
-    node.putChild(b"bridge", WebSocketResource(RelayWebSocketFactory(context, NodeBridgeProtocol)))
+    node.putChild(b"ide", Upgrade(RelayWebSocketFactory(context, NodeIDEProtocol)))
+    node.putChild(b"bridge", Upgrade(RelayWebSocketFactory(context, NodeBridgeProtocol)))
     site = RelaySite(root, context, access_log=False)
     site.displayTracebacks = False
     return site

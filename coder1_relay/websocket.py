@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -250,6 +250,10 @@ class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # t
         self._gate.stop()
         super().connectionLost(reason)
         self.factory.context.connections.remove(self)
+        # Autobahn fires is_closed with the protocol itself, which holds it: a
+        # reference cycle that only the garbage collector would free.  Nothing of
+        # the relay waits on it.
+        self.is_closed = succeed(None)
 
     def _frame_arrived(self) -> None:
         """One frame arrived: count it against this connection's rate."""
