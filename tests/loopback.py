@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable
 from http.cookiejar import CookieJar
@@ -644,3 +645,26 @@ def bytes_written(pid: int) -> int:
             if line.startswith("wchar:"):
                 return int(line.split()[1])
     raise LookupError(pid)
+
+
+def around_make_service(state_dir: str, report: str, *options: str) -> tuple[str, str]:
+    """
+    In a process of its own, make the relay as C{twistd coder1-relay} does
+    (with C{options}, on a free loopback port); C{report}, a Python
+    expression, printed before and after.
+    """
+    code = (
+        "import gc, sys\n"
+        "from coder1_relay.tap import Options, makeService\n"
+        f"print(repr({report}))\n"
+        "options = Options()\n"
+        "options.parseOptions(sys.argv[1:])\n"
+        "makeService(options)\n"
+        f"print(repr({report}))\n"
+    )
+    listen = ["--listen", "tcp:0:interface=127.0.0.1", "--state-dir", state_dir]
+    found = subprocess.run(
+        [sys.executable, "-c", code, *listen, *options], capture_output=True, text=True, check=True
+    )
+    before, after = found.stdout.splitlines()[-2:]
+    return before, after

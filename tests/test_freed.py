@@ -8,8 +8,6 @@ collector: a full collection walks every object of every session held (about
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import weakref
 from typing import Any
 
@@ -18,7 +16,15 @@ from twisted.trial.unittest import TestCase
 
 from coder1_relay.tap import GC_THRESHOLDS
 
-from .loopback import RelayAndPage, pair_bridge, reactor, settle, start_bridge, stop_all
+from .loopback import (
+    RelayAndPage,
+    around_make_service,
+    pair_bridge,
+    reactor,
+    settle,
+    start_bridge,
+    stop_all,
+)
 
 
 class FreedTests(RelayAndPage):
@@ -72,19 +78,6 @@ class ThresholdTests(TestCase):
         own, sets L{GC_THRESHOLDS}: full collections 10 times rarer than
         Python's default, young ones as often.
         """
-        code = (
-            "import gc, sys\n"
-            "from coder1_relay.tap import Options, makeService\n"
-            "print('before:', gc.get_threshold())\n"
-            "options = Options()\n"
-            "options.parseOptions(sys.argv[1:])\n"
-            "makeService(options)\n"
-            "print('after:', gc.get_threshold())\n"
-        )
-        listen = ["--listen", "tcp:0:interface=127.0.0.1", "--state-dir", self.mktemp()]
-        found = subprocess.run(
-            [sys.executable, "-c", code, *listen], capture_output=True, text=True, check=True
-        )
-        before, after = found.stdout.splitlines()[-2:]
-        self.assertEqual(before, "before: (700, 10, 10)")
-        self.assertEqual(after, f"after: {GC_THRESHOLDS}")
+        before, after = around_make_service(self.mktemp(), "gc.get_threshold()")
+        self.assertEqual(before, "(700, 10, 10)")
+        self.assertEqual(after, repr(GC_THRESHOLDS))

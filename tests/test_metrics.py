@@ -6,8 +6,6 @@ happen, served on a private listener with health and readiness.
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import threading
 from typing import Any
 
@@ -46,6 +44,7 @@ from coder1_wire.envelope import Envelope, Kind
 from .logs import capture_logs
 from .loopback import (
     Browser,
+    around_make_service,
     pair_bridge,
     reactor,
     settle,
@@ -457,22 +456,8 @@ class OptionTests(TestCase):
         Whether making the relay with C{args} as C{twistd coder1-relay} does,
         in a process of its own, loads prometheus_client.
         """
-        code = (
-            "import sys\n"
-            "from coder1_relay.tap import Options, makeService\n"
-            "options = Options()\n"
-            "options.parseOptions(sys.argv[1:])\n"
-            "makeService(options)\n"
-            "print('loaded:', 'prometheus_client' in sys.modules)\n"
-        )
-        listen = ["--listen", "tcp:0:interface=127.0.0.1", "--state-dir", self.mktemp()]
-        found = subprocess.run(
-            [sys.executable, "-c", code, *listen, *args],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return found.stdout.splitlines()[-1] == "loaded: True"
+        _, after = around_make_service(self.mktemp(), "'prometheus_client' in sys.modules", *args)
+        return after == "True"
 
     def test_prometheus_client_only_when_served(self) -> None:
         """
