@@ -76,7 +76,7 @@ from coder1_wire.envelope import (
     is_end_to_end,
     is_to_browser,
 )
-from coder1_wire.frames import WholeMessages, masked_binary_message, whole_binary_frame
+from coder1_wire.frames import WholeMessages, binary_frame_bounds, masked_binary_message
 from coder1_wire.heartbeat import MAX_INTERVAL, MIN_INTERVAL, Heartbeat, interval_from
 
 #: Browser tabs one bridge keeps channels with at once.
@@ -603,6 +603,7 @@ class BridgeClientProtocol(WholeMessages, WebSocketClientProtocol):  # type: ign
     # Autobahn's options, which it sets on each connection.
     maskClientFrames: bool
     applyMask: bool
+    _masked_in = False  # the relay's frames
 
     def send(self, frame: bytes) -> None:
         """
@@ -646,10 +647,10 @@ class BridgeClientProtocol(WholeMessages, WebSocketClientProtocol):  # type: ign
 
         @return: how many bytes of C{data} were handled.
         """
-        at = 0
-        while (frame := whole_binary_frame(data, at, masked=False)) is not None:
+        at, size = 0, len(data)
+        while (frame := binary_frame_bounds(data, at, masked=False)) is not None:
             start, end = frame
-            if end - start > self._in_limit:
+            if end > size or end - start > self._in_limit:
                 break
             at = end
             self.onMessage(data[start:end], True)

@@ -44,7 +44,7 @@ from coder1_relay.routing import RATE, Endpoint
 from coder1_relay.store import StoreUnavailable
 from coder1_relay.tokens import NodeClaims, TokenError
 from coder1_wire import closecodes
-from coder1_wire.frames import WholeMessages, binary_message, unmask, whole_binary_frame
+from coder1_wire.frames import WholeMessages, binary_frame_bounds, binary_message, unmask
 
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,32}")
 _LABEL = re.compile(r"[\w .@:+-]{1,64}", re.ASCII)
@@ -94,6 +94,7 @@ class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # t
     # Autobahn's options, which it sets on each connection (here, on its class).
     maskServerFrames: bool
     applyMask: bool
+    _masked_in = True  # a client's frames
 
     def _make_bucket(self, limits: Limits) -> TokenBucket:
         """This endpoint's message rate."""
@@ -146,10 +147,10 @@ class _RelayProtocol(GatedReading, WholeMessages, WebSocketServerProtocol):  # t
 
         @return: how many bytes of C{data} were handled.
         """
-        at = 0
-        while (frame := whole_binary_frame(data, at, masked=True)) is not None:
+        at, size = 0, len(data)
+        while (frame := binary_frame_bounds(data, at, masked=True)) is not None:
             start, end = frame
-            if end - start > self._in_limit:
+            if end > size or end - start > self._in_limit:
                 break
             # A tab past its rate is closed, and the frame goes unheard; a
             # bridge is held, and the frame that went into debt goes on.

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from coder1_bridge.connection import BridgeClientFactory, BridgeSession
 from coder1_wire import closecodes
 from coder1_wire.envelope import Envelope, Kind, decode
-from coder1_wire.frames import masked_binary_message
+from coder1_wire.frames import WAIT_AT_MOST, masked_binary_message
 from tests.bridge_sessions import quiet_session
 
 from .test_hostile import frame_mixes, read_frames, ws_frame
@@ -262,8 +262,9 @@ class WholeMessageTests(BridgeProtocolCase):
 
     def test_message_across_reads(self) -> None:
         """
-        A message cut between reads (even in its header) reaches the session
-        once all there, through Autobahn; the ones around it, through the bridge.
+        A message cut between reads (even in its header) waits in the buffer
+        and reaches the session once all there, through the bridge's own path
+        as the ones around it do: Autobahn's parser never takes it in pieces.
         """
         session = _Session()
         protocol, _ = self.open(session)
@@ -274,8 +275,27 @@ class WholeMessageTests(BridgeProtocolCase):
         self.assertEqual(session.received, sent[:1])
         protocol.dataReceived(wire[first + 3 : first + 100])
         self.assertEqual(session.received, sent[:1])
+        self.assertIsNone(protocol.current_frame)
+        self.assertEqual(protocol.data, wire[first : first + 100])
         protocol.dataReceived(wire[first + 100 :])
         self.assertEqual(session.received, sent)
+        self.assertEqual(protocol.data, b"")
+        self.assertEqual(protocol.trafficStats.incomingWebSocketFrames, 0)
+
+    def test_large_message_across_reads_left_to_autobahn(self) -> None:
+        """
+        A message larger than L{WAIT_AT_MOST} cut between reads goes to
+        Autobahn's parser, which takes it in pieces (so no read copies all
+        that waits), and reaches the session once all there.
+        """
+        session = _Session()
+        protocol, _ = self.open(session)
+        sent = output(0, WAIT_AT_MOST + 1)
+        wire = server_frame(0x2, sent)
+        protocol.dataReceived(wire[:1000])
+        self.assertIsNotNone(protocol.current_frame)
+        protocol.dataReceived(wire[1000:])
+        self.assertEqual(session.received, [sent])
         self.assertEqual(protocol.trafficStats.incomingWebSocketFrames, 1)
 
     def test_other_frames_among_them(self) -> None:

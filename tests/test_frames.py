@@ -6,6 +6,7 @@ uses it): the same messages, limits, rates and holds as Autobahn's path.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -132,16 +133,25 @@ class WholeMessageTests(RelayProtocolCase):
         self.assertEqual(messages(tab.value()), sent)
 
     def test_message_across_reads(self) -> None:
-        """A message cut between two reads goes on once it has all arrived, in its place."""
+        """
+        A message cut between reads (a 64 KiB one always is) waits in the
+        buffer and goes on once it has all arrived, in its place, through the
+        relay's own path: Autobahn's parser never takes it in pieces.
+        """
         _, tab = self.open(_AdmittedTab)
         bridge, _ = self.open(_AdmittedBridge)
-        sent = [output(0, 40), output(1, 5000), output(2, 40)]
+        sent = [output(0, 40), output(1, 65536), output(2, 40)]
         wire = b"".join(ws_frame(0x2, frame) for frame in sent)
-        cut = len(ws_frame(0x2, sent[0])) + 100
-        bridge.dataReceived(wire[:cut])
-        self.assertEqual(messages(tab.value()), sent[:1])
-        bridge.dataReceived(wire[cut:])
+        first = len(ws_frame(0x2, sent[0]))
+        cuts = [0, first + 5, first + 100, first + 40000]  # in its header, then its payload
+        for start, end in itertools.pairwise(cuts):
+            bridge.dataReceived(wire[start:end])
+            self.assertEqual(messages(tab.value()), sent[:1])
+            self.assertIsNone(bridge.current_frame)
+        bridge.dataReceived(wire[cuts[-1] :])
         self.assertEqual(messages(tab.value()), sent)
+        self.assertEqual(bridge.data, b"")
+        self.assertEqual(bridge.trafficStats.incomingWebSocketFrames, 0)
 
     def test_other_frames_among_them(self) -> None:
         """
