@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -448,6 +449,21 @@ class RelayProtocolTests(RelayProtocolCase):
             self.assertIs(transport.producer, protocol.endpoint)
             self.assertTrue(transport.streaming)
             self.assertEqual(transport.transport.bufferSize, 4096)
+
+    def test_gate_flags_set_plainly(self) -> None:
+        """
+        The read gate's flags change at every hold and release (a tab reading
+        64 KiB messages: each one): plain attributes, which no attrs hook runs
+        on, while the protocol it was made with is still held weakly.
+        """
+        tab, _ = self.open(_AdmittedTab)
+        gate = tab._gate
+        self.assertIs(type(gate).__setattr__, object.__setattr__)
+        self.assertIsInstance(gate.protocol, weakref.ProxyType)
+        gate.pause()
+        self.assertTrue(gate.closed)
+        gate.resume(later=False)
+        self.assertFalse(gate.closed)
 
     def test_options_on_the_class(self) -> None:
         """
