@@ -11,6 +11,7 @@ tests that need it skip, saying so (CI installs it).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 from typing import Any
@@ -28,12 +29,39 @@ from .loopback import Child, reactor
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
+#: The kernel's ephemeral port range: L{free_port} picks below its first port.
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+#: The lowest port L{free_port} picks (above the registered services most machines run).
+_LOWEST = 10000
+#: The ports L{free_port} gave this process: never given twice.
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """
+    A TCP port on 127.0.0.1 that nothing uses right now, for a process started
+    later to listen on, from below the kernel's ephemeral range: a port in that
+    range may be taken meanwhile as the local port of any outgoing connection
+    (the suite makes many, in two processes), one below it only by a bind that
+    names it.
+    """
+    try:
+        with open(_EPHEMERAL_RANGE) as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    for _ in range(100):
+        port = random.randrange(_LOWEST, max(first_ephemeral, _LOWEST + 1000))
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
         return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @attrs.define
