@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from cryptography import x509
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -469,8 +471,8 @@ class RelayService(MultiService):
         # Redis may be down or slow now (started after the relay, restarting, a
         # loaded host): the node joins once it answers.  A refusal (password,
         # database) is final: the relay stops.
-        delay = JOIN_RETRY
-        while True:
+        delay = backoffPolicy(JOIN_RETRY, JOIN_RETRY_MAX, factor=2.0, jitter=lambda: 0.0)
+        for attempt in itertools.count():
             try:
                 await mesh.directory.start(address)
                 break
@@ -478,14 +480,13 @@ class RelayService(MultiService):
                 refusal = self.redis.client.refusal if self.redis is not None else None
                 if refusal is not None:
                     raise CannotStart(f"{refusal}; {REFUSAL_HINT}") from None
-                if delay == JOIN_RETRY:
+                if attempt == 0:
                     self.log.warn(
                         "cannot join the deployment yet ({why}); trying again until Redis "
                         "answers: check that it runs and that --store names it",
                         why=str(e),
                     )
-            await deferLater(self.reactor, delay)
-            delay = min(delay * 2, JOIN_RETRY_MAX)
+            await deferLater(self.reactor, delay(attempt))
         self.log.info("relay node {node} joined at {address}", node=mesh.node, address=address)
 
     async def _stop(self) -> None:
